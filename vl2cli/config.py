@@ -1,0 +1,328 @@
+"""DeepSeek-VL2 configuration: read the official config.json, validate it, and the real-size presets.
+
+Missing language fields take the defaults of the official DeepseekV2Config; values the
+model cannot honour raise ConfigError naming the field, never a silent fallback.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from vl2cli.errors import ConfigError
+
+TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
+SCORING_FUNCS = ("softmax", "sigmoid")
+
+
+@dataclass(frozen=True)
+class VisionConfig:
+    image_size: int = 384
+    patch_size: int = 14
+    width: int = 1152
+    layers: int = 27
+    heads: int = 16
+    mlp_ratio: float = 3.7362
+
+    @property
+    def grid(self) -> int:  # patches per side: 384 // 14 = 27
+        return self.image_size // self.patch_size
+
+    @property
+    def mlp_dim(self) -> int:  # timm truncates: int(1152 * 3.7362) = 4304
+        return int(self.width * self.mlp_ratio)
+
+
+@dataclass(frozen=True)
+class ProjectorConfig:
+    input_dim: int = 1152
+    n_embed: int = 1280
+    depth: int = 2
+    mlp_ratio: int = 1
+    downsample_ratio: int = 2
+
+
+@dataclass(frozen=True)
+class LanguageConfig:
+    vocab_size: int = 102400
+    hidden_size: int = 4096
+    intermediate_size: int = 11008
+    moe_intermediate_size: int = 1407
+    num_hidden_layers: int = 30
+    num_attention_heads: int = 32
+    num_key_value_heads: int = 32
+    n_shared_experts: int | None = None
+    n_routed_experts: int | None = None
+    num_experts_per_tok: int | None = None
+    routed_scaling_factor: float = 1.0
+    topk_method: str = "greedy"
+    scoring_func: str = "softmax"
+    n_group: int | None = None
+    topk_group: int | None = None
+    norm_topk_prob: bool = False
+    moe_layer_freq: int = 1
+    first_k_dense_replace: int = 0
+    use_mla: bool = True
+    kv_lora_rank: int | None = 512
+    q_lora_rank: int | None = 1536
+    qk_rope_head_dim: int = 64
+    qk_nope_head_dim: int = 128
+    v_head_dim: int = 128
+    hidden_act: str = "silu"
+    max_position_embeddings: int = 2048
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None
+    attention_bias: bool = False
+    tie_word_embeddings: bool = False
+    bos_token_id: int = 100000
+    eos_token_id: int = 100001
+
+    @property
+    def head_dim(self) -> int:  # plain MHA: whole head rotated
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def q_head_dim(self) -> int:  # MLA: nope part + rotary part
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    def is_moe_layer(self, index: int) -> bool:
+        return (
+            self.n_routed_experts is not None
+            and index >= self.first_k_dense_replace
+            and index % self.moe_layer_freq == 0
+        )
+
+    @property
+    def softmax_scale(self) -> float:
+        dim = self.q_head_dim if self.use_mla else self.head_dim
+        scale = dim**-0.5
+        if self.use_mla and self.rope_scaling:
+            mscale_all_dim = self.rope_scaling.get("mscale_all_dim", 0)
+            if mscale_all_dim:
+                m = yarn_mscale(self.rope_scaling["factor"], mscale_all_dim)
+                scale *= m * m
+        return scale
+
+
+@dataclass(frozen=True)
+class VL2Config:
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    projector: ProjectorConfig = field(default_factory=ProjectorConfig)
+    language: LanguageConfig = field(default_factory=LanguageConfig)
+    candidate_resolutions: tuple[tuple[int, int], ...] = ()
+    tile_tag: str = "2D"
+    global_view_pos: str = "head"
+    image_mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    image_std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    image_token: str = "<image>"
+    pad_token: str = "<｜▁pad▁｜>"
+
+    @property
+    def tokens_per_tile_side(self) -> int:  # ceil(27 / 2) = 14 merged tokens per side
+        return math.ceil(self.vision.grid / self.projector.downsample_ratio)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def yarn_mscale(scale: float, mscale: float = 1.0) -> float:
+    if scale <= 1:
+        return 1.0
+    return 0.1 * mscale * math.log(scale) + 1.0
+
+
+def _pick(cls, raw: dict[str, Any], where: str):
+    nullable = _NULLABLE.get(cls, ())
+    values = {f.name: raw[f.name] for f in fields(cls)
+              if f.name in raw and (raw[f.name] is not None or f.name in nullable)}
+    for f in fields(cls):
+        if f.name in values and f.type in ("int", "float") and not isinstance(values[f.name], (int, float)):
+            raise ConfigError(f"{where}.{f.name} = {values[f.name]!r}: expected a number")
+    return cls(**values)
+
+
+_NULLABLE = {
+    LanguageConfig: ("q_lora_rank", "kv_lora_rank", "n_shared_experts", "n_routed_experts",
+                     "num_experts_per_tok", "n_group", "topk_group", "rope_scaling"),
+}
+
+
+def _validate_language(lc: LanguageConfig) -> None:
+    def bad(name: str, why: str) -> ConfigError:
+        return ConfigError(f"language_config.{name} = {getattr(lc, name)!r}: {why}")
+
+    if lc.hidden_act != "silu":
+        raise bad("hidden_act", "only 'silu' is supported")
+    if lc.num_attention_heads <= 0 or lc.hidden_size % lc.num_attention_heads:
+        raise bad("num_attention_heads", "must divide hidden_size")
+    if not lc.use_mla and lc.num_attention_heads % lc.num_key_value_heads:
+        raise bad("num_key_value_heads", "must divide num_attention_heads")
+    if lc.use_mla:
+        if not lc.kv_lora_rank or lc.kv_lora_rank <= 0:
+            raise bad("kv_lora_rank", "MLA (use_mla true) needs a positive kv_lora_rank")
+        if lc.qk_rope_head_dim <= 0 or lc.qk_rope_head_dim % 2:
+            raise bad("qk_rope_head_dim", "must be a positive even number under MLA")
+        if lc.v_head_dim <= 0:
+            raise bad("v_head_dim", "must be positive under MLA")
+        if lc.q_lora_rank is not None and lc.q_lora_rank <= 0:
+            raise bad("q_lora_rank", "must be null or positive")
+    if lc.rope_scaling is not None:
+        kind = lc.rope_scaling.get("type", lc.rope_scaling.get("rope_type"))
+        if kind != "yarn":
+            raise ConfigError(f"language_config.rope_scaling.type = {kind!r}: only YaRN scaling is supported")
+        if not lc.use_mla:
+            raise ConfigError("language_config.rope_scaling: YaRN is only defined for MLA attention (use_mla true)")
+        if "factor" not in lc.rope_scaling:
+            raise ConfigError("language_config.rope_scaling.factor is missing")
+    if lc.n_routed_experts is not None:
+        if lc.topk_method not in TOPK_METHODS:
+            raise bad("topk_method", f"expected one of {', '.join(TOPK_METHODS)}")
+        if lc.scoring_func not in SCORING_FUNCS:
+            raise bad("scoring_func", f"expected one of {', '.join(SCORING_FUNCS)}")
+        if not lc.num_experts_per_tok or not 0 < lc.num_experts_per_tok <= lc.n_routed_experts:
+            raise bad("num_experts_per_tok", "must be between 1 and n_routed_experts")
+        if lc.topk_method != "greedy":
+            if not lc.n_group or lc.n_routed_experts % lc.n_group:
+                raise bad("n_group", f"{lc.topk_method} needs n_group dividing n_routed_experts")
+            if not lc.topk_group or not 0 < lc.topk_group <= lc.n_group:
+                raise bad("topk_group", "must be between 1 and n_group")
+            if lc.topk_method == "noaux_tc" and lc.n_routed_experts // lc.n_group < 2:
+                raise bad("n_group", "noaux_tc scores groups by their two best experts: need >= 2 experts per group")
+        if lc.moe_layer_freq <= 0:
+            raise bad("moe_layer_freq", "must be positive")
+
+
+def config_from_dict(raw: dict[str, Any], processor: dict[str, Any] | None = None) -> VL2Config:
+    """Build a VL2Config from the official config.json (and optional processor_config.json) dicts."""
+    if raw.get("model_type") not in (None, "deepseek_vl_v2"):
+        raise ConfigError(f"model_type = {raw.get('model_type')!r}: not a DeepSeek-VL2 checkpoint")
+    vision_raw = raw.get("vision_config") or {}
+    proj_raw = raw.get("projector_config") or {}
+    lang_raw = raw.get("language_config")
+    if not isinstance(lang_raw, dict):
+        raise ConfigError("config.json has no language_config section")
+    vision = _pick(VisionConfig, vision_raw, "vision_config")
+    projector = _pick(ProjectorConfig, proj_raw, "projector_config")
+    language = _pick(LanguageConfig, lang_raw, "language_config")
+    if vision_raw.get("class_token"):
+        raise ConfigError("vision_config.class_token = true: the SigLIP tower without class token is supported")
+    ptype = proj_raw.get("projector_type", "downsample_mlp_gelu")
+    if ptype != "downsample_mlp_gelu":
+        raise ConfigError(f"projector_config.projector_type = {ptype!r}: only 'downsample_mlp_gelu' is supported")
+    if proj_raw.get("token_pooling"):
+        raise ConfigError("projector_config.token_pooling = true is not supported")
+    if projector.input_dim != vision.width:
+        raise ConfigError(f"projector_config.input_dim = {projector.input_dim} does not match vision width {vision.width}")
+    if projector.n_embed != language.hidden_size:
+        raise ConfigError(f"projector_config.n_embed = {projector.n_embed} does not match hidden_size {language.hidden_size}")
+    _validate_language(language)
+    tile_tag = raw.get("tile_tag", "2D")
+    if tile_tag != "2D":
+        raise ConfigError(f"tile_tag = {tile_tag!r}: only '2D' tiling is supported")
+    view_pos = raw.get("global_view_pos", "head")
+    if view_pos not in ("head", "tail"):
+        raise ConfigError(f"global_view_pos = {view_pos!r}: expected 'head' or 'tail'")
+    processor = processor or {}
+    cands = processor.get("candidate_resolutions") or raw.get("candidate_resolutions") or [[vision.image_size] * 2]
+    for w, h in cands:
+        if w % vision.image_size or h % vision.image_size or w <= 0 or h <= 0:
+            raise ConfigError(f"candidate_resolutions entry {[w, h]} is not a multiple of {vision.image_size}")
+    for key, size in (("patch_size", vision.patch_size), ("downsample_ratio", projector.downsample_ratio)):
+        if key in processor and processor[key] != size:
+            raise ConfigError(f"processor_config.{key} = {processor[key]} disagrees with config.json ({size})")
+    return VL2Config(
+        vision=vision,
+        projector=projector,
+        language=language,
+        candidate_resolutions=tuple((int(w), int(h)) for w, h in cands),
+        tile_tag=tile_tag,
+        global_view_pos=view_pos,
+        image_mean=tuple(processor.get("image_mean", (0.5, 0.5, 0.5))),
+        image_std=tuple(processor.get("image_std", (0.5, 0.5, 0.5))),
+        image_token=processor.get("image_token", "<image>"),
+        pad_token=processor.get("pad_token", "<｜▁pad▁｜>"),
+    )
+
+
+def load_config(folder: str | Path) -> VL2Config:
+    folder = Path(folder)
+    path = folder / "config.json"
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no config.json in the checkpoint folder") from None
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{path}: cannot read ({exc})") from None
+    proc_path = folder / "processor_config.json"
+    processor = None
+    if proc_path.exists():
+        try:
+            processor = json.loads(proc_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"{proc_path}: cannot read ({exc})") from None
+    try:
+        return config_from_dict(raw, processor)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+
+
+def _all_candidates(max_tiles: int = 9, tile: int = 384) -> tuple[tuple[int, int], ...]:
+    # The published order: by tile count, then (w, h) pairs as the official configs list them.
+    out: list[tuple[int, int]] = []
+    for n in range(1, max_tiles + 1):
+        for a in range(1, math.isqrt(n) + 1):
+            if n % a == 0:
+                out.append((a * tile, n // a * tile))
+                if a != n // a:
+                    out.append((n // a * tile, a * tile))
+    return tuple(out)
+
+
+_VISION = VisionConfig()
+_LANG_COMMON = dict(
+    first_k_dense_replace=1, n_shared_experts=2, num_experts_per_tok=6, max_position_embeddings=4096,
+    bos_token_id=0, eos_token_id=1,
+)
+PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": dict(
+        hub_id="deepseek-ai/deepseek-vl2-tiny", total_params=3.37e9, active_params=1.0e9,
+        language=LanguageConfig(
+            vocab_size=129280, hidden_size=1280, intermediate_size=6848, moe_intermediate_size=896,
+            num_hidden_layers=12, num_attention_heads=10, num_key_value_heads=10, n_routed_experts=64,
+            use_mla=False, kv_lora_rank=None, q_lora_rank=None, qk_rope_head_dim=0, qk_nope_head_dim=0,
+            v_head_dim=0, **_LANG_COMMON),
+    ),
+    "small": dict(
+        hub_id="deepseek-ai/deepseek-vl2-small", total_params=16.1e9, active_params=2.8e9,
+        language=LanguageConfig(
+            vocab_size=102400, hidden_size=2048, intermediate_size=10944, moe_intermediate_size=1408,
+            num_hidden_layers=27, num_attention_heads=16, num_key_value_heads=16, n_routed_experts=64,
+            use_mla=True, kv_lora_rank=512, q_lora_rank=None, **_LANG_COMMON),
+    ),
+    "base": dict(
+        hub_id="deepseek-ai/deepseek-vl2", total_params=27.5e9, active_params=4.5e9,
+        language=LanguageConfig(
+            vocab_size=129280, hidden_size=2560, intermediate_size=12288, moe_intermediate_size=1536,
+            num_hidden_layers=30, num_attention_heads=32, num_key_value_heads=32, n_routed_experts=72,
+            use_mla=True, kv_lora_rank=512, q_lora_rank=None, topk_method="noaux_tc", scoring_func="sigmoid",
+            n_group=1, topk_group=1, norm_topk_prob=True, routed_scaling_factor=2.0, **_LANG_COMMON),
+    ),
+}
+
+
+def preset_config(name: str, **language_overrides: Any) -> VL2Config:
+    """A real-size config of a published variant (random weights measure speed and memory exactly)."""
+    if name not in PRESETS:
+        raise ConfigError(f"unknown variant {name!r}: expected one of {', '.join(PRESETS)}")
+    lang = replace(PRESETS[name]["language"], **language_overrides)
+    _validate_language(lang)
+    return VL2Config(
+        vision=_VISION,
+        projector=ProjectorConfig(input_dim=_VISION.width, n_embed=lang.hidden_size),
+        language=lang,
+        candidate_resolutions=_all_candidates(),
+    )

@@ -1,0 +1,140 @@
+"""The generation engine: batched prefill (optionally chunked), KV-cached decode, sampling and stop rules."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from vl2cli.cache import KVCache
+from vl2cli.model import DeepseekVL2
+from vl2cli.processor import Prepared
+
+
+@dataclass
+class SamplingParams:
+    max_new_tokens: int = 512
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+
+
+@dataclass
+class Generation:
+    ids: list[int] = field(default_factory=list)
+    finish_reason: str = "length"  # "stop" (end token), "length" (budget), or what a stop rule returned
+    prompt_tokens: int = 0
+
+
+# A stop rule sees one row's generated ids and returns a reason to stop it, or None.
+StopRule = Callable[[list[int]], "str | None"]
+
+
+def apply_repetition_penalty(logits: torch.Tensor, seen: list[torch.Tensor], penalty: float) -> torch.Tensor:
+    if penalty == 1.0:
+        return logits
+    for row, ids in enumerate(seen):
+        if ids.numel():
+            picked = logits[row, ids]
+            logits[row, ids] = torch.where(picked < 0, picked * penalty, picked / penalty)
+    return logits
+
+
+def choose_tokens(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> torch.Tensor:
+    """logits [b, V] float32 -> token ids [b]."""
+    if params.temperature <= 0:
+        return logits.argmax(dim=-1)
+    probs = torch.softmax(logits / params.temperature, dim=-1)
+    if params.top_p < 1.0:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        drop = sorted_probs.cumsum(-1) - sorted_probs > params.top_p  # keep the smallest head reaching top_p
+        sorted_probs[drop] = 0.0
+        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
+    return torch.multinomial(probs, 1, generator=generator)[:, 0]
+
+
+class Engine:
+    def __init__(self, model: DeepseekVL2, eos_id: int, pad_id: int, prefill_chunk: int | None = None):
+        self.model = model
+        self.eos_id = eos_id
+        self.pad_id = pad_id if pad_id is not None else eos_id
+        self.prefill_chunk = prefill_chunk
+
+    def _batch(self, prompts: list[Prepared]):
+        """Left-pad the prompts into one batch: ids, image mask and validity [b, T]."""
+        length = max(len(p.input_ids) for p in prompts)
+        b = len(prompts)
+        ids = torch.full((b, length), self.pad_id, dtype=torch.long)
+        image_mask = torch.zeros(b, length, dtype=torch.bool)
+        valid = torch.zeros(b, length, dtype=torch.bool)
+        for row, p in enumerate(prompts):
+            n = len(p.input_ids)
+            ids[row, length - n:] = torch.tensor(p.input_ids)
+            image_mask[row, length - n:] = torch.tensor(p.image_mask)
+            valid[row, length - n:] = True
+        pixels = [torch.from_numpy(p.pixels) for p in prompts]
+        crops = [p.spatial_crop for p in prompts]
+        return ids, image_mask, valid, pixels, crops
+
+    @torch.inference_mode()
+    def prefill(self, prompts: list[Prepared], extra_positions: int, all_logits: bool = False):
+        """Run the prompts; returns (logits [b, V] at the last position or [b, T, V] at all, cache)."""
+        ids, image_mask, valid, pixels, crops = self._batch(prompts)
+        embeds = self.model.embed(ids, image_mask, pixels, crops)  # [b, T, d]
+        b, t, _ = embeds.shape
+        cache = KVCache(self.model.cfg.language, b, t + extra_positions, self.model.device, self.model.dtype)
+        valid = valid.to(self.model.device)
+        step = self.prefill_chunk or t
+        outputs = []
+        for begin in range(0, t, step):
+            hidden = self.model.language(embeds[:, begin:begin + step], cache, valid[:, begin:begin + step])
+            outputs.append(self.model.language.logits(hidden if all_logits else hidden[:, -1:]))
+        logits = torch.cat(outputs, dim=1) if all_logits else outputs[-1][:, -1]
+        return logits, cache
+
+    @torch.inference_mode()
+    def generate(self, prompts: list[Prepared], params: SamplingParams,
+                 on_token: Callable[[int, int], None] | None = None,
+                 stop_rule: StopRule | None = None) -> list[Generation]:
+        """Generate for a batch of prompts; each row stops on its own and leaves the batch."""
+        results = [Generation(prompt_tokens=len(p.input_ids)) for p in prompts]
+        if params.max_new_tokens <= 0:
+            return results
+        generator = None
+        if params.seed is not None:
+            generator = torch.Generator(device=self.model.device).manual_seed(params.seed)
+        logits, cache = self.prefill(prompts, params.max_new_tokens)
+        active = list(range(len(prompts)))  # result index of each cache row
+        seen = [torch.tensor([i for i, m in zip(p.input_ids, p.image_mask) if not m], dtype=torch.long,
+                             device=self.model.device) for p in prompts]
+        for step in range(params.max_new_tokens):
+            logits = apply_repetition_penalty(logits, [seen[i] for i in active], params.repetition_penalty)
+            tokens = choose_tokens(logits, params, generator)
+            keep = []
+            for row, token in enumerate(tokens.tolist()):
+                res = results[active[row]]
+                res.ids.append(token)
+                if on_token:
+                    on_token(active[row], token)
+                if params.repetition_penalty != 1.0:
+                    seen[active[row]] = torch.cat([seen[active[row]], tokens[row:row + 1]])
+                if token == self.eos_id:
+                    res.finish_reason = "stop"
+                elif stop_rule and (reason := stop_rule(res.ids)):
+                    res.finish_reason = reason
+                elif step + 1 < params.max_new_tokens:
+                    keep.append(row)
+            if not keep:
+                break
+            if len(keep) < len(active):
+                rows = torch.tensor(keep, device=tokens.device)
+                cache.select(rows)
+                tokens = tokens[rows]
+                active = [active[r] for r in keep]
+            embeds = self.model.language.embed_tokens(tokens[:, None])  # [b, 1, d]
+            valid = torch.ones(len(active), 1, dtype=torch.bool, device=tokens.device)
+            hidden = self.model.language(embeds, cache, valid)
+            logits = self.model.language.logits(hidden[:, -1])
+        return results

@@ -1,0 +1,229 @@
+"""Find a checkpoint (folder, hub id or alias), then stream its safetensors into a model built on `meta`.
+
+Loading is strict: every model tensor must come from the checkpoint with the shape the config
+implies, every checkpoint tensor must be used or knowingly skipped, and shapes are checked
+from the file header before any tensor is read.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from vl2cli.config import PRESETS, VL2Config, load_config
+from vl2cli.errors import CheckpointError
+from vl2cli.model import DeepseekVL2
+from vl2cli.processor import Processor, VL2Tokenizer
+from vl2cli.quant import quantized_weight, resolve_quant, swap_linear_layers
+
+ALIASES = {name: preset["hub_id"] for name, preset in PRESETS.items()}
+SKIPPED_PREFIXES = ("vision.attn_pool.",)  # SigLIP's pooling head: DeepSeek-VL2 uses patch features only
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def checkpoint_to_model_name(name: str) -> str | None:
+    """The one place checkpoint names meet ours. None: a tensor the model knowingly does not use."""
+    if name.startswith(SKIPPED_PREFIXES):
+        return None
+    if name.startswith("language.model."):
+        return "language." + name[len("language.model."):]
+    return name
+
+
+def resolve_model(spec: str, revision: str | None = None, offline: bool | None = None) -> Path:
+    """A local folder as is; an alias (tiny/small/base) or hub id through huggingface_hub's cache."""
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        return path
+    if spec.startswith((".", "/", "~")) or os.sep in spec and spec.count("/") != 1:
+        raise CheckpointError(f"{spec}: no such checkpoint folder")
+    repo_id = ALIASES.get(spec, spec)
+    if offline is None:
+        offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0", "false", "False")
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:  # pragma: no cover - a declared dependency
+        raise CheckpointError("huggingface_hub is not installed: pass --model /path/to/checkpoint") from None
+    try:
+        folder = snapshot_download(repo_id, revision=revision, local_files_only=offline,
+                                   allow_patterns=["*.json", "*.safetensors", "tokenizer*"])
+    except Exception as exc:  # network, auth, missing repo: all end the same way for the user
+        how = "it is not in the local cache (offline mode)" if offline else f"download failed: {type(exc).__name__}"
+        raise CheckpointError(f"model {repo_id}: {how}; download it on a connected machine with "
+                              f"`vl2 models download {spec}` or pass --model /path/to/checkpoint") from None
+    return Path(folder)
+
+
+def cached_model_path(spec: str) -> Path | None:
+    """The local snapshot of an alias or hub id, if already downloaded (never touches the network)."""
+    try:
+        return resolve_model(spec, offline=True)
+    except CheckpointError:
+        return None
+
+
+def shard_files(folder: Path) -> list[Path]:
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text("utf-8"))["weight_map"]
+        except (OSError, ValueError, KeyError) as exc:
+            raise CheckpointError(f"{index}: unreadable shard index ({exc})") from None
+        files = sorted({folder / f for f in weight_map.values()})
+        for f in files:
+            if not f.exists():
+                raise CheckpointError(f"{f}: shard listed in {index.name} is missing")
+        return files
+    files = sorted(folder.glob("*.safetensors"))
+    if files:
+        return files
+    pickles = [p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES]
+    if pickles:
+        raise CheckpointError(f"{folder}: only pickle weights ({', '.join(pickles[:3])}); vl2 loads safetensors only, "
+                              "because unpickling can execute code hidden in the file")
+    raise CheckpointError(f"{folder}: no .safetensors weights found")
+
+
+def _assign(model: nn.Module, name: str, tensor: torch.Tensor | nn.Parameter) -> None:
+    module_name, _, attr = name.rpartition(".")
+    module = model.get_submodule(module_name) if module_name else model
+    param = tensor if isinstance(tensor, nn.Parameter) else nn.Parameter(tensor, requires_grad=False)
+    setattr(module, attr, param)
+
+
+@dataclass
+class LoadReport:
+    tensors: int
+    skipped: list[str]
+    quantized: int
+    quant: str
+
+
+def load_weights(model: DeepseekVL2, folder: Path, device: torch.device, dtype: torch.dtype,
+                 quantized_modules: set[str]) -> LoadReport:
+    expected = {name: p.shape for name, p in model.named_parameters()}
+    loaded: set[str] = set()
+    skipped: list[str] = []
+    for shard in shard_files(folder):
+        try:
+            handle = safe_open(str(shard), framework="pt", device="cpu")
+        except Exception as exc:  # safetensors raises its own error types for bad headers
+            raise CheckpointError(f"{shard}: not a readable safetensors file ({exc})") from None
+        with handle as f:
+            for ck_name in f.keys():
+                name = checkpoint_to_model_name(ck_name)
+                if name is None:
+                    skipped.append(ck_name)
+                    continue
+                if name not in expected:
+                    raise CheckpointError(f"{shard.name}: tensor {ck_name} is not part of this model's config")
+                shape = tuple(f.get_slice(ck_name).get_shape())  # header only: nothing allocated yet
+                if shape != tuple(expected[name]):
+                    raise CheckpointError(f"{shard.name}: tensor {ck_name} has shape {list(shape)}, "
+                                          f"config implies {list(expected[name])}")
+                if name in loaded:
+                    raise CheckpointError(f"{shard.name}: tensor {ck_name} appears twice")
+                tensor = f.get_tensor(ck_name)
+                module_name = name.rpartition(".")[0]
+                if module_name in quantized_modules and name.endswith(".weight"):
+                    value = quantized_weight(model.get_submodule(module_name), tensor.to(dtype), device)
+                else:
+                    value = tensor.to(device=device, dtype=dtype)
+                _assign(model, name, value)
+                loaded.add(name)
+                del tensor
+    missing = sorted(set(expected) - loaded)
+    if missing:
+        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+        raise CheckpointError(f"{folder}: checkpoint lacks tensor {_ck_name(missing[0])}{more}")
+    return LoadReport(len(loaded), skipped, len(quantized_modules), "")
+
+
+def _ck_name(name: str) -> str:
+    return "language.model." + name[len("language."):] if name.startswith("language.") and \
+        not name.startswith("language.lm_head") else name
+
+
+@dataclass
+class LoadedModel:
+    model: DeepseekVL2
+    processor: Processor
+    cfg: VL2Config
+    folder: Path
+    device: torch.device
+    dtype: torch.dtype
+    quant: str
+    report: LoadReport
+
+
+def pick_device(device: str | None) -> torch.device:
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise CheckpointError(f"--device {device!r}: not a device name (cpu, cuda, cuda:1, auto)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise CheckpointError(f"--device {device}: no CUDA GPU is available here; use --device cpu")
+    return dev
+
+
+def pick_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
+    if dtype in (None, "auto"):
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+             "float16": torch.float16, "fp16": torch.float16}
+    if dtype not in table:
+        raise CheckpointError(f"--dtype {dtype!r}: expected one of auto, float32, bfloat16, float16")
+    return table[dtype]
+
+
+def build_model(cfg: VL2Config, device: torch.device, dtype: torch.dtype, quant: str) -> tuple[DeepseekVL2, set[str]]:
+    with torch.device("meta"):
+        model = DeepseekVL2(cfg)
+    swapped = set(swap_linear_layers(model, quant, dtype))
+    return model.eval().requires_grad_(False), swapped
+
+
+def load_model(spec: str | Path = "tiny", device: str | None = None, dtype: str | None = None,
+               quant: str = "auto", revision: str | None = None, offline: bool | None = None) -> LoadedModel:
+    folder = resolve_model(str(spec), revision=revision, offline=offline)
+    cfg = load_config(folder)
+    dev = pick_device(device)
+    torch_dtype = pick_dtype(dtype, dev)
+    mode = resolve_quant(quant, dev)
+    tokenizer = VL2Tokenizer(folder, cfg)
+    if len(tokenizer) > cfg.language.vocab_size:
+        raise CheckpointError(f"{folder}: tokenizer has {len(tokenizer)} tokens but vocab_size is {cfg.language.vocab_size}")
+    model, swapped = build_model(cfg, dev, torch_dtype, mode)
+    report = load_weights(model, folder, dev, torch_dtype, swapped)
+    report.quant = mode
+    return LoadedModel(model, Processor(tokenizer, cfg), cfg, folder, dev, torch_dtype, mode, report)
+
+
+def random_model(cfg: VL2Config, device: str = "cpu", dtype: torch.dtype = torch.float32, quant: str = "none",
+                 seed: int = 0) -> DeepseekVL2:
+    """A model of this config with random weights (benchmarks and tests: same speed and memory as real weights)."""
+    dev = torch.device(device)
+    model, swapped = build_model(cfg, dev, dtype, quant)
+    gen = torch.Generator().manual_seed(seed)
+    for name, p in list(model.named_parameters()):
+        std = 0.02 if p.dim() > 1 else 0.0
+        t = torch.randn(p.shape, generator=gen) * std if std else torch.ones(p.shape)
+        if name.endswith(("bias", "e_score_correction_bias")):
+            t = torch.zeros(p.shape)
+        module_name = name.rpartition(".")[0]
+        if module_name in swapped and name.endswith(".weight"):
+            value = quantized_weight(model.get_submodule(module_name), t.to(dtype), dev)
+        else:
+            value = t.to(device=dev, dtype=dtype)
+        _assign(model, name, value)
+    return model

@@ -1,0 +1,93 @@
+"""Dense SiLU-gated MLP, the DeepSeek MoE gate (every routing variant) and the MoE layer.
+
+Only the selected experts run: tokens are sorted by expert and each expert that received
+any token runs once on its group, so the work follows the experts used, not the experts that exist.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vl2cli.config import LanguageConfig
+
+
+class DenseMlp(nn.Module):
+    def __init__(self, hidden: int, inner: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, inner, bias=False)
+        self.up_proj = nn.Linear(hidden, inner, bias=False)
+        self.down_proj = nn.Linear(inner, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Gate(nn.Module):
+    def __init__(self, cfg: LanguageConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.hidden_size))
+        if cfg.topk_method == "noaux_tc":
+            self.e_score_correction_bias = nn.Parameter(torch.zeros(cfg.n_routed_experts))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [N, d] -> expert ids [N, k], float32 weights [N, k]. Scores are computed in float32."""
+        cfg = self.cfg
+        logits = F.linear(x.float(), self.weight.float())
+        scores = logits.softmax(dim=-1) if cfg.scoring_func == "softmax" else logits.sigmoid()
+        k = cfg.num_experts_per_tok
+        if cfg.topk_method == "greedy":
+            weight, idx = torch.topk(scores, k, dim=-1, sorted=False)
+        else:
+            n = scores.shape[0]
+            choice = scores
+            if cfg.topk_method == "noaux_tc":
+                choice = scores + self.e_score_correction_bias.float()[None]
+                group_scores = choice.view(n, cfg.n_group, -1).topk(2, dim=-1).values.sum(-1)  # [N, groups]
+            else:
+                group_scores = choice.view(n, cfg.n_group, -1).max(dim=-1).values
+            group_idx = torch.topk(group_scores, cfg.topk_group, dim=-1, sorted=False).indices
+            group_mask = torch.zeros_like(group_scores).scatter_(1, group_idx, 1).bool()
+            expert_mask = group_mask[:, :, None].expand(n, cfg.n_group, cfg.n_routed_experts // cfg.n_group)
+            # Unselected groups are masked to 0.0, not -inf, exactly as the reference does.
+            masked = choice.masked_fill(~expert_mask.reshape(n, -1), 0.0)
+            weight, idx = torch.topk(masked, k, dim=-1, sorted=False)
+            if cfg.topk_method == "noaux_tc":  # the bias only chooses; weights are the raw scores
+                weight = scores.gather(1, idx)
+        if k > 1 and cfg.norm_topk_prob:
+            weight = weight / (weight.sum(dim=-1, keepdim=True) + 1e-20)
+        return idx, weight * cfg.routed_scaling_factor
+
+
+class MoE(nn.Module):
+    def __init__(self, cfg: LanguageConfig):
+        super().__init__()
+        self.top_k = cfg.num_experts_per_tok
+        self.experts = nn.ModuleList(DenseMlp(cfg.hidden_size, cfg.moe_intermediate_size)
+                                     for _ in range(cfg.n_routed_experts))
+        self.gate = Gate(cfg)
+        self.shared_experts = (DenseMlp(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts)
+                               if cfg.n_shared_experts else None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        flat = x.reshape(-1, shape[-1])  # [N, d]
+        idx, weight = self.gate(flat)  # [N, k]
+        order = idx.flatten().argsort()  # assignments grouped by expert
+        counts = torch.bincount(idx.flatten(), minlength=len(self.experts)).tolist()
+        tokens = flat[order // self.top_k]  # [N*k, d] in expert order
+        outs, begin = [], 0
+        for expert, count in enumerate(counts):
+            if count:
+                outs.append(self.experts[expert](tokens[begin : begin + count]))
+                begin += count
+        grouped = torch.cat(outs)
+        routed = torch.empty_like(grouped)
+        routed[order] = grouped  # back to [token, slot] order
+        y = (routed.view(-1, self.top_k, shape[-1]).float() * weight[..., None]).sum(dim=1).to(x.dtype)
+        y = y.view(shape)
+        if self.shared_experts is not None:
+            y = y + self.shared_experts(x)
+        return y

@@ -1,0 +1,217 @@
+"""Prompt template, tokenizer extension, dynamic tiling and the image-token layout of DeepSeek-VL2."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+from tokenizers import AddedToken, Tokenizer
+
+from vl2cli.config import VL2Config
+from vl2cli.errors import CheckpointError, UsageError
+
+USER, ASSISTANT = "<|User|>", "<|Assistant|>"
+GROUNDING_TOKENS = ("<|ref|>", "<|/ref|>", "<|det|>", "<|/det|>", "<|grounding|>")
+EOS_TEXT = "<｜end▁of▁sentence｜>"
+
+
+class VL2Tokenizer:
+    """The checkpoint's byte-level BPE tokenizer, extended the way the official processor does."""
+
+    def __init__(self, folder: str | Path, cfg: VL2Config):
+        folder = Path(folder)
+        path = folder / "tokenizer.json"
+        if not path.exists():
+            raise CheckpointError(f"{path}: the checkpoint has no tokenizer.json")
+        try:
+            self.tok = Tokenizer.from_file(str(path))
+        except Exception as exc:  # the tokenizers library raises bare Exceptions
+            raise CheckpointError(f"{path}: cannot read tokenizer ({exc})") from None
+        special = {}
+        for name in ("special_tokens_map.json", "tokenizer_config.json"):
+            if (folder / name).exists():
+                special.update({k: v for k, v in json.loads((folder / name).read_text("utf-8")).items()
+                                if k.endswith("_token") and v})
+
+        def content(v):
+            return v["content"] if isinstance(v, dict) else v
+
+        # Order matters: new tokens take the next free ids in exactly this sequence.
+        pad = content(special.get("pad_token")) if special.get("pad_token") else None
+        if pad is None:
+            pad = cfg.pad_token
+            self._add([pad])
+        if self.tok.token_to_id(cfg.image_token) is None:
+            self._add([cfg.image_token])
+        self._add(list(GROUNDING_TOKENS))
+        self._add([USER, ASSISTANT])
+        self.pad_id = self.tok.token_to_id(pad)
+        self.image_id = self.tok.token_to_id(cfg.image_token)
+        bos = content(special.get("bos_token")) if special.get("bos_token") else None
+        eos = content(special.get("eos_token")) if special.get("eos_token") else None
+        self.bos_id = self.tok.token_to_id(bos) if bos else cfg.language.bos_token_id
+        self.eos_id = self.tok.token_to_id(eos) if eos else cfg.language.eos_token_id
+        if self.bos_id is None or self.eos_id is None:
+            raise CheckpointError(f"{path}: begin/end-of-sentence tokens {bos!r}/{eos!r} are not in the vocabulary")
+
+    def _add(self, tokens: list[str]) -> None:
+        self.tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in tokens])
+
+    def encode(self, text: str) -> list[int]:
+        return self.tok.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
+        return self.tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def __len__(self) -> int:
+        return self.tok.get_vocab_size(with_added_tokens=True)
+
+
+def select_best_resolution(size: tuple[int, int], candidates) -> tuple[int, int]:
+    """The candidate that shows the most image pixels; ties go to the least padding, then list order."""
+    width, height = size
+    best, best_effective, best_wasted = None, 0, float("inf")
+    for cw, ch in candidates:
+        scale = min(cw / width, ch / height)
+        effective = min(int(width * scale) * int(height * scale), width * height)
+        wasted = cw * ch - effective
+        if effective > best_effective or (effective == best_effective and wasted < best_wasted):
+            best, best_effective, best_wasted = (cw, ch), effective, wasted
+    return best
+
+
+@dataclass
+class Tiling:
+    """One image's tiles: the global view first, then local tiles row by row."""
+
+    pixels: np.ndarray  # [1 + tiles_wide * tiles_high, 3, S, S] float32, normalised
+    tiles_wide: int
+    tiles_high: int
+
+
+def _normalise(img: Image.Image, mean, std) -> np.ndarray:
+    x = np.asarray(img, dtype=np.float32) / np.float32(255.0)  # [S, S, 3]
+    x = (x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
+    return x.transpose(2, 0, 1)  # [3, S, S]
+
+
+def tile_image(image: Image.Image, cfg: VL2Config, cropping: bool = True) -> Tiling:
+    size = cfg.vision.image_size
+    if image.mode != "RGB":
+        image = image.convert("RGB")
+    best_w, best_h = select_best_resolution(image.size, cfg.candidate_resolutions) if cropping else (size, size)
+    fill = tuple(int(m * 255) for m in cfg.image_mean)
+    views = [_normalise(ImageOps.pad(image, (size, size), color=fill), cfg.image_mean, cfg.image_std)]
+    canvas = ImageOps.pad(image, (best_w, best_h), color=fill)
+    for top in range(0, best_h, size):
+        for left in range(0, best_w, size):
+            tile = canvas.crop((left, top, left + size, top + size))
+            views.append(_normalise(tile, cfg.image_mean, cfg.image_std))
+    return Tiling(np.stack(views), best_w // size, best_h // size)
+
+
+def image_token_count(cfg: VL2Config, tiles_wide: int, tiles_high: int) -> int:
+    """Global view h*(w+1), one separator, then (th*h) rows of (tw*w + 1) local tokens."""
+    h = w = cfg.tokens_per_tile_side
+    return h * (w + 1) + 1 + (tiles_high * h) * (tiles_wide * w + 1)
+
+
+@dataclass
+class Message:
+    role: str  # "user" | "assistant" | "system"
+    content: str
+    images: list[Image.Image] = field(default_factory=list)
+
+
+@dataclass
+class Prepared:
+    """One prompt ready for the model."""
+
+    prompt: str
+    input_ids: list[int]
+    image_mask: list[bool]
+    pixels: np.ndarray  # [n_tiles, 3, S, S] (n_tiles may be 0)
+    spatial_crop: list[list[int]]  # [tiles_wide, tiles_high] per image
+
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return (torch.tensor(self.input_ids, dtype=torch.long), torch.tensor(self.image_mask),
+                torch.from_numpy(self.pixels))
+
+
+def render_prompt(messages: list[Message], system_prompt: str = "") -> str:
+    """The conversation string of the 'deepseek' template (what the model's prompt reads as text)."""
+    ret = system_prompt + "\n\n" if system_prompt else ""
+    turns = [m for m in messages if m.role != "system"]
+    for i, m in enumerate(turns):
+        role = USER if m.role == "user" else ASSISTANT
+        text = m.content.strip()
+        ret += f"{role}: {text}" + ("\n\n" if i % 2 == 0 else EOS_TEXT) if text else f"{role}:"
+    if not turns or turns[-1].role == "user":
+        ret += f"{ASSISTANT}:"
+    return ret.strip()
+
+
+class Processor:
+    def __init__(self, tokenizer: VL2Tokenizer, cfg: VL2Config):
+        self.tokenizer = tokenizer
+        self.cfg = cfg
+
+    def _with_images(self, text: str, images: list[Image.Image], cropping: bool, state: dict) -> None:
+        token = self.cfg.image_token
+        pieces = text.split(token)
+        if len(pieces) - 1 != len(images):
+            raise UsageError(f"the prompt has {len(pieces) - 1} {token} marks but {len(images)} images were given")
+        for i, piece in enumerate(pieces):
+            ids = self.tokenizer.encode(piece)
+            state["ids"] += ids
+            state["mask"] += [False] * len(ids)
+            if i < len(images):
+                tiling = tile_image(images[i], self.cfg, cropping)
+                n = image_token_count(self.cfg, tiling.tiles_wide, tiling.tiles_high)
+                state["ids"] += [self.tokenizer.image_id] * n
+                state["mask"] += [True] * n
+                state["pixels"].append(tiling.pixels)
+                state["crop"].append([tiling.tiles_wide, tiling.tiles_high])
+
+    def prepare(self, messages: list[Message], system_prompt: str = "") -> Prepared:
+        """Tokenise a conversation as the official processor does, message by message.
+
+        Each user turn is tokenised as `<|User|>: {text}\\n\\n<|Assistant|>:`; earlier assistant
+        turns as their text plus the end-of-sentence id. Tiling happens only with <= 2 images.
+        """
+        if not messages or messages[-1].role != "user":
+            raise UsageError("a conversation must end with a user message")
+        images = [img for m in messages for img in m.images]
+        cropping = len(images) <= 2
+        state: dict = {"ids": [self.tokenizer.bos_id], "mask": [False], "pixels": [], "crop": []}
+        if system_prompt.strip():
+            messages = [Message("system", system_prompt)] + list(messages)
+        for i, m in enumerate(messages):
+            text = m.content.strip()
+            if m.role == "system":
+                if i:
+                    raise UsageError("a system message may only open the conversation")
+                ids = self.tokenizer.encode(text)
+                state["ids"] += ids
+                state["mask"] += [False] * len(ids)
+            elif m.role == "user":
+                self._with_images(f"{USER}: {text}\n\n{ASSISTANT}:", m.images, cropping, state)
+            elif m.role == "assistant":
+                if m.images or self.cfg.image_token in text:
+                    raise UsageError("assistant turns cannot carry images")
+                ids = self.tokenizer.encode(text) + [self.tokenizer.eos_id]
+                state["ids"] += ids
+                state["mask"] += [False] * len(ids)
+            else:
+                raise UsageError(f"unknown message role {m.role!r}")
+        size = self.cfg.vision.image_size
+        pixels = np.concatenate(state["pixels"]) if state["pixels"] else np.zeros((0, 3, size, size), np.float32)
+        sys_text = next((m.content.strip() for m in messages if m.role == "system"), "")
+        return Prepared(render_prompt(messages, sys_text), state["ids"], state["mask"], pixels, state["crop"])
+
+    def prepare_prompt(self, prompt: str, images: list[Image.Image], system_prompt: str = "") -> Prepared:
+        return self.prepare([Message("user", prompt, list(images))], system_prompt)

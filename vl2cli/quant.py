@@ -1,0 +1,109 @@
+"""4-bit (NF4) and 8-bit weights through bitsandbytes, applied while the checkpoint streams in.
+
+Every language-model linear layer is quantized - attention projections, dense MLPs, every
+routed and shared expert - except MLA's kv_b_proj: decode folds its matrix into the query
+and output (weight absorption), which needs it dense; it is under 2% of the weights.
+Vision, projector, embeddings, the gate and lm_head stay 16-bit.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+from vl2cli.errors import UsageError
+
+QUANT_MODES = ("auto", "nf4", "int8", "none")
+
+
+def resolve_quant(mode: str, device: torch.device) -> str:
+    if mode not in QUANT_MODES:
+        raise UsageError(f"--quant {mode!r}: expected one of {', '.join(QUANT_MODES)}")
+    if mode == "auto":
+        return "nf4" if device.type == "cuda" else "none"
+    return mode
+
+
+def _bnb():
+    try:
+        logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+        import bitsandbytes as bnb
+    except ImportError as exc:
+        raise UsageError(f"4-/8-bit weights need bitsandbytes (pip install bitsandbytes): {exc}") from None
+    return bnb
+
+
+def is_quantizable(name: str) -> bool:
+    """Module names (model namespace) whose Linear gets quantized."""
+    return name.startswith("language.layers.") and not name.endswith("kv_b_proj")
+
+
+def swap_linear_layers(model: nn.Module, mode: str, compute_dtype: torch.dtype) -> list[str]:
+    """Replace quantizable nn.Linear modules (on the meta device) by bitsandbytes layers; returns their names."""
+    if mode == "none":
+        return []
+    bnb = _bnb()
+    swapped = []
+    for name, module in list(model.named_modules()):
+        if not isinstance(module, nn.Linear) or not is_quantizable(name):
+            continue
+        bias = module.bias is not None
+        if mode == "nf4":
+            new = bnb.nn.Linear4bit(module.in_features, module.out_features, bias=bias, compute_dtype=compute_dtype,
+                                    quant_type="nf4", compress_statistics=True, device="meta")
+        else:
+            new = bnb.nn.Linear8bitLt(module.in_features, module.out_features, bias=bias,
+                                      has_fp16_weights=False, threshold=6.0, device="meta")
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), child, new)
+        swapped.append(name)
+    return swapped
+
+
+def quantized_weight(module: nn.Module, weight: torch.Tensor, device: torch.device) -> nn.Parameter:
+    """Quantize a 16/32-bit weight for a swapped module; the full-precision tensor is dropped at once."""
+    bnb = _bnb()
+    if isinstance(module, bnb.nn.Linear4bit):
+        return bnb.nn.Params4bit(weight, requires_grad=False, quant_type="nf4", compress_statistics=True).to(device)
+    return bnb.nn.Int8Params(weight, requires_grad=False, has_fp16_weights=False).to(device)
+
+
+def is_quantized_module(module: nn.Module) -> bool:
+    return type(module).__name__ in ("Linear4bit", "Linear8bitLt")
+
+
+def linear_bytes(model: nn.Module) -> dict[str, int]:
+    """Bytes held by quantizable linear layers (weights, scales, bias) and by the whole model."""
+    quant, total = 0, 0
+    seen = set()
+    for name, module in model.named_modules():
+        for pname, p in module.named_parameters(recurse=False):
+            if id(p) in seen:
+                continue
+            seen.add(id(p))
+            size = p.numel() * p.element_size()
+            state = getattr(p, "quant_state", None)
+            if state is not None:
+                size += _state_bytes(state)
+            elif hasattr(module, "state") and getattr(module.state, "SCB", None) is not None and pname == "weight":
+                size += module.state.SCB.numel() * module.state.SCB.element_size()
+            elif getattr(p, "SCB", None) is not None:
+                size += p.SCB.numel() * p.SCB.element_size()
+            total += size
+            if (isinstance(module, nn.Linear) or is_quantized_module(module)) and is_quantizable(name):
+                quant += size
+    return {"quantizable_linear_bytes": quant, "model_bytes": total}
+
+
+def _state_bytes(state) -> int:
+    size = state.absmax.numel() * state.absmax.element_size()
+    if getattr(state, "code", None) is not None:
+        size += state.code.numel() * state.code.element_size()
+    nested = getattr(state, "state2", None)
+    if nested is not None:
+        size += _state_bytes(nested)
+        if getattr(state, "offset", None) is not None:
+            size += state.offset.numel() * state.offset.element_size()
+    return size

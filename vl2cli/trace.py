@@ -1,0 +1,73 @@
+"""`vl2 trace`: the prompt, token layout, tiles, logits and greedy tokens of one run, in the parity trace format."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from vl2cli.generation import Engine, SamplingParams
+from vl2cli.loading import LoadedModel
+from vl2cli.processor import Prepared
+from vl2cli.writers import atomic_write_bytes, atomic_write_text
+
+
+def spans(mask: list[bool]) -> list[list[int]]:
+    """[start, end) runs of True."""
+    out, start = [], None
+    for i, m in enumerate(list(mask) + [False]):
+        if m and start is None:
+            start = i
+        elif not m and start is not None:
+            out.append([start, i])
+            start = None
+    return out
+
+
+def sample_positions(n_tokens: int, mask: list[bool], n_image: int = 24, n_text: int = 40) -> list[int]:
+    """Evenly spread text and image positions plus the last one (the trace format's sampling rule)."""
+    def spread(items: list[int], k: int) -> list[int]:
+        return items if len(items) <= k else [items[round(j * (len(items) - 1) / (k - 1))] for j in range(k)]
+
+    text = [i for i in range(n_tokens) if not mask[i]]
+    image = [i for i in range(n_tokens) if mask[i]]
+    return sorted(set(spread(text, n_text) + spread(image, n_image) + [n_tokens - 1]))
+
+
+def run_trace(loaded: LoadedModel, prepared: Prepared, max_new_tokens: int, prefix: str | Path,
+              all_positions: bool = False) -> dict:
+    engine = Engine(loaded.model, loaded.processor.tokenizer.eos_id, loaded.processor.tokenizer.pad_id)
+    logits, _ = engine.prefill([prepared], 0, all_logits=True)
+    logits = logits[0].float().cpu().numpy()  # [T, V]
+    gen = engine.generate([prepared], SamplingParams(max_new_tokens=max_new_tokens))[0]
+    n = len(prepared.input_ids)
+    positions = list(range(n)) if all_positions else sample_positions(n, prepared.image_mask)
+    last = logits[-1]
+    top = np.argsort(-last, kind="stable")[:10]
+    pixels = prepared.pixels.astype(np.float64)
+    meta = dict(
+        prompt=prepared.prompt,
+        input_ids=[int(i) for i in prepared.input_ids],
+        image_spans=spans(prepared.image_mask),
+        images_spatial_crop=prepared.spatial_crop,
+        pixel_shape=list(pixels.shape),
+        pixel_sum=float(pixels.sum()),
+        pixel_abs_sum=float(np.abs(pixels).sum()),
+        logit_positions=positions,
+        last_top10=[[int(i), float(last[i])] for i in top],
+        generated_ids=gen.ids,
+        generated_text=loaded.processor.tokenizer.decode(gen.ids),
+    )
+    prefix = str(prefix)
+    Path(prefix).parent.mkdir(parents=True, exist_ok=True)
+    import io
+    buf = io.BytesIO()
+    np.savez_compressed(buf, logits=logits[positions].astype(np.float32), last_logits=last.astype(np.float32))
+    atomic_write_bytes(prefix + ".npz", buf.getvalue())
+    atomic_write_text(prefix + ".json", json.dumps(meta, indent=1, ensure_ascii=False))
+    return meta
+
+
+torch.set_grad_enabled(False)
