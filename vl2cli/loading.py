@@ -36,6 +36,13 @@ def checkpoint_to_model_name(name: str) -> str | None:
     return name
 
 
+def model_to_checkpoint_name(name: str) -> str:
+    """Inverse of checkpoint_to_model_name, for writing checkpoints in the official layout."""
+    if name.startswith("language.") and not name.startswith("language.lm_head."):
+        return "language.model." + name[len("language."):]
+    return name
+
+
 def resolve_model(spec: str, revision: str | None = None, offline: bool | None = None) -> Path:
     """A local folder as is; an alias (tiny/small/base) or hub id through huggingface_hub's cache."""
     path = Path(spec).expanduser()
@@ -141,13 +148,8 @@ def load_weights(model: DeepseekVL2, folder: Path, device: torch.device, dtype: 
     missing = sorted(set(expected) - loaded)
     if missing:
         more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
-        raise CheckpointError(f"{folder}: checkpoint lacks tensor {_ck_name(missing[0])}{more}")
+        raise CheckpointError(f"{folder}: checkpoint lacks tensor {model_to_checkpoint_name(missing[0])}{more}")
     return LoadReport(len(loaded), skipped, len(quantized_modules), "")
-
-
-def _ck_name(name: str) -> str:
-    return "language.model." + name[len("language."):] if name.startswith("language.") and \
-        not name.startswith("language.lm_head") else name
 
 
 @dataclass
@@ -214,12 +216,14 @@ def random_model(cfg: VL2Config, device: str = "cpu", dtype: torch.dtype = torch
     """A model of this config with random weights (benchmarks and tests: same speed and memory as real weights)."""
     dev = torch.device(device)
     model, swapped = build_model(cfg, dev, dtype, quant)
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator(device=dev).manual_seed(seed)
     for name, p in list(model.named_parameters()):
-        std = 0.02 if p.dim() > 1 else 0.0
-        t = torch.randn(p.shape, generator=gen) * std if std else torch.ones(p.shape)
-        if name.endswith(("bias", "e_score_correction_bias")):
-            t = torch.zeros(p.shape)
+        if name.endswith(".bias"):
+            t = torch.zeros(p.shape, device=dev)
+        elif p.dim() == 1 and "norm" in name:
+            t = torch.ones(p.shape, device=dev)
+        else:
+            t = torch.randn(p.shape, generator=gen, device=dev) * 0.02
         module_name = name.rpartition(".")[0]
         if module_name in swapped and name.endswith(".weight"):
             value = quantized_weight(model.get_submodule(module_name), t.to(dtype), dev)

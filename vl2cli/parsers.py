@@ -1,0 +1,240 @@
+"""Parsers of model answers: tables (markdown, HTML, LaTeX), grounding boxes, and repetition loops.
+
+They accept any string and never raise: a model's output is data, never code (no eval).
+"""
+
+from __future__ import annotations
+
+import html
+import math
+import re
+from html.parser import HTMLParser
+
+Table = dict  # {"columns": [str], "rows": [[str]]}
+
+_SEPARATOR_CELL = re.compile(r"^\s*:?-{1,}:?\s*$")
+
+
+def _split_pipe_row(line: str) -> list[str]:
+    line = line.strip()
+    if line.startswith("|"):
+        line = line[1:]
+    if line.endswith("|") and not line.endswith("\\|"):
+        line = line[:-1]
+    cells = re.split(r"(?<!\\)\|", line)
+    return [c.strip().replace("\\|", "|") for c in cells]
+
+
+def _shape(columns: list[str], rows: list[list[str]]) -> Table:
+    width = max([len(columns)] + [len(r) for r in rows]) if (columns or rows) else 0
+    columns = columns + [""] * (width - len(columns))
+    rows = [r + [""] * (width - len(r)) for r in rows]
+    return {"columns": columns, "rows": rows}
+
+
+def parse_markdown_tables(text: str) -> list[Table]:
+    tables, block = [], []
+    for line in text.splitlines() + [""]:
+        if line.count("|") >= 1 and line.strip().startswith("|") or line.count("|") >= 2:
+            block.append(line)
+            continue
+        if block:
+            rows = [_split_pipe_row(b) for b in block]
+            body = [r for r in rows if not all(_SEPARATOR_CELL.match(c) for c in r if c) or not any(r)]
+            has_sep = len(rows) > 1 and all(_SEPARATOR_CELL.match(c) for c in rows[1] if c) and any(rows[1])
+            if has_sep:
+                tables.append(_shape(rows[0], [r for r in rows[2:] if any(c for c in r)]))
+            elif len(body) >= 2:
+                tables.append(_shape(body[0], body[1:]))
+            block = []
+    return tables
+
+
+class _HtmlTables(HTMLParser):
+    def __init__(self):
+        super().__init__(convert_charrefs=True)
+        self.tables: list[dict] = []
+        self.stack: list[dict] = []  # nested tables: inner ones become their own tables
+        self.cell: list[str] | None = None
+
+    def handle_starttag(self, tag, attrs):
+        if tag == "table":
+            self.stack.append({"rows": [], "row": None, "head_rows": 0})
+        elif not self.stack:
+            return
+        elif tag == "tr":
+            self.stack[-1]["row"] = []
+        elif tag in ("td", "th"):
+            if self.stack[-1]["row"] is None:
+                self.stack[-1]["row"] = []
+            self.cell = []
+            self.stack[-1]["is_head"] = tag == "th"
+            span = dict(attrs).get("colspan") or "1"
+            self.stack[-1]["span"] = int(span) if span.isdigit() and 0 < int(span) <= 100 else 1
+
+    def handle_endtag(self, tag):
+        if not self.stack:
+            return
+        t = self.stack[-1]
+        if tag in ("td", "th") and self.cell is not None and t["row"] is not None:
+            text = " ".join("".join(self.cell).split())
+            t["row"].extend([text] + [""] * (t.get("span", 1) - 1))
+            self.cell = None
+        elif tag == "tr" and t["row"] is not None:
+            if t["row"]:
+                t["rows"].append((t["row"], t.get("is_head", False)))
+            t["row"] = None
+        elif tag == "table":
+            self._close()
+
+    def _close(self):
+        t = self.stack.pop()
+        if t["row"]:
+            t["rows"].append((t["row"], False))
+        rows = t["rows"]
+        if rows:
+            self.tables.append(_shape(rows[0][0], [r for r, _ in rows[1:]]))
+
+    def handle_data(self, data):
+        if self.cell is not None:
+            self.cell.append(data)
+
+    def finish(self) -> list[Table]:
+        while self.stack:
+            self._close()
+        return self.tables
+
+
+def parse_html_tables(text: str) -> list[Table]:
+    if "<table" not in text.lower():
+        return []
+    parser = _HtmlTables()
+    try:
+        parser.feed(text)
+        parser.close()
+    except Exception:  # HTMLParser is lenient; stay safe on anything it still rejects
+        pass
+    return parser.finish()
+
+
+def parse_latex_tables(text: str) -> list[Table]:
+    tables = []
+    for body in re.findall(r"\\begin\{tabular\}(?:\{[^}]*\})?(.*?)(?:\\end\{tabular\}|$)", text, flags=re.S):
+        body = re.sub(r"\\(hline|toprule|midrule|bottomrule|cline\{[^}]*\})", "", body)
+        rows = [[html.unescape(c).strip() for c in re.split(r"(?<!\\)&", r)] for r in re.split(r"\\\\", body)]
+        rows = [[re.sub(r"\\textbf\{(.*?)\}", r"\1", c) for c in r] for r in rows if any(c.strip() for c in r)]
+        if rows:
+            tables.append(_shape(rows[0], rows[1:]))
+    return tables
+
+
+def parse_tables(text: str) -> list[Table]:
+    """Every table in an answer, whatever form the model wrote it in (HTML, LaTeX, then markdown)."""
+    if not isinstance(text, str):
+        return []
+    return parse_html_tables(text) or parse_latex_tables(text) or parse_markdown_tables(text)
+
+
+def table_to_csv(table: Table) -> str:
+    import csv
+    import io
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(table["columns"])
+    writer.writerows(table["rows"])
+    return buf.getvalue()
+
+
+def table_to_markdown(table: Table) -> str:
+    def row(cells):
+        return "| " + " | ".join(c.replace("|", "\\|").replace("\n", " ") for c in cells) + " |"
+    cols = table["columns"] or [""]
+    lines = [row(cols), "| " + " | ".join("---" for _ in cols) + " |"]
+    lines += [row(r) for r in table["rows"]]
+    return "\n".join(lines)
+
+
+def table_to_html(table: Table) -> str:
+    def cells(tag, values):
+        return "".join(f"<{tag}>{html.escape(v)}</{tag}>" for v in values)
+    body = "".join(f"<tr>{cells('td', r)}</tr>" for r in table["rows"])
+    return f"<table><thead><tr>{cells('th', table['columns'])}</tr></thead><tbody>{body}</tbody></table>"
+
+
+# ----------------------------------------------------------------------------- grounding
+
+_REF_DET = re.compile(r"<\|ref\|>(.*?)<\|/ref\|>\s*<\|det\|>(.*?)(?:<\|/det\|>|$)", re.S)
+_DET_ONLY = re.compile(r"<\|det\|>(.*?)(?:<\|/det\|>|$)", re.S)
+_NUMBER = r"[-+]?\d+(?:\.\d+)?"
+_BOX = re.compile(rf"\[\s*({_NUMBER})\s*,\s*({_NUMBER})\s*,\s*({_NUMBER})\s*,\s*({_NUMBER})\s*\]")
+
+
+def _boxes(det: str) -> list[list[float]]:
+    out = []
+    for match in _BOX.finditer(det):
+        values = [float(v) for v in match.groups()]
+        if not all(math.isfinite(v) for v in values):
+            continue
+        x1, y1, x2, y2 = (min(max(v, 0.0), 999.0) for v in values)
+        x1, x2 = sorted((x1, x2))
+        y1, y2 = sorted((y1, y2))
+        out.append([x1, y1, x2, y2])
+    return out
+
+
+def scale_box(box: list[float], width: int, height: int) -> list[int]:
+    """0-999 normalised -> pixels of the original image (the official x / 999 * width), inside the image."""
+    x1, y1, x2, y2 = box
+    sx, sy = max(width, 1), max(height, 1)
+    px = [int(x1 / 999 * sx), int(y1 / 999 * sy), int(x2 / 999 * sx), int(y2 / 999 * sy)]
+    return [min(max(px[0], 0), sx), min(max(px[1], 0), sy), min(max(px[2], 0), sx), min(max(px[3], 0), sy)]
+
+
+def parse_grounding(text: str, width: int, height: int, default_label: str = "") -> list[dict]:
+    """Objects with boxes from `<|ref|>label<|/ref|><|det|>[[x1,y1,x2,y2],...]<|/det|>` answers."""
+    if not isinstance(text, str):
+        return []
+    objects = []
+    consumed = []
+    for match in _REF_DET.finditer(text):
+        label = match.group(1).strip()
+        consumed.append(match.span())
+        for box in _boxes(match.group(2)):
+            objects.append({"label": label, "box_norm": box, "box": scale_box(box, width, height)})
+    for match in _DET_ONLY.finditer(text):  # a det without its ref: label it with the query
+        if any(a <= match.start() < b for a, b in consumed):
+            continue
+        for box in _boxes(match.group(1)):
+            objects.append({"label": default_label, "box_norm": box, "box": scale_box(box, width, height)})
+    return objects
+
+
+def strip_grounding_tags(text: str) -> str:
+    """Readable caption: refs keep their words, boxes go."""
+    text = re.sub(r"<\|det\|>.*?(<\|/det\|>|$)", "", text, flags=re.S)
+    return re.sub(r"<\|/?(ref|grounding)\|>", "", text).strip()
+
+
+# ----------------------------------------------------------------------------- runaway generation
+
+def find_loop(ids: list[int], min_total: int = 48, max_period: int = 64, min_repeats: int = 4) -> int | None:
+    """The period of a span repeated at the end of `ids` (covering >= min_total tokens), else None."""
+    n = len(ids)
+    for period in range(1, max_period + 1):
+        repeats = max(min_repeats, math.ceil(min_total / period))
+        span = period * repeats
+        if span > n:
+            break
+        tail = ids[n - span:]
+        if all(tail[i] == tail[i % period] for i in range(span)):
+            return period
+    return None
+
+
+def trim_loop(ids: list[int], period: int) -> list[int]:
+    """Cut the repeated tail down to one copy of the repeated span."""
+    n = len(ids)
+    end = n
+    while end - period >= period and ids[end - 2 * period:end - period] == ids[end - period:end]:
+        end -= period
+    return ids[:end]
