@@ -35,6 +35,30 @@ def _bnb():
     return bnb
 
 
+_LINEAR4 = None
+
+
+def _linear4bit_class():
+    """Linear4bit whose CPU forward dequantizes and runs a plain matmul.
+
+    bitsandbytes' CPU single-row (gemv) path mis-shapes small layers; on CUDA its kernels are used as is.
+    """
+    global _LINEAR4
+    if _LINEAR4 is None:
+        bnb = _bnb()
+        import bitsandbytes.functional as bnbf
+
+        class Linear4bit(bnb.nn.Linear4bit):
+            def forward(self, x: torch.Tensor) -> torch.Tensor:
+                if x.device.type != "cpu":
+                    return super().forward(x)
+                w = bnbf.dequantize_4bit(self.weight.data, self.weight.quant_state).to(x.dtype)
+                return torch.nn.functional.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
+
+        _LINEAR4 = Linear4bit
+    return _LINEAR4
+
+
 def is_quantizable(name: str) -> bool:
     """Module names (model namespace) whose Linear gets quantized."""
     return name.startswith("language.layers.") and not name.endswith("kv_b_proj")
@@ -51,7 +75,7 @@ def swap_linear_layers(model: nn.Module, mode: str, compute_dtype: torch.dtype) 
             continue
         bias = module.bias is not None
         if mode == "nf4":
-            new = bnb.nn.Linear4bit(module.in_features, module.out_features, bias=bias, compute_dtype=compute_dtype,
+            new = _linear4bit_class()(module.in_features, module.out_features, bias=bias, compute_dtype=compute_dtype,
                                     quant_type="nf4", compress_statistics=True, device="meta")
         else:
             new = bnb.nn.Linear8bitLt(module.in_features, module.out_features, bias=bias,
@@ -75,35 +99,39 @@ def is_quantized_module(module: nn.Module) -> bool:
 
 
 def linear_bytes(model: nn.Module) -> dict[str, int]:
-    """Bytes held by quantizable linear layers (weights, scales, bias) and by the whole model."""
+    """Bytes held by quantizable linear layers (weights, scales, bias) and by the whole model.
+
+    bitsandbytes keeps a copy of the same constant lookup table in every layer's quant state;
+    each distinct table is counted once, as a shared constant.
+    """
     quant, total = 0, 0
-    seen = set()
+    tables: set = set()
     for name, module in model.named_modules():
-        for pname, p in module.named_parameters(recurse=False):
-            if id(p) in seen:
-                continue
-            seen.add(id(p))
+        for p in module.parameters(recurse=False):
             size = p.numel() * p.element_size()
             state = getattr(p, "quant_state", None)
             if state is not None:
-                size += _state_bytes(state)
-            elif hasattr(module, "state") and getattr(module.state, "SCB", None) is not None and pname == "weight":
-                size += module.state.SCB.numel() * module.state.SCB.element_size()
-            elif getattr(p, "SCB", None) is not None:
-                size += p.SCB.numel() * p.SCB.element_size()
+                size += _state_bytes(state, tables)
+            scb = getattr(p, "SCB", None)
+            if scb is not None:
+                size += scb.numel() * scb.element_size()
             total += size
             if (isinstance(module, nn.Linear) or is_quantized_module(module)) and is_quantizable(name):
                 quant += size
     return {"quantizable_linear_bytes": quant, "model_bytes": total}
 
 
-def _state_bytes(state) -> int:
+def _state_bytes(state, tables: set) -> int:
     size = state.absmax.numel() * state.absmax.element_size()
-    if getattr(state, "code", None) is not None:
-        size += state.code.numel() * state.code.element_size()
+    code = getattr(state, "code", None)
+    if code is not None:
+        key = (code.numel(), round(float(code.float().sum()), 6))
+        if key not in tables:
+            tables.add(key)
+            size += code.numel() * code.element_size()
     nested = getattr(state, "state2", None)
     if nested is not None:
-        size += _state_bytes(nested)
+        size += _state_bytes(nested, tables)
         if getattr(state, "offset", None) is not None:
             size += state.offset.numel() * state.offset.element_size()
     return size
