@@ -13,7 +13,6 @@ import os
 import queue
 import re
 import signal
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -188,6 +187,8 @@ def run_batch(reader: Reader, task: Task, sources: list[str], read_opts: ReadOpt
     opts.out.mkdir(parents=True, exist_ok=True)
     if not os.access(opts.out, os.W_OK):
         raise OutputError(f"{opts.out}: output folder is not writable")
+    for stale in opts.out.rglob(".*.part"):  # temp files of a run killed mid-write
+        stale.unlink(missing_ok=True)
     index = Index(opts.out)
     summary = BatchSummary(files=len(sources))
     root = input_root(sources)
@@ -280,11 +281,3 @@ def _write_jsonl(out: Path, index: Index) -> None:
                 if rel.endswith(".json") and (out / rel).exists():
                     lines.append(json.dumps(json.loads((out / rel).read_text("utf-8")), ensure_ascii=False))
     atomic_write_text(out / "results.jsonl", "\n".join(lines) + ("\n" if lines else ""))
-
-
-def describe_failure(exc: BaseException) -> str:
-    return str(exc) if isinstance(exc, (InputError, OutputError)) else f"{type(exc).__name__}: {exc}"
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit("use `vl2 batch`")

@@ -1,0 +1,108 @@
+"""End to end through the CLI with the tiny parity checkpoint."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from tests.conftest import CKPT, PARITY
+from vl2cli.cli import app
+
+TINY = str(CKPT / "tiny")
+IMG = str(PARITY / "images" / "note_300x200.png")
+runner = CliRunner()
+
+
+def run(*args):
+    return runner.invoke(app, [*args, "--model", TINY, "--max-new-tokens", "12"])
+
+
+@pytest.mark.parametrize("fmt", ["markdown", "text", "json", "jsonl"])
+def test_ocr_formats(fmt):
+    result = run("ocr", IMG, "--format", fmt, "--split", "never")
+    assert result.exit_code == 0, result.output
+    if fmt in ("json", "jsonl"):
+        record = json.loads(result.stdout)
+        assert record["page"] == 1 and record["task"] == "ocr" and record["generated_tokens"] == 12
+
+
+@pytest.mark.parametrize("fmt", ["json", "csv", "markdown", "html"])
+def test_table_formats(fmt):
+    result = run("table", IMG, "--format", fmt)
+    assert result.exit_code == 0, result.output
+
+
+def test_chart_and_ask_and_caption():
+    assert run("chart", IMG, "--json").exit_code == 0
+    result = run("ask", IMG, IMG, "What differs?", "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["question"] == "What differs?"
+    assert run("caption", IMG).exit_code == 0
+
+
+def test_ground_writes_boxes_json_and_png(tmp_path):
+    result = run("ground", IMG, "the total", "--out", str(tmp_path / "g"), "--format", "json")
+    assert result.exit_code == 0, result.output
+    record = json.loads((tmp_path / "g" / "note_300x200.png.p0001.json").read_text())
+    assert record["task"] == "ground" and "objects" in record
+
+
+def test_ground_requires_a_query():
+    result = run("ground", IMG)
+    assert result.exit_code == 2 and "query" in result.output
+
+
+def test_split_forced_records_bands(tmp_path):
+    result = run("ocr", IMG, "--split", "3", "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)[0]["split"]["bands"] == 3
+
+
+def test_budget_hit_triggers_auto_split():
+    result = run("ocr", IMG, "--json")  # 12 tokens never reach the end token on random weights
+    assert json.loads(result.stdout)[0]["split"] == {"bands": 3, "reason": "budget"}
+
+
+def test_models_lists_variants():
+    result = runner.invoke(app, ["models", "--json"])
+    assert result.exit_code == 0
+    rows = json.loads(result.stdout)
+    assert [r["name"] for r in rows] == ["tiny", "small", "base"]
+    assert rows[2]["vram_nf4_gib"] < 20 < rows[2]["vram_bf16_gib"]
+
+
+def test_offline_missing_model_says_what_to_do(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    result = runner.invoke(app, ["ocr", IMG, "--model", "small", "--offline"])
+    assert result.exit_code == 1
+    assert "--model /path/to/checkpoint" in result.output
+
+
+def test_batch_resume_and_names_never_collide(tmp_path):
+    src = tmp_path / "in"
+    for sub in ("a", "b"):
+        (src / sub).mkdir(parents=True)
+        Image.open(IMG).save(src / sub / "x.png")
+    out = tmp_path / "out"
+    first = runner.invoke(app, ["batch", str(src), "--out", str(out), "--model", TINY, "--max-new-tokens", "4",
+                                "--json"])
+    assert first.exit_code == 0, first.output
+    assert (out / "a" / "x.png.p0001.md").exists() and (out / "b" / "x.png.p0001.md").exists()
+    again = runner.invoke(app, ["batch", str(src), "--out", str(out), "--model", TINY, "--max-new-tokens", "4",
+                                "--json"])
+    summary = json.loads(again.stdout)
+    assert summary["pages_done"] == 0 and summary["pages_skipped"] == 2
+    lines = (out / "index.jsonl").read_text().splitlines()
+    assert len(lines) == 2
+
+
+def test_text_layer_only_reads_pdf_text(tmp_path):
+    from tests.pdfs import text_pdf
+    pdf = tmp_path / "t.pdf"
+    pdf.write_bytes(text_pdf("Invoice 42 total 17.50"))
+    result = run("ocr", str(pdf), "--text-layer", "only", "--json")
+    assert result.exit_code == 0, result.output
+    assert "Invoice 42" in json.loads(result.stdout)[0]["answer"]
