@@ -54,3 +54,10 @@ def loaded_tiny(tiny_ckpt):
 def page_image():
     from PIL import Image
     return Image.open(PARITY / "images" / "page_1000x700.png").convert("RGB")
+
+
+def pytest_terminal_summary(terminalreporter):
+    from tests import test_reliability
+    stats = test_reliability.CORPUS_STATS
+    if stats["files tried"]:
+        terminalreporter.write_line("hostile-input corpus: " + ", ".join(f"{k} {v}" for k, v in stats.items()))

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from vl2cli.api import ReadOptions, Reader
 from vl2cli.errors import InputError, OutputError, Vl2Error
-from vl2cli.pages import DEFAULT_DPI, DEFAULT_MAX_PIXELS, Page, iter_pages
+from vl2cli.pages import DEFAULT_DPI, DEFAULT_MAX_PIXELS, Page, display_path, iter_pages
 from vl2cli.tasks import Task, annotate
 from vl2cli.writers import atomic_write_bytes, atomic_write_text
 
@@ -219,9 +219,9 @@ def run_batch(reader: Reader, task: Task, sources: list[str], read_opts: ReadOpt
                 pending.append((a, b))
             elif kind == "error":
                 summary.files_failed += 1
-                summary.failures.append((a, b))
+                summary.failures.append((display_path(a), b))
                 log(f"vl2: {b}")
-                index.add({"key": output_key(a, root), "source": a, "status": "failed", "error": b})
+                index.add({"key": output_key(a, root), "source": display_path(a), "status": "failed", "error": b})
             elif kind == "end":
                 finished = True
             if pending and (len(pending) >= read_opts.batch_size or finished or q.empty() and kind == "file"):

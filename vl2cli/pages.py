@@ -103,10 +103,12 @@ def iter_image_pages(where: str, data: io.BytesIO | Path, ranges=None,
         try:
             img = Image.open(data)
             img.size  # noqa: B018 - header read
-        except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+            raise InputError(f"{where}: image dimensions are huge (a possible decompression bomb); refused") from None
+        except UnidentifiedImageError as exc:
             raise InputError(f"{where}: not a readable image ({_short(exc)})") from None
         except OSError as exc:
-            raise InputError(f"{where}: cannot read ({_short(exc)})") from None
+            raise InputError(f"{where}: image data is damaged ({_short(exc)})") from None
         frames = getattr(img, "n_frames", 1) if img.format == "TIFF" else 1  # GIF/WebP: first frame only
         for index in range(frames):
             number = index + 1
@@ -165,6 +167,11 @@ def iter_pdf_pages(where: str, data: bytes | Path, ranges=None, dpi: int = DEFAU
         pdf.close()
 
 
+def display_path(path: str) -> str:
+    """A file name safe to print and to store as JSON (undecodable bytes become U+FFFD)."""
+    return path.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
 def _short(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     return text[:160]
@@ -182,6 +189,7 @@ def iter_pages(source: str, *, pages: str | None = None, dpi: int = DEFAULT_DPI,
                max_pixels: int = DEFAULT_MAX_PIXELS, text_layer: bool = False, skip=None) -> Iterator[Page]:
     """Pages of one file ('-' reads stdin). The kind is sniffed from content, not trusted from the name."""
     ranges = parse_page_ranges(pages)
+    where = display_path(source)
     if source == "-":
         data = sys.stdin.buffer.read()
         kind = sniff_kind("<stdin>", data[:1024])
@@ -195,16 +203,16 @@ def iter_pages(source: str, *, pages: str | None = None, dpi: int = DEFAULT_DPI,
         with open(path, "rb") as f:
             head = f.read(1024)
     except FileNotFoundError:
-        raise InputError(f"{source}: no such file") from None
+        raise InputError(f"{where}: no such file") from None
     except IsADirectoryError:
-        raise InputError(f"{source}: is a folder (use vl2 batch, or pass the files)") from None
+        raise InputError(f"{where}: is a folder (use vl2 batch, or pass the files)") from None
     except OSError as exc:
-        raise InputError(f"{source}: cannot read ({exc.strerror or exc})") from None
-    kind = sniff_kind(source, head)
+        raise InputError(f"{where}: cannot read ({exc.strerror or exc})") from None
+    kind = sniff_kind(where, head)
     if kind == "pdf":
-        yield from iter_pdf_pages(source, path, ranges, dpi, password, max_pixels, text_layer, skip)
+        yield from iter_pdf_pages(where, path, ranges, dpi, password, max_pixels, text_layer, skip)
     else:
-        yield from iter_image_pages(source, path, ranges, max_pixels, skip)
+        yield from iter_image_pages(where, path, ranges, max_pixels, skip)
 
 
 def expand_inputs(inputs: list[str], glob: str | None = None) -> list[str]:

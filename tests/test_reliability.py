@@ -1,0 +1,249 @@
+"""Hostile and broken inputs, interruption by real signals, runaway generation and out-of-memory."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import struct
+import subprocess
+import sys
+import time
+import zlib
+from pathlib import Path
+
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from tests.conftest import CKPT, PARITY
+from tests.pdfs import text_pdf
+from vl2cli.cli import app
+from vl2cli.pages import display_path
+
+TINY = str(CKPT / "tiny")
+CORPUS_STATS = {"files tried": 0, "handled cleanly": 0, "outputs lost": 0}
+
+
+def _png_with_size(path: Path, w: int, h: int) -> None:
+    """A PNG whose header claims w x h (a decompression bomb when large)."""
+    Image.new("L", (8, 8)).save(path)
+    data = bytearray(path.read_bytes())
+    ihdr = data[16:29]
+    ihdr[0:8] = struct.pack(">II", w, h)
+    data[16:29] = ihdr
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])) & 0xFFFFFFFF)
+    path.write_bytes(bytes(data))
+
+
+def make_corpus(folder: Path) -> dict[str, str]:
+    """name -> 'ok' or the words the error line must contain."""
+    folder.mkdir(parents=True, exist_ok=True)
+    good = Image.open(PARITY / "images" / "note_300x200.png")
+    cases = {}
+    (folder / "empty.pdf").write_bytes(b"")
+    cases["empty.pdf"] = "empty"
+    full = text_pdf("hello", pages=2)
+    (folder / "truncated.pdf").write_bytes(full[: len(full) // 3])
+    cases["truncated.pdf"] = "PDF"
+    (folder / "random.pdf").write_bytes(os.urandom(3000))
+    cases["random.pdf"] = "not a readable image"
+    (folder / "random.png").write_bytes(os.urandom(3000))
+    cases["random.png"] = "not a readable image"
+    (folder / "random.jpg").write_bytes(b"\xff\xd8\xff" + os.urandom(500))
+    cases["random.jpg"] = "image"
+    (folder / "text.png").write_text("this is just text\n" * 10)
+    cases["text.png"] = "not a readable image"
+    Image.new("RGB", (1, 1)).save(folder / "one.png")
+    cases["one.png"] = "too small"
+    _png_with_size(folder / "bomb.png", 30000, 30000)
+    cases["bomb.png"] = "decompression bomb"
+    Image.new("I;16", (64, 48), 40000).save(folder / "deep16.png")
+    cases["deep16.png"] = "ok"
+    good.convert("CMYK").save(folder / "cmyk.jpg")
+    cases["cmyk.jpg"] = "ok"
+    good.convert("P").save(folder / "palette.png")
+    cases["palette.png"] = "ok"
+    good.convert("RGBA").save(folder / "alpha.png")
+    cases["alpha.png"] = "ok"
+    frames = [good.convert("P"), good.rotate(90).convert("P")]
+    frames[0].save(folder / "anim.gif", save_all=True, append_images=frames[1:])
+    cases["anim.gif"] = "ok"
+    frames[0].convert("RGB").save(folder / "anim.webp", save_all=True, append_images=[frames[1].convert("RGB")])
+    cases["anim.webp"] = "ok"
+    (folder / "good.pdf").write_bytes(text_pdf("fine", pages=2))
+    cases["good.pdf"] = "ok"
+    long_name = "l" * 200 + ".png"
+    good.save(folder / long_name)
+    cases[long_name] = "ok"
+    odd = os.fsdecode(b"caf\xe9-latin1.png")
+    good.save(folder / odd)
+    cases[odd] = "ok"
+    return cases
+
+
+def test_bad_inputs_never_crash_the_batch(tmp_path):
+    cases = make_corpus(tmp_path / "in")
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, ["batch", str(tmp_path / "in"), "--out", str(out), "--model", TINY,
+                                      "--max-new-tokens", "3", "--split", "never", "--json"])
+    assert result.exit_code == 1, result.output  # some failed
+    assert "Traceback" not in result.output
+    index = [json.loads(line) for line in (out / "index.jsonl").read_text().splitlines()]
+    by_source = {}
+    for e in index:
+        by_source.setdefault(Path(e["source"]).name, []).append(e)
+    lost = 0
+    for name, expect in cases.items():
+        name = display_path(name)
+        entries = by_source.get(name)
+        assert entries, f"{name} missing from the index"
+        if expect == "ok":
+            assert all(e["status"] == "ok" for e in entries), entries
+            for e in entries:
+                lost += sum(not (out / o).exists() for o in e["outputs"])
+        else:
+            assert entries[0]["status"] == "failed"
+            assert expect.lower() in entries[0]["error"].lower(), (name, entries[0]["error"])
+            assert name in entries[0]["error"] or "stdin" in entries[0]["error"]
+            line = [ln for ln in result.stderr.splitlines() if name[:40] in ln]
+            assert len(line) >= 1
+    assert len(by_source["good.pdf"]) == 2 and len(by_source["anim.gif"]) == 1
+    assert not list(out.rglob("*.part"))
+    CORPUS_STATS["files tried"] += len(cases)
+    CORPUS_STATS["handled cleanly"] += len(cases)
+    CORPUS_STATS["outputs lost"] += lost
+    assert lost == 0
+
+
+def test_encrypted_and_password_errors_are_named(tmp_path):
+    from vl2cli.errors import InputError
+    from vl2cli.pages import iter_pages
+    bad = tmp_path / "x.pdf"
+    bad.write_bytes(b"%PDF-1.4\n" + os.urandom(200))
+    with pytest.raises(InputError, match="x.pdf"):
+        list(iter_pages(str(bad)))
+
+
+def test_output_folder_that_cannot_be_created_fails_cleanly(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    result = CliRunner().invoke(app, ["ocr", str(PARITY / "images" / "note_300x200.png"), "--model", TINY,
+                                      "--out", str(blocker / "sub"), "--max-new-tokens", "2"])
+    assert result.exit_code == 1 and "vl2: error:" in result.output and "Traceback" not in result.output
+
+
+def test_runaway_loop_is_stopped_retried_and_flagged(loaded_tiny, page_image):
+    from vl2cli.api import LOOP_RETRY_TEMPERATURES, ReadOptions, Reader
+    from vl2cli.generation import SamplingParams
+    from vl2cli.pages import Page
+    from vl2cli.tasks import get_task
+    reader = Reader(loaded=loaded_tiny)
+    temps = []
+    original = reader._generate
+
+    def spy(prompts, params):
+        temps.append(params.temperature)
+        return original(prompts, params)
+    reader._generate = spy
+    record = reader.read(get_task("ocr"), [Page("p.png", 1, page_image)],
+                         ReadOptions(SamplingParams(max_new_tokens=400), split="never"))[0]
+    assert record["generated_tokens"] < 120  # stopped early, not at the 400-token budget
+    assert temps[0] == 0.0 and all(t <= 0.7 for t in temps) and temps[1:] == list(LOOP_RETRY_TEMPERATURES)[:len(temps) - 1]
+    if record["finish_reason"] == "loop":
+        assert "repetition_loop" in record["flags"]
+
+
+def test_out_of_memory_halves_batch_then_chunks_then_fails_one_page(loaded_tiny, page_image):
+    from vl2cli.api import OutOfMemory, ReadOptions, Reader
+    from vl2cli.generation import SamplingParams
+    from vl2cli.pages import Page
+    from vl2cli.tasks import get_task
+    reader = Reader(loaded=loaded_tiny)
+    seen = []
+
+    def fault(batch):
+        seen.append((batch, reader.engine.prefill_chunk))
+        if batch > 1:
+            raise OutOfMemory("CUDA out of memory")
+    reader.fault_hook = fault
+    pages = [Page("a.png", i, page_image) for i in range(1, 5)]
+    records = reader.read(get_task("ocr"), pages, ReadOptions(SamplingParams(max_new_tokens=2), split="never",
+                                                               batch_size=4))
+    assert all(r["status"] == "ok" for r in records)
+    assert seen[0] == (4, None) and (1, None) in seen
+
+    def always(batch):
+        raise OutOfMemory("CUDA out of memory")
+    reader.fault_hook = always
+    records = reader.read(get_task("ocr"), pages[:2], ReadOptions(SamplingParams(max_new_tokens=2), split="never"))
+    assert [r["status"] for r in records] == ["failed", "failed"]
+    assert "out of memory" in records[0]["error"]
+
+
+def test_output_names_never_escape_out():
+    from vl2cli.batch import output_key
+    for source in ["../../etc/passwd", "/abs/../x.pdf", "a/../../b.png", "..", "con:\x00.png"]:
+        key = output_key(source, Path("/nonexistent/root"))
+        assert ".." not in key.split("/") and not key.startswith("/")
+
+
+def _batch_cmd(src: Path, out: Path) -> list[str]:
+    return [sys.executable, "-m", "vl2cli.cli", "batch", str(src), "--out", str(out), "--model", TINY,
+            "--max-new-tokens", "40", "--batch-size", "1", "--split", "never", "-q"]
+
+
+def _corpus_of_pages(folder: Path, n: int) -> None:
+    folder.mkdir(parents=True)
+    img = Image.open(PARITY / "images" / "page_1000x700.png")
+    for i in range(n):
+        img.save(folder / f"page{i:03d}.png")
+
+
+def _wait_for_index(out: Path, lines: int, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        index = out / "index.jsonl"
+        if index.exists() and len(index.read_text().splitlines()) >= lines:
+            return
+        time.sleep(0.05)
+    raise AssertionError("the batch made no progress")
+
+
+def _check_resume(src: Path, out: Path, n: int) -> None:
+    rerun = subprocess.run(_batch_cmd(src, out), capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr
+    entries = [json.loads(line) for line in (out / "index.jsonl").read_text().splitlines() if line.strip()]
+    ok = [e["key"] for e in entries if e["status"] == "ok"]
+    assert len(ok) == len(set(ok)) == n  # every page once: nothing redone, nothing duplicated
+    for e in entries:
+        for rel in e["outputs"]:
+            assert (out / rel).read_text().endswith("\n")
+    assert not list(out.rglob("*.part"))
+
+
+@pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_signal_stops_cleanly_and_rerun_resumes(tmp_path, sig, code):
+    src, out, n = tmp_path / "in", tmp_path / "out", 12
+    _corpus_of_pages(src, n)
+    proc = subprocess.Popen(_batch_cmd(src, out), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _wait_for_index(out, 2)
+    proc.send_signal(sig)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == code, stderr
+    assert "Traceback" not in stderr
+    done = [json.loads(line) for line in (out / "index.jsonl").read_text().splitlines()]
+    assert 2 <= len(done) < n
+    for e in done:
+        assert all((out / rel).exists() for rel in e["outputs"])
+    _check_resume(src, out, n)
+
+
+def test_kill_9_mid_run_loses_nothing_finished(tmp_path):
+    src, out, n = tmp_path / "in", tmp_path / "out", 12
+    _corpus_of_pages(src, n)
+    proc = subprocess.Popen(_batch_cmd(src, out), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    _wait_for_index(out, 3)
+    proc.kill()
+    proc.wait(timeout=60)
+    _check_resume(src, out, n)
