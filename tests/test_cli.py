@@ -100,7 +100,7 @@ def test_batch_resume_and_names_never_collide(tmp_path):
 
 
 def test_text_layer_only_reads_pdf_text(tmp_path):
-    from tests.pdfs import text_pdf
+    from vl2cli.pdfwrite import text_pdf
     pdf = tmp_path / "t.pdf"
     pdf.write_bytes(text_pdf("Invoice 42 total 17.50"))
     result = run("ocr", str(pdf), "--text-layer", "only", "--json")

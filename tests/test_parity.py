@@ -9,8 +9,8 @@ import sys
 import pytest
 from typer.testing import CliRunner
 
-from vl2cli.cli import app
 from tests.conftest import PARITY
+from vl2cli.cli import app
 
 CASES = sorted(p for p in PARITY.iterdir() if (p / "case.json").exists())
 

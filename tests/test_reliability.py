@@ -17,9 +17,9 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from tests.conftest import CKPT, PARITY
-from tests.pdfs import text_pdf
 from vl2cli.cli import app
 from vl2cli.pages import display_path
+from vl2cli.pdfwrite import text_pdf
 
 TINY = str(CKPT / "tiny")
 CORPUS_STATS = {"files tried": 0, "handled cleanly": 0, "outputs lost": 0}
@@ -134,7 +134,7 @@ def test_output_folder_that_cannot_be_created_fails_cleanly(tmp_path):
 
 
 def test_runaway_loop_is_stopped_retried_and_flagged(loaded_tiny, page_image):
-    from vl2cli.api import LOOP_RETRY_TEMPERATURES, ReadOptions, Reader
+    from vl2cli.api import LOOP_RETRY_TEMPERATURES, Reader, ReadOptions
     from vl2cli.generation import SamplingParams
     from vl2cli.pages import Page
     from vl2cli.tasks import get_task
@@ -155,7 +155,7 @@ def test_runaway_loop_is_stopped_retried_and_flagged(loaded_tiny, page_image):
 
 
 def test_out_of_memory_halves_batch_then_chunks_then_fails_one_page(loaded_tiny, page_image):
-    from vl2cli.api import OutOfMemory, ReadOptions, Reader
+    from vl2cli.api import OutOfMemory, Reader, ReadOptions
     from vl2cli.generation import SamplingParams
     from vl2cli.pages import Page
     from vl2cli.tasks import get_task

@@ -187,7 +187,7 @@ class Reader:
                     records[i] = self._failed(task, pages[i], str(exc))
                 continue
             answers = self._answer(gens, [p for _, p in chunk], opts)
-            for (i, prompt), answer in zip(chunk, answers):
+            for (i, _), answer in zip(chunk, answers):
                 page = pages[i]
                 if (answer["finish_reason"] == "length" and task.splittable and opts.split == "auto"):
                     records[i] = self._read_split(task, page, opts, 3, first=answer)

@@ -19,8 +19,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from vl2cli.api import ReadOptions, Reader
-from vl2cli.errors import InputError, OutputError, Vl2Error
+from vl2cli.api import Reader, ReadOptions
+from vl2cli.errors import OutputError, Vl2Error
 from vl2cli.pages import DEFAULT_DPI, DEFAULT_MAX_PIXELS, Page, display_path, iter_pages
 from vl2cli.tasks import Task, annotate
 from vl2cli.writers import atomic_write_bytes, atomic_write_text
@@ -275,7 +275,7 @@ def _process(reader: Reader, task: Task, pending, read_opts, opts, index: Index,
 
 def _write_jsonl(out: Path, index: Index) -> None:
     lines = []
-    for key, entry in sorted(index.entries.items()):
+    for _, entry in sorted(index.entries.items()):
         if entry.get("status") == "ok":
             for rel in entry.get("outputs", []):
                 if rel.endswith(".json") and (out / rel).exists():

@@ -8,7 +8,7 @@ from torch import nn
 from vl2cli.attention import LatentAttention, MultiHeadAttention, RMSNorm, rope_cos_sin, rope_inv_freq
 from vl2cli.cache import KVCache
 from vl2cli.config import LanguageConfig
-from vl2cli.moe import MoE, DenseMlp
+from vl2cli.moe import DenseMlp, MoE
 
 
 class DecoderLayer(nn.Module):

@@ -1,4 +1,4 @@
-"""Minimal hand-written PDFs for tests (a text page with a real text layer)."""
+"""Minimal hand-written PDFs with a real text layer (samples, tests and the pages benchmark)."""
 
 from __future__ import annotations
 

@@ -1,0 +1,151 @@
+"""Benchmarks (each yields one JSON object). Ratios are measured inside one run: machines are noisy.
+
+Real-size shapes come from the variant presets with random weights; --smoke shrinks them to seconds.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+
+import torch
+
+from vl2cli.cache import KVCache
+from vl2cli.config import preset_config
+from vl2cli.loading import random_model
+
+
+def _decode_step_seconds(model, batch: int, context: int, steps: int) -> float:
+    cfg = model.cfg.language
+    cache = KVCache(cfg, batch, context + steps + 1, model.device, model.dtype)
+    cache.key_valid[:, :context] = True
+    cache.length = context
+    tokens = torch.zeros(batch, 1, dtype=torch.long)
+    valid = torch.ones(batch, 1, dtype=torch.bool)
+    with torch.inference_mode():
+        model.language.logits(model.language(model.language.embed_tokens(tokens), cache, valid))  # warm-up
+        start = time.perf_counter()
+        for _ in range(steps):
+            model.language.logits(model.language(model.language.embed_tokens(tokens), cache, valid)[:, -1])
+    return (time.perf_counter() - start) / steps
+
+
+def _tiny_width(layers: int, **over):
+    return preset_config("tiny", num_hidden_layers=layers, vocab_size=4096, **over)
+
+
+def bench_moe(smoke: bool) -> dict:
+    layers, steps = (2, 5) if smoke else (4, 30)
+    out = {}
+    for experts in (8, 64):
+        model = random_model(_tiny_width(layers, n_routed_experts=experts))
+        out[experts] = _decode_step_seconds(model, 1, 64, steps)
+    return {"bench": "moe_dispatch", "decode_s_8_experts": out[8], "decode_s_64_experts": out[64],
+            "ratio_64_vs_8": out[64] / out[8], "target": "<= 1.3"}
+
+
+def bench_kv(smoke: bool) -> dict:
+    layers, steps, long = (2, 5, 1024) if smoke else (4, 20, 4096)
+    model = random_model(_tiny_width(layers))
+    short_s = _decode_step_seconds(model, 1, 256, steps)
+    long_s = _decode_step_seconds(model, 1, long, steps)
+    small = preset_config("small")
+    from vl2cli.memory import kv_bytes_per_token
+    return {"bench": "kv_cache", "decode_s_ctx256": short_s, f"decode_s_ctx{long}": long_s,
+            "ratio": long_s / short_s, "target": "<= 1.5",
+            "mla_cache_bytes_per_token_small_bf16": kv_bytes_per_token(small, 2),
+            "mla_formula": "(kv_lora_rank + qk_rope_head_dim) * layers * 2 = (512+64)*27*2"}
+
+
+def bench_batching(smoke: bool) -> dict:
+    layers, steps = (2, 4) if smoke else (4, 20)
+    model = random_model(_tiny_width(layers))
+    one = _decode_step_seconds(model, 1, 512, steps)
+    eight = _decode_step_seconds(model, 8, 512, steps)
+    return {"bench": "batching", "tokens_per_s_batch1": 1 / one, "tokens_per_s_batch8": 8 / eight,
+            "speedup": one * 8 / eight, "target": ">= 3"}
+
+
+def bench_memory(smoke: bool) -> dict:
+    from vl2cli.memory import count_params, estimate_vram
+    result = {"bench": "memory", "variants": {}}
+    for name in ("tiny", "small", "base"):
+        c = count_params(preset_config(name))
+        result["variants"][name] = {"params": c["total"], "quantizable": c["quantizable"], **estimate_vram(name)}
+    try:
+        import bitsandbytes  # noqa: F401
+
+        from vl2cli.quant import linear_bytes
+        cfg = _tiny_width(1 if smoke else 2, moe_intermediate_size=896)
+        q = linear_bytes(random_model(cfg, quant="nf4"))["quantizable_linear_bytes"]
+        full = linear_bytes(random_model(cfg))["quantizable_linear_bytes"]
+        result["nf4_over_bf16_linear_bytes"] = q / (full / 2)
+        result["target"] = "<= 0.30"
+    except ImportError:
+        result["nf4_over_bf16_linear_bytes"] = None
+    return result
+
+
+def bench_pages(smoke: bool) -> dict:
+    import shutil
+    import subprocess
+    import tempfile
+
+    from vl2cli.pages import iter_pages
+    from vl2cli.pdfwrite import text_pdf
+    from vl2cli.processor import tile_image
+    n = 5 if smoke else 50
+    cfg = preset_config("tiny")
+    with tempfile.TemporaryDirectory() as tmp:
+        pdf = os.path.join(tmp, "doc.pdf")
+        with open(pdf, "wb") as f:
+            f.write(text_pdf("Quarterly report: revenue, costs and margins by region " * 2, pages=n))
+        start = time.perf_counter()
+        for page in iter_pages(pdf, dpi=144):
+            tile_image(page.image, cfg)
+        ours = n / (time.perf_counter() - start)
+        result = {"bench": "pages_in", "pages": n, "vl2_render_tile_pages_per_s": ours}
+        if shutil.which("pdftoppm"):
+            start = time.perf_counter()
+            subprocess.run(["pdftoppm", "-r", "144", "-png", pdf, os.path.join(tmp, "p")], check=True)
+            theirs = n / (time.perf_counter() - start)
+            result.update(pdftoppm_pages_per_s=theirs, ratio=ours / theirs, target=">= 1.0")
+        else:
+            result["pdftoppm_pages_per_s"] = None
+    return result
+
+
+def bench_coldstart(smoke: bool) -> dict:
+    import subprocess
+    import sys
+    code = ("import time; t0=time.perf_counter(); import torch, vl2cli.api; t1=time.perf_counter();"
+            "from vl2cli.loading import load_model; from vl2cli.generation import Engine, SamplingParams;"
+            "import sys; m=load_model(sys.argv[1], device='cpu', dtype='float32', quant='none');"
+            "t2=time.perf_counter(); from PIL import Image; img=Image.new('RGB',(800,1000),'white');"
+            "p=m.processor.prepare_prompt('<image>\\nConvert the document to markdown.',[img]);"
+            "e=Engine(m.model, m.processor.tokenizer.eos_id, m.processor.tokenizer.pad_id);"
+            "e.generate([p], SamplingParams(max_new_tokens=1)); t3=time.perf_counter();"
+            "print(t1-t0, t2-t1, t3-t2)")
+    ckpt = os.environ.get("VL2_BENCH_CKPT", os.path.join(os.path.dirname(__file__), "..", "tests", "data",
+                                                          "parity", "ckpt", "tiny"))
+    start = time.perf_counter()
+    out = subprocess.run([sys.executable, "-c", code, ckpt], capture_output=True, text=True, check=True).stdout
+    total = time.perf_counter() - start
+    imports, load, first = (float(x) for x in out.split())
+    return {"bench": "cold_start", "checkpoint": os.path.abspath(ckpt), "seconds_to_first_token": total,
+            "imports_s": imports, "load_s": load, "prefill_and_first_token_s": first}
+
+
+BENCHES = {"moe": bench_moe, "kv": bench_kv, "batching": bench_batching, "memory": bench_memory,
+           "pages": bench_pages, "coldstart": bench_coldstart}
+
+
+def run(which: str = "all", smoke: bool = False) -> Iterator[dict]:
+    torch.manual_seed(0)
+    names = list(BENCHES) if which == "all" else [which]
+    for name in names:
+        if name not in BENCHES:
+            raise ValueError(f"unknown benchmark {name!r}: expected one of {', '.join(BENCHES)} or all")
+        yield BENCHES[name](smoke)
+
