@@ -91,6 +91,7 @@ def test_batch_resume_and_names_never_collide(tmp_path):
                                 "--json"])
     assert first.exit_code == 0, first.output
     assert (out / "a" / "x.png.p0001.md").exists() and (out / "b" / "x.png.p0001.md").exists()
+    assert "vl2: 2/2 pages" in first.stderr  # plain progress lines when stderr is not a terminal
     again = runner.invoke(app, ["batch", str(src), "--out", str(out), "--model", TINY, "--max-new-tokens", "4",
                                 "--json"])
     summary = json.loads(again.stdout)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from vl2cli.api import Reader, ReadOptions
 from vl2cli.errors import OutputError, Vl2Error
-from vl2cli.pages import DEFAULT_DPI, DEFAULT_MAX_PIXELS, Page, display_path, iter_pages
+from vl2cli.pages import DEFAULT_DPI, DEFAULT_MAX_PIXELS, Page, count_pages, display_path, iter_pages
 from vl2cli.tasks import Task, annotate
 from vl2cli.writers import atomic_write_bytes, atomic_write_text
 
@@ -182,8 +182,11 @@ def _producer(sources: list[str], root: Path | None, index: Index, opts: BatchOp
         q.put(("end", None, None))
 
 
+Progress = Callable[[int, int, int], None]  # (pages finished this run, pages to do this run, tokens generated)
+
+
 def run_batch(reader: Reader, task: Task, sources: list[str], read_opts: ReadOptions, opts: BatchOptions,
-              log: Callable[[str], None], progress: Callable[[int, int, int], None] | None = None) -> BatchSummary:
+              log: Callable[[str], None], progress: Progress | None = None) -> BatchSummary:
     opts.out.mkdir(parents=True, exist_ok=True)
     if not os.access(opts.out, os.W_OK):
         raise OutputError(f"{opts.out}: output folder is not writable")
@@ -194,6 +197,11 @@ def run_batch(reader: Reader, task: Task, sources: list[str], read_opts: ReadOpt
     root = input_root(sources)
     stop = _Stop()
     started = time.perf_counter()
+    total = 0
+    if progress:  # counted before the rendering thread starts: PDFium is never called from two threads at once
+        total = sum(count_pages(s, opts.pages, opts.password) for s in sources)
+        total -= sum(1 for e in index.entries.values() if e.get("status") == "ok")
+        progress(0, max(total, 0), 0)
 
     def on_signal(signum, frame):
         if stop.signal:  # a second Ctrl-C: stop now
@@ -224,11 +232,12 @@ def run_batch(reader: Reader, task: Task, sources: list[str], read_opts: ReadOpt
                 index.add({"key": output_key(a, root), "source": display_path(a), "status": "failed", "error": b})
             elif kind == "end":
                 finished = True
-            if pending and (len(pending) >= read_opts.batch_size or finished or q.empty() and kind == "file"):
+            if pending and (len(pending) >= read_opts.batch_size or finished):
                 _process(reader, task, pending, read_opts, opts, index, summary, log)
                 pending = []
-                if progress:
-                    progress(summary.pages_done, summary.pages_failed, summary.generated_tokens)
+            if progress and (not pending or kind in ("error", "end")):
+                progress(summary.pages_done + summary.pages_failed + summary.files_failed, max(total, 0),
+                         summary.generated_tokens)
             if stop.signal:
                 break
         skipped = sum(1 for k, e in index.entries.items() if e.get("status") == "ok")

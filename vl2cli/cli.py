@@ -92,9 +92,10 @@ def _run_task(task_name: str, inputs: list[str], text: str | None, *, model, qua
         read_opts = ReadOptions(_params(max_new_tokens, temperature), text=text, prompt_file=prompt_file,
                                 split=split, text_layer=text_layer, batch_size=batch_size)
         if out is not None:
-            summary = run_batch(reader, task, sources, read_opts,
-                                BatchOptions(out=out, fmt=fmt, pages=pages, dpi=dpi, password=password,
-                                             max_pixels=max_pixels), log=err)
+            with ProgressReporter(quiet) as progress:
+                summary = run_batch(reader, task, sources, read_opts,
+                                    BatchOptions(out=out, fmt=fmt, pages=pages, dpi=dpi, password=password,
+                                                 max_pixels=max_pixels), log=progress.log, progress=progress)
             _print_summary(summary, quiet, json_out, out)
             raise typer.Exit(summary.exit_code)
         failed = _print_pages(reader, task, sources, read_opts, fmt, json_out, pages, dpi, password, max_pixels,
@@ -107,6 +108,49 @@ def _run_task(task_name: str, inputs: list[str], text: str | None, *, model, qua
         raise typer.Exit(130) from None
     except Exception as exc:
         raise _fail(exc) from None
+
+
+class ProgressReporter:
+    """A Rich progress bar on a terminal; plain stderr lines (every 10 s) when piped or logged."""
+
+    def __init__(self, quiet: bool):
+        import time
+        self.quiet, self.clock = quiet, time.monotonic
+        self.start = self.last = self.clock()
+        self.bar = None
+        if not quiet and sys.stderr.isatty():
+            from rich.console import Console
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+            self.bar = Progress(TextColumn("pages"), BarColumn(), MofNCompleteColumn(),
+                                TextColumn("{task.fields[rate]}"), TimeRemainingColumn(), console=Console(stderr=True))
+            self.task = self.bar.add_task("pages", total=None, rate="")
+
+    def __enter__(self):
+        if self.bar:
+            self.bar.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self.bar:
+            self.bar.stop()
+
+    def log(self, message: str) -> None:
+        if self.bar:
+            self.bar.console.print(message, markup=False, highlight=False)
+        else:
+            err(message)
+
+    def __call__(self, done: int, total: int, tokens: int) -> None:
+        if self.quiet:
+            return
+        elapsed = max(self.clock() - self.start, 1e-9)
+        rate = f"{tokens / elapsed:.1f} tok/s"
+        if self.bar:
+            self.bar.update(self.task, completed=done, total=total or None, rate=rate)
+        elif self.clock() - self.last >= 10 or (total and done >= total):
+            self.last = self.clock()
+            eta = (total - done) * elapsed / done if done and total else 0
+            err(f"vl2: {done}/{total} pages, {rate}, ETA {int(eta // 60)}:{int(eta % 60):02d}")
 
 
 def _check_choice(flag: str, value: str, choices: tuple[str, ...], allow_int: bool = False) -> None:
@@ -308,10 +352,9 @@ def trace(
     _state["verbose"] = verbose
     try:
         from vl2cli.loading import load_model
-        from vl2cli.pages import iter_pages
-        from vl2cli.trace import run_trace
+        from vl2cli.trace import load_reference_image, run_trace
         loaded = load_model(model, device=device, dtype=dtype, quant="none")
-        images = [next(iter_pages(str(p))).image for p in image or []]
+        images = [load_reference_image(p) for p in image or []]
         prepared = loaded.processor.prepare_prompt(prompt, images)
         meta = run_trace(loaded, prepared, max_new_tokens, out, all_positions)
         err(f"prompt tokens {len(meta['input_ids'])}, image spans {meta['image_spans']}, "

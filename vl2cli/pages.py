@@ -215,6 +215,27 @@ def iter_pages(source: str, *, pages: str | None = None, dpi: int = DEFAULT_DPI,
         yield from iter_image_pages(where, path, ranges, max_pixels, skip)
 
 
+def count_pages(source: str, pages: str | None = None, password: str | None = None) -> int:
+    """How many pages a source will yield (for progress totals); 1 for anything unreadable. Never raises."""
+    try:
+        ranges = parse_page_ranges(pages)
+        with open(source, "rb") as f:
+            head = f.read(1024)
+        if head.startswith(b"%PDF") or b"%PDF-" in head:
+            import pypdfium2 as pdfium
+            pdf = pdfium.PdfDocument(source, password=password)
+            try:
+                n = len(pdf)
+            finally:
+                pdf.close()
+        else:
+            with Image.open(source) as img:
+                n = getattr(img, "n_frames", 1) if img.format == "TIFF" else 1
+        return max(1, sum(1 for i in range(1, n + 1) if _wanted(i, ranges)))
+    except Exception:  # the real read reports the problem; a count only needs to be close
+        return 1
+
+
 def expand_inputs(inputs: list[str], glob: str | None = None) -> list[str]:
     """Files as given; folders searched recursively for supported files (or --glob); sorted, deduplicated."""
     out: list[str] = []

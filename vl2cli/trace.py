@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from vl2cli.generation import Engine, SamplingParams
 from vl2cli.loading import LoadedModel
@@ -36,6 +36,18 @@ def sample_positions(n_tokens: int, mask: list[bool], n_image: int = 24, n_text:
     return sorted(set(spread(text, n_text) + spread(image, n_image) + [n_tokens - 1]))
 
 
+def load_reference_image(path: str | Path):
+    """Open an image exactly as the official scripts do (PIL convert('RGB'): no EXIF turn, no alpha flattening)."""
+    from PIL import Image, UnidentifiedImageError
+
+    from vl2cli.errors import InputError
+    try:
+        with Image.open(path) as img:
+            return img.convert("RGB")
+    except (OSError, UnidentifiedImageError) as exc:
+        raise InputError(f"{path}: not a readable image ({exc})") from None
+
+
 def run_trace(loaded: LoadedModel, prepared: Prepared, max_new_tokens: int, prefix: str | Path,
               all_positions: bool = False) -> dict:
     engine = Engine(loaded.model, loaded.processor.tokenizer.eos_id, loaded.processor.tokenizer.pad_id)
@@ -62,12 +74,9 @@ def run_trace(loaded: LoadedModel, prepared: Prepared, max_new_tokens: int, pref
     )
     prefix = str(prefix)
     Path(prefix).parent.mkdir(parents=True, exist_ok=True)
-    import io
     buf = io.BytesIO()
     np.savez_compressed(buf, logits=logits[positions].astype(np.float32), last_logits=last.astype(np.float32))
     atomic_write_bytes(prefix + ".npz", buf.getvalue())
     atomic_write_text(prefix + ".json", json.dumps(meta, indent=1, ensure_ascii=False))
     return meta
 
-
-torch.set_grad_enabled(False)
