@@ -12,3 +12,13 @@ def test_benchmarks_smoke():
     assert results["memory"]["nf4_over_bf16_linear_bytes"] <= 0.30
     assert results["moe_dispatch"]["ratio_64_vs_8"] > 0
     json.dumps(results)
+
+
+def test_gpu_check_dry_runs_on_cpu(tmp_path):
+    from vl2cli.gpucheck import main
+    results = main(["--dry-run", "--out", str(tmp_path), "--variants", "tiny,base"])
+    assert [(r["variant"], r["quant"]) for r in results] == [("tiny", "nf4"), ("base", "nf4"), ("tiny", "none")]
+    assert all("error" not in r and r["decode_tokens_per_s_batch1"] > 0 for r in results), results
+    summary = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert summary["dry_run"] and summary["tiny_nf4_over_bf16_decode"] > 0
+    assert "| base | nf4 |" in (tmp_path / "gpu_check.md").read_text()
