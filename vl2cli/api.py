@@ -174,7 +174,7 @@ class Reader:
                 continue
             hint = page.text_layer if opts.text_layer == "hint" else None
             try:
-                work.append((i, self.prepare(task, [page.image], opts, hint)))
+                work.append((i, self.prepare(task, [page.tiling or page.image], opts, hint)))
             except Exception as exc:  # a prompt that cannot be built fails this page only
                 records[i] = self._failed(task, page, str(exc))
         for begin in range(0, len(work), max(1, opts.batch_size)):

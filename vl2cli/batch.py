@@ -22,6 +22,7 @@ from pathlib import Path
 from vl2cli.api import Reader, ReadOptions
 from vl2cli.errors import OutputError, Vl2Error
 from vl2cli.pages import DEFAULT_DPI, DEFAULT_MAX_PIXELS, Page, count_pages, display_path, iter_pages
+from vl2cli.processor import tile_image
 from vl2cli.tasks import Task, annotate
 from vl2cli.writers import atomic_write_bytes, atomic_write_text
 
@@ -157,7 +158,7 @@ class _Stop:
 
 
 def _producer(sources: list[str], root: Path | None, index: Index, opts: BatchOptions, text_layer: bool,
-              q: queue.Queue, stop: _Stop) -> None:
+              q: queue.Queue, stop: _Stop, cfg) -> None:
     """Runs in the one rendering thread: yields ('page', key, Page) / ('error', source, msg) / ('file', ...)."""
     try:
         for source in sources:
@@ -171,6 +172,7 @@ def _producer(sources: list[str], root: Path | None, index: Index, opts: BatchOp
                                        skip=lambda n, fk=file_key: index.done(page_key(fk, n), opts.out)):
                     if stop.signal:
                         break
+                    page.tiling = tile_image(page.image, cfg)  # tiles are cut here, overlapping model compute
                     q.put(("page", page_key(file_key, page.number), page))
             except Vl2Error as exc:
                 q.put(("error", source, str(exc)))
@@ -216,7 +218,8 @@ def run_batch(reader: Reader, task: Task, sources: list[str], read_opts: ReadOpt
             previous[sig] = signal.signal(sig, on_signal)
     q: queue.Queue = queue.Queue(maxsize=max(2, 2 * read_opts.batch_size))
     thread = threading.Thread(target=_producer, daemon=True,
-                              args=(sources, root, index, opts, read_opts.text_layer != "off", q, stop))
+                              args=(sources, root, index, opts, read_opts.text_layer != "off", q, stop,
+                                    reader.loaded.cfg))
     thread.start()
     pending: list[tuple[str, Page]] = []
     try:

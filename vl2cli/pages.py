@@ -10,7 +10,7 @@ import io
 import sys
 import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -34,7 +34,7 @@ class Page:
     image: Image.Image
     text_layer: str | None = None
     dpi: int | None = None
-    meta: dict = field(default_factory=dict)
+    tiling: object | None = None  # processor.Tiling when tiled ahead (in the rendering thread)
 
     @property
     def label(self) -> str:

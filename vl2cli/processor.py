@@ -91,6 +91,8 @@ class Tiling:
     pixels: np.ndarray  # [1 + tiles_wide * tiles_high, 3, S, S] float32, normalised
     tiles_wide: int
     tiles_high: int
+    cropping: bool = True
+    source: Image.Image | None = None  # kept so a prompt with 3+ images can re-tile without cropping
 
 
 def _normalise(img: Image.Image, mean, std) -> np.ndarray:
@@ -111,7 +113,7 @@ def tile_image(image: Image.Image, cfg: VL2Config, cropping: bool = True) -> Til
         for left in range(0, best_w, size):
             tile = canvas.crop((left, top, left + size, top + size))
             views.append(_normalise(tile, cfg.image_mean, cfg.image_std))
-    return Tiling(np.stack(views), best_w // size, best_h // size)
+    return Tiling(np.stack(views), best_w // size, best_h // size, cropping, image)
 
 
 def image_token_count(cfg: VL2Config, tiles_wide: int, tiles_high: int) -> int:
@@ -160,7 +162,8 @@ class Processor:
         self.tokenizer = tokenizer
         self.cfg = cfg
 
-    def _with_images(self, text: str, images: list[Image.Image], cropping: bool, state: dict) -> None:
+    def _with_images(self, text: str, images: list[Image.Image | Tiling], cropping: bool, state: dict) -> None:
+        """Tokenise one user turn; images may come pre-tiled (batch runs tile in the rendering thread)."""
         token = self.cfg.image_token
         pieces = text.split(token)
         if len(pieces) - 1 != len(images):
@@ -170,7 +173,11 @@ class Processor:
             state["ids"] += ids
             state["mask"] += [False] * len(ids)
             if i < len(images):
-                tiling = tile_image(images[i], self.cfg, cropping)
+                image = images[i]
+                if isinstance(image, Tiling):
+                    tiling = image if image.cropping == cropping else tile_image(image.source, self.cfg, cropping)
+                else:
+                    tiling = tile_image(image, self.cfg, cropping)
                 n = image_token_count(self.cfg, tiling.tiles_wide, tiling.tiles_high)
                 state["ids"] += [self.tokenizer.image_id] * n
                 state["mask"] += [True] * n
