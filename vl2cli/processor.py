@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -95,10 +96,29 @@ class Tiling:
     source: Image.Image | None = None  # kept so a prompt with 3+ images can re-tile without cropping
 
 
-def _normalise(img: Image.Image, mean, std) -> np.ndarray:
-    x = np.asarray(img, dtype=np.float32) / np.float32(255.0)  # [S, S, 3]
-    x = (x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
-    return x.transpose(2, 0, 1)  # [3, S, S]
+def _lookup(mean, std) -> np.ndarray:
+    """uint8 -> normalised float32 for every byte value; the same float32 ops as x / 255, - mean, / std."""
+    x = np.arange(256, dtype=np.float32)[:, None] / np.float32(255.0)  # [256, 1]
+    return (x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)  # [256, 3]
+
+
+def _normalise(img: Image.Image, table: np.ndarray) -> np.ndarray:
+    """[H, W, 3] uint8 -> [3, H, W] float32 through the per-channel lookup table."""
+    idx = np.asarray(img, dtype=np.uint8)
+    out = np.empty((3, *idx.shape[:2]), np.float32)
+    for c in range(3):
+        out[c] = table[idx[..., c], c]
+    return out
+
+
+_POOL: ThreadPoolExecutor | None = None
+
+
+def _side_pool() -> ThreadPoolExecutor:
+    global _POOL
+    if _POOL is None:
+        _POOL = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vl2-tile")
+    return _POOL
 
 
 def tile_image(image: Image.Image, cfg: VL2Config, cropping: bool = True) -> Tiling:
@@ -107,12 +127,14 @@ def tile_image(image: Image.Image, cfg: VL2Config, cropping: bool = True) -> Til
         image = image.convert("RGB")
     best_w, best_h = select_best_resolution(image.size, cfg.candidate_resolutions) if cropping else (size, size)
     fill = tuple(int(m * 255) for m in cfg.image_mean)
-    views = [_normalise(ImageOps.pad(image, (size, size), color=fill), cfg.image_mean, cfg.image_std)]
-    canvas = ImageOps.pad(image, (best_w, best_h), color=fill)
+    table = _lookup(cfg.image_mean, cfg.image_std)
+    # The two resizes are independent and Pillow releases the GIL while resampling: run them side by side.
+    global_view = _side_pool().submit(lambda: _normalise(ImageOps.pad(image, (size, size), color=fill), table))
+    canvas = _normalise(ImageOps.pad(image, (best_w, best_h), color=fill), table)  # [3, best_h, best_w]
+    views = [global_view.result()]
     for top in range(0, best_h, size):
         for left in range(0, best_w, size):
-            tile = canvas.crop((left, top, left + size, top + size))
-            views.append(_normalise(tile, cfg.image_mean, cfg.image_std))
+            views.append(canvas[:, top:top + size, left:left + size])
     return Tiling(np.stack(views), best_w // size, best_h // size, cropping, image)
 
 
