@@ -17,6 +17,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from tests.conftest import CKPT, PARITY
+from tests.pdf_crypto import encrypted_pdf
 from vl2cli.cli import app
 from vl2cli.pages import display_path
 from vl2cli.pdfwrite import text_pdf
@@ -116,13 +117,76 @@ def test_bad_inputs_never_crash_the_batch(tmp_path):
     assert lost == 0
 
 
-def test_encrypted_and_password_errors_are_named(tmp_path):
-    from vl2cli.errors import InputError
+def test_encrypted_pdf_needs_the_right_password(tmp_path):
+    pdf = tmp_path / "locked.pdf"
+    pdf.write_bytes(encrypted_pdf("Secret invoice 99", "s3cret"))
+    base = ["ocr", str(pdf), "--model", TINY, "--text-layer", "only", "--json"]
+    missing = CliRunner().invoke(app, base)
+    assert missing.exit_code == 1 and "locked.pdf: the PDF is encrypted; pass --password" in missing.stderr
+    wrong = CliRunner().invoke(app, [*base, "--password", "nope"])
+    assert wrong.exit_code == 1 and "locked.pdf: the --password is wrong" in wrong.stderr
+    right = CliRunner().invoke(app, [*base, "--password", "s3cret"])
+    assert right.exit_code == 0, right.output
+    assert "Secret invoice 99" in json.loads(right.stdout)[0]["answer"]
+
+
+def test_thousand_page_pdf_streams_in_flat_memory(tmp_path):
+    import psutil
+
     from vl2cli.pages import iter_pages
-    bad = tmp_path / "x.pdf"
-    bad.write_bytes(b"%PDF-1.4\n" + os.urandom(200))
-    with pytest.raises(InputError, match="x.pdf"):
-        list(iter_pages(str(bad)))
+    pdf = tmp_path / "long.pdf"
+    pdf.write_bytes(text_pdf("line of a very long report", pages=1000))
+    proc = psutil.Process()
+    rss = {}
+    count = 0
+    for page in iter_pages(str(pdf), dpi=30):
+        count += 1
+        if count in (50, 1000):
+            rss[count] = proc.memory_info().rss
+        del page
+    assert count == 1000
+    assert rss[1000] - rss[50] < 40 * 1024**2, rss  # pages are rendered one at a time and dropped
+
+
+def test_full_disk_fails_the_write_and_keeps_the_old_file(tmp_path, monkeypatch):
+    import errno
+
+    from vl2cli.errors import OutputError
+    from vl2cli.writers import atomic_write_text
+    target = tmp_path / "page.md"
+    atomic_write_text(target, "finished page\n")
+
+    def no_space(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(os, "fsync", no_space)
+    with pytest.raises(OutputError, match="page.md: cannot write \\(No space left on device\\)"):
+        atomic_write_text(target, "new text")
+    assert target.read_text() == "finished page\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["page.md"]  # no temp file left behind
+
+
+def test_full_disk_in_a_batch_fails_pages_not_the_run(tmp_path, monkeypatch):
+    import errno
+    src = tmp_path / "in"
+    src.mkdir()
+    for i in range(2):
+        Image.open(PARITY / "images" / "note_300x200.png").save(src / f"p{i}.png")
+
+    def no_space(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(os, "fsync", no_space)
+    result = CliRunner().invoke(app, ["batch", str(src), "--out", str(tmp_path / "out"), "--model", TINY,
+                                      "--max-new-tokens", "2", "--json"])
+    assert result.exit_code == 1
+    assert "No space left on device" in result.output and "Traceback" not in result.output
+
+
+def test_folders_and_broken_links_given_as_files(tmp_path):
+    (tmp_path / "dir.png").mkdir()
+    (tmp_path / "gone.png").symlink_to(tmp_path / "missing.png")
+    for name, code, words in (("dir.png", 2, "the folder holds no PDF or image files"), ("gone.png", 1, "no such file")):
+        result = CliRunner().invoke(app, ["ocr", str(tmp_path / name), "--model", TINY])
+        assert result.exit_code == code and f"{name}: {words}" in result.stderr
 
 
 def test_output_folder_that_cannot_be_created_fails_cleanly(tmp_path):

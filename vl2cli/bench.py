@@ -116,11 +116,13 @@ def bench_pages(smoke: bool) -> dict:
         with open(pdf, "wb") as f:
             f.write(text_pdf("Quarterly report: revenue, costs and margins by region " * 2, pages=n))
         start = time.perf_counter()
-        pages = []
+        for page in iter_pages(pdf, dpi=dpi):
+            tile_image(page.image, cfg)
+        pre_s = time.perf_counter() - start
+        pages = []  # kept for the model-alone run (not timed: holding every page's tiles is not the pipeline's cost)
         for page in iter_pages(pdf, dpi=dpi):
             page.tiling = tile_image(page.image, cfg)
             pages.append(page)
-        pre_s = time.perf_counter() - start
         result = {"bench": "pages_in", "pages": n, "dpi": dpi, "vl2_render_tile_pages_per_s": n / pre_s}
         if shutil.which("pdftoppm"):
             start = time.perf_counter()
@@ -131,17 +133,23 @@ def bench_pages(smoke: bool) -> dict:
             result["pdftoppm_pages_per_s"] = None
         opts = ReadOptions(SamplingParams(max_new_tokens=24), split="never", batch_size=4, loop_retries=False)
         task = get_task("ocr")
-        start = time.perf_counter()
-        for i in range(0, n, opts.batch_size):
-            reader.read(task, pages[i:i + opts.batch_size], opts)
-        model_s = time.perf_counter() - start
-        del pages
-        start = time.perf_counter()
-        run_batch(reader, task, [pdf], opts, BatchOptions(out=Path(tmp) / "out", fmt="markdown", dpi=dpi),
-                  log=lambda m: None)
-        pipeline_s = time.perf_counter() - start
-    result.update(preprocess_s=pre_s, model_s=model_s, pipeline_s=pipeline_s,
-                  pipeline_over_max_half=pipeline_s / max(pre_s, model_s), pipeline_target="<= 1.15")
+        threads = torch.get_num_threads()
+        # On a CPU the model fills every core, so rendering has no idle core to hide in; with the model on
+        # one thread (as on a GPU machine, where the CPU is free) the overlap itself is what is measured.
+        for label, n_threads in (("all_threads", threads), ("model_one_thread", 1)):
+            torch.set_num_threads(n_threads)
+            start = time.perf_counter()
+            for i in range(0, n, opts.batch_size):
+                reader.read(task, pages[i:i + opts.batch_size], opts)
+            model_s = time.perf_counter() - start
+            start = time.perf_counter()
+            run_batch(reader, task, [pdf], opts, BatchOptions(out=Path(tmp) / f"out-{label}", fmt="markdown",
+                                                              dpi=dpi), log=lambda m: None)
+            pipeline_s = time.perf_counter() - start
+            result[label] = {"model_s": model_s, "pipeline_s": pipeline_s,
+                             "pipeline_over_max_half": pipeline_s / max(pre_s, model_s)}
+        torch.set_num_threads(threads)
+    result.update(preprocess_s=pre_s, pipeline_target="<= 1.15")
     return result
 
 

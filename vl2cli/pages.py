@@ -137,8 +137,8 @@ def iter_pdf_pages(where: str, data: bytes | Path, ranges=None, dpi: int = DEFAU
     except pdfium.PdfiumError as exc:
         msg = str(exc).lower()
         if "password" in msg:
-            why = "wrong password" if password else "encrypted; pass --password"
-            raise InputError(f"{where}: PDF is {why}") from None
+            why = "the --password is wrong" if password else "the PDF is encrypted; pass --password"
+            raise InputError(f"{where}: {why}") from None
         raise InputError(f"{where}: not a readable PDF ({_short(exc)})") from None
     try:
         count = len(pdf)
@@ -248,6 +248,9 @@ def expand_inputs(inputs: list[str], glob: str | None = None) -> list[str]:
             pattern = glob or "*"
             found = sorted(p for p in path.rglob(pattern)
                            if p.is_file() and (glob or p.suffix.lower() in SUPPORTED) and not p.name.startswith("."))
+            if not found:
+                raise UsageError(f"{display_path(item)}: the folder holds no PDF or image files"
+                                 + (f" matching {glob!r}" if glob else ""))
             out.extend(str(p) for p in found)
         elif any(ch in item for ch in "*?[") and not path.exists():
             base = Path(".")
