@@ -1,26 +1,83 @@
-"""Regenerate the sample documents: `python samples/make_samples.py` (deterministic)."""
+"""Regenerate the sample documents: `python samples/make_samples.py` (deterministic).
+
+report.pdf     three scanned-style pages: text, a table, a bar chart (no text layer)
+letter.pdf     a born-digital page with a text layer (try --text-layer hint|only)
+invoice.png    an invoice with a line-item table
+scan.png       the invoice as a slightly rotated, blurred grey scan
+objects.png    shapes to ground: a red circle, a blue square, a green triangle
+"""
 
 from pathlib import Path
 
-from PIL import Image, ImageDraw, ImageFilter
+from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
 from vl2cli.pdfwrite import text_pdf
 
 HERE = Path(__file__).parent
+W, H = 1224, 1584  # US letter at 144 DPI
+
+
+def font(size: int):
+    return ImageFont.load_default(size=size)
+
+
+def text_page() -> Image.Image:
+    img = Image.new("RGB", (W, H), "white")
+    d = ImageDraw.Draw(img)
+    d.text((110, 110), "Quarterly Report - Q3 2026", font=font(44), fill="black")
+    body = ("Revenue grew 12% over the previous quarter, driven by the northern region. "
+            "Operating costs were flat, and the archive digitisation programme finished "
+            "ahead of schedule with 1.2 million pages processed.").split()
+    line, y = "", 220
+    for word in body:
+        if len(line) + len(word) > 52:
+            d.text((110, y), line, font=font(30), fill="black")
+            line, y = "", y + 46
+        line += word + " "
+    d.text((110, y), line, font=font(30), fill="black")
+    return img
+
+
+def table_page() -> Image.Image:
+    img = Image.new("RGB", (W, H), "white")
+    d = ImageDraw.Draw(img)
+    d.text((110, 110), "Table 1. Revenue by region (kEUR)", font=font(36), fill="black")
+    rows = [("Region", "Q2", "Q3"), ("North", "410", "498"), ("South", "372", "380"), ("East", "298", "305"),
+            ("Total", "1080", "1183")]
+    for r, row in enumerate(rows):
+        y = 200 + r * 70
+        d.rectangle([110, y, 1110, y + 70], outline="black", width=2)
+        for c, cell in enumerate(row):
+            d.text((130 + c * 330, y + 18), cell, font=font(32), fill="black")
+    return img
+
+
+def chart_page() -> Image.Image:
+    img = Image.new("RGB", (W, H), "white")
+    d = ImageDraw.Draw(img)
+    d.text((110, 110), "Figure 1. Q3 revenue by region", font=font(36), fill="black")
+    base, scale = 1000, 1.4
+    d.line([(150, base), (1050, base)], fill="black", width=3)
+    for i, (name, value) in enumerate([("North", 498), ("South", 380), ("East", 305)]):
+        x = 220 + i * 280
+        d.rectangle([x, base - value * scale, x + 160, base], fill=(60, 110, 200))
+        d.text((x + 20, base + 20), name, font=font(30), fill="black")
+        d.text((x + 40, base - value * scale - 45), str(value), font=font(30), fill="black")
+    return img
 
 
 def invoice() -> Image.Image:
     img = Image.new("RGB", (850, 1100), "white")
     d = ImageDraw.Draw(img)
-    d.text((60, 50), "INVOICE No. 2026-118", fill="black")
-    d.text((60, 80), "Bill to: Harbor Archive Services", fill="black")
+    d.text((60, 50), "INVOICE No. 2026-118", font=font(32), fill="black")
+    d.text((60, 100), "Bill to: Harbor Archive Services", font=font(22), fill="black")
     rows = [("Item", "Qty", "Price"), ("Scanning (pages)", "1200", "96.00"), ("OCR review", "8", "240.00"),
             ("Storage box", "3", "27.00"), ("Total", "", "363.00")]
     for r, row in enumerate(rows):
-        y = 160 + r * 40
-        d.rectangle([60, y, 790, y + 40], outline="black")
+        y = 180 + r * 50
+        d.rectangle([60, y, 790, y + 50], outline="black", width=2)
         for c, cell in enumerate(row):
-            d.text((70 + c * 250, y + 12), cell, fill="black")
+            d.text((75 + c * 250, y + 14), cell, font=font(22), fill="black")
     return img
 
 
@@ -39,7 +96,10 @@ def scanned() -> Image.Image:
 
 
 if __name__ == "__main__":
-    (HERE / "report.pdf").write_bytes(text_pdf("Quarterly report 2026: revenue grew 12 percent", pages=3))
+    first, *rest = [text_page(), table_page(), chart_page()]
+    first.save(HERE / "report.pdf", save_all=True, append_images=rest, resolution=144)
+    (HERE / "letter.pdf").write_bytes(text_pdf("", lines=["Dear archivist,", "", "the 1932 ledgers are scanned.",
+                                                          "Kind regards, The Records Office"], size=14))
     invoice().save(HERE / "invoice.png")
     objects().save(HERE / "objects.png")
     scanned().save(HERE / "scan.png")

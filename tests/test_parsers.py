@@ -89,3 +89,22 @@ def test_band_split_covers_page_and_merge_drops_overlap():
     bands = split_bands(Image.new("RGB", (100, 300)), 3)
     assert bands[0].size[1] > 100 and sum(b.size[1] for b in bands) >= 300
     assert merge_band_texts(["a\nb\nc", "b\nc\nd", "d\ne"]) == "a\nb\nc\nd\ne"
+
+
+def test_density_estimate_tells_dense_print_from_photos_and_forms():
+    from PIL import Image
+
+    from vl2cli.pages import iter_pages, looks_dense
+    from vl2cli.pdfwrite import text_pdf
+    words = "The committee reviewed the quarterly figures and noted that revenue in the north rose".split()
+    lines = [" ".join(words[(i * 3) % 10:] + words[:(i * 3) % 10]) for i in range(55)]
+    import tempfile
+    with tempfile.TemporaryDirectory() as tmp:
+        for n, expect in ((55, True), (6, False)):
+            path = f"{tmp}/{n}.pdf"
+            with open(path, "wb") as f:
+                f.write(text_pdf("", lines=lines[:n], size=11))
+            assert looks_dense(next(iter_pages(path)).image) is expect
+    assert not looks_dense(Image.new("RGB", (800, 600), "white"))
+    noise = Image.effect_noise((640, 480), 120).convert("RGB")
+    assert not looks_dense(noise.resize((64, 48)).resize((640, 480)))  # photo-like blobs

@@ -16,7 +16,7 @@ from PIL import Image
 
 from vl2cli.generation import Engine, Generation, SamplingParams
 from vl2cli.loading import LoadedModel, load_model
-from vl2cli.pages import Page
+from vl2cli.pages import Page, looks_dense
 from vl2cli.parsers import find_loop, trim_loop
 from vl2cli.processor import EOS_TEXT, Prepared
 from vl2cli.tasks import Task
@@ -200,7 +200,10 @@ class Reader:
             return 1
         if opts.split != "auto":
             return max(1, int(opts.split))
-        dense = page.text_layer is not None and len(page.text_layer) > DENSE_TEXT_CHARS
+        if page.text_layer is not None:
+            dense = len(page.text_layer) > DENSE_TEXT_CHARS
+        else:
+            dense = looks_dense(page.image)
         return 3 if dense else 1
 
     def _read_split(self, task: Task, page: Page, opts: ReadOptions, n: int, first: dict | None = None) -> dict:

@@ -215,6 +215,22 @@ def iter_pages(source: str, *, pages: str | None = None, dpi: int = DEFAULT_DPI,
         yield from iter_image_pages(where, path, ranges, max_pixels, skip)
 
 
+def looks_dense(image: Image.Image) -> bool:
+    """A quick estimate that a page is packed with small text (a candidate for --split auto).
+
+    At 512 px wide, rows crossing text flip between ink and paper many times; a page where most
+    rows do so (> 45 % of rows, > 90 flips each) is dense print. Photos and forms flip far less.
+    """
+    import numpy as np
+    width = 512
+    height = max(1, round(width * image.height / max(image.width, 1)))
+    gray = np.asarray(image.convert("L").resize((width, height)), dtype=np.uint8)
+    ink = (gray < 160).astype(np.int8)
+    flips = np.abs(np.diff(ink, axis=1)).sum(axis=1)
+    text_rows = flips >= 6
+    return bool(text_rows.mean() > 0.45 and flips[text_rows].mean() > 90)
+
+
 def count_pages(source: str, pages: str | None = None, password: str | None = None) -> int:
     """How many pages a source will yield (for progress totals); 1 for anything unreadable. Never raises."""
     try:

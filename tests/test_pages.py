@@ -1,0 +1,91 @@
+"""Inputs: PDFs, image formats and modes, page ranges, stdin, folders and globs."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from tests.conftest import CKPT
+from vl2cli.cli import app
+from vl2cli.errors import UsageError
+from vl2cli.pages import expand_inputs, iter_pages, normalise_image, parse_page_ranges
+from vl2cli.pdfwrite import text_pdf
+
+TINY = str(CKPT / "tiny")
+
+
+def test_page_ranges():
+    assert parse_page_ranges("1-3,7") == [(1, 3), (7, 7)]
+    assert parse_page_ranges("5-")[0][0] == 5
+    for bad in ("0", "3-1", "x", "1-2-3"):
+        with pytest.raises(UsageError):
+            parse_page_ranges(bad)
+
+
+def test_pdf_pages_and_text_layer(tmp_path):
+    pdf = tmp_path / "d.pdf"
+    pdf.write_bytes(text_pdf("hello", pages=5))
+    pages = list(iter_pages(str(pdf), pages="2,4-", dpi=72, text_layer=True))
+    assert [p.number for p in pages] == [2, 4, 5]
+    assert pages[0].image.size == (612, 792) and "hello p2" in pages[0].text_layer
+
+
+def test_multipage_tiff_every_frame_gif_first(tmp_path):
+    frames = [Image.new("RGB", (40, 30), c) for c in ("red", "green", "blue")]
+    frames[0].save(tmp_path / "t.tiff", save_all=True, append_images=frames[1:])
+    frames[0].save(tmp_path / "a.gif", save_all=True, append_images=frames[1:])
+    tiff = list(iter_pages(str(tmp_path / "t.tiff")))
+    assert [p.number for p in tiff] == [1, 2, 3] and tiff[2].image.getpixel((0, 0)) == (0, 0, 255)
+    assert len(list(iter_pages(str(tmp_path / "a.gif")))) == 1
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    img = Image.new("RGB", (60, 20), "white")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 CW on display
+    img.save(tmp_path / "r.jpg", exif=exif)
+    assert next(iter_pages(str(tmp_path / "r.jpg"))).image.size == (20, 60)
+
+
+@pytest.mark.parametrize("mode", ["I;16", "CMYK", "P", "RGBA", "LA", "L", "1", "F"])
+def test_every_mode_becomes_rgb(mode):
+    src = Image.new("RGB", (8, 8), (200, 10, 10))
+    img = src.convert(mode) if mode not in ("I;16", "F") else Image.new(mode, (8, 8), 1000)
+    out = normalise_image(img)
+    assert out.mode == "RGB" and out.size == (8, 8)
+
+
+def test_alpha_is_flattened_on_white():
+    img = Image.new("RGBA", (4, 4), (0, 0, 0, 0))
+    assert normalise_image(img).getpixel((0, 0)) == (255, 255, 255)
+
+
+def test_stdin_input(monkeypatch):
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 48), "white").save(buf, format="PNG")
+    result = CliRunner().invoke(app, ["ocr", "-", "--model", TINY, "--max-new-tokens", "2", "--json"],
+                                input=buf.getvalue())
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)[0]["source"] == "<stdin>"
+
+
+def test_folders_are_searched_recursively_and_globs_filter(tmp_path):
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(tmp_path / "a" / "b" / "x.png")
+    (tmp_path / "a" / "note.txt").write_text("skip me")
+    (tmp_path / "a" / "y.pdf").write_bytes(text_pdf("y"))
+    found = expand_inputs([str(tmp_path / "a")])
+    assert [p.split("/")[-1] for p in found] == ["x.png", "y.pdf"]
+    assert [p.split("/")[-1] for p in expand_inputs([str(tmp_path / "a")], glob="*.pdf")] == ["y.pdf"]
+
+
+def test_chat_answers_follow_ups():
+    image = str(CKPT.parent / "images" / "note_300x200.png")
+    result = CliRunner().invoke(app, ["ask", image, "First question?", "--chat", "--model", TINY,
+                                      "--max-new-tokens", "3"], input="A follow-up?\nexit\n")
+    assert result.exit_code == 0, result.output
+    assert result.stdout.count("\n") >= 2  # the answer and the follow-up's answer
