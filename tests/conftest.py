@@ -19,7 +19,7 @@ CKPT = PARITY / "ckpt"
 
 
 def make_checkpoint(folder: Path, base: str = "tiny", seed: int = 0, language: dict | None = None,
-                    extra_tensors: dict | None = None, drop: tuple[str, ...] = ()) -> Path:
+                    extra_tensors: dict | None = None, drop: tuple[str, ...] = (), std: float = 0.02) -> Path:
     """A random-weight checkpoint in the official layout, from a parity checkpoint's config plus overrides."""
     folder.mkdir(parents=True, exist_ok=True)
     for f in (CKPT / base).iterdir():
@@ -29,7 +29,7 @@ def make_checkpoint(folder: Path, base: str = "tiny", seed: int = 0, language: d
     raw["language_config"].update(language or {})
     (folder / "config.json").write_text(json.dumps(raw, indent=1))
     cfg = load_config(folder)
-    model = random_model(cfg, seed=seed)
+    model = random_model(cfg, seed=seed, std=std)
     tensors = {model_to_checkpoint_name(k): v.contiguous() for k, v in model.state_dict().items()}
     tensors["vision.attn_pool.latent"] = torch.zeros(1, 1, cfg.vision.width)
     tensors.update(extra_tensors or {})

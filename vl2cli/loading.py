@@ -212,7 +212,7 @@ def load_model(spec: str | Path = "tiny", device: str | None = None, dtype: str 
 
 
 def random_model(cfg: VL2Config, device: str = "cpu", dtype: torch.dtype = torch.float32, quant: str = "none",
-                 seed: int = 0) -> DeepseekVL2:
+                 seed: int = 0, std: float = 0.02) -> DeepseekVL2:
     """A model of this config with random weights (benchmarks and tests: same speed and memory as real weights)."""
     dev = torch.device(device)
     model, swapped = build_model(cfg, dev, dtype, quant)
@@ -223,7 +223,7 @@ def random_model(cfg: VL2Config, device: str = "cpu", dtype: torch.dtype = torch
         elif p.dim() == 1 and "norm" in name:
             t = torch.ones(p.shape, device=dev)
         else:
-            t = torch.randn(p.shape, generator=gen, device=dev) * 0.02
+            t = torch.randn(p.shape, generator=gen, device=dev) * std
         module_name = name.rpartition(".")[0]
         if module_name in swapped and name.endswith(".weight"):
             value = quantized_weight(model.get_submodule(module_name), t.to(dtype), dev)

@@ -123,6 +123,7 @@ def _side_pool() -> ThreadPoolExecutor:
 
 def tile_image(image: Image.Image, cfg: VL2Config, cropping: bool = True) -> Tiling:
     size = cfg.vision.image_size
+    image.load()  # decode now: a lazily opened file must not be decoded by two threads at once below
     if image.mode != "RGB":
         image = image.convert("RGB")
     best_w, best_h = select_best_resolution(image.size, cfg.candidate_resolutions) if cropping else (size, size)

@@ -59,11 +59,15 @@ def run_trace(loaded: LoadedModel, prepared: Prepared, max_new_tokens: int, pref
     last = logits[-1]
     top = np.argsort(-last, kind="stable")[:10]
     pixels = prepared.pixels.astype(np.float64)
+    crops = prepared.spatial_crop
+    if not crops:  # the reference processor stands in one zero tile and a [0, 0] crop for "no image"
+        size = loaded.cfg.vision.image_size
+        pixels, crops = np.zeros((1, 3, size, size)), [[0, 0]]
     meta = dict(
         prompt=prepared.prompt,
         input_ids=[int(i) for i in prepared.input_ids],
         image_spans=spans(prepared.image_mask),
-        images_spatial_crop=prepared.spatial_crop,
+        images_spatial_crop=crops,
         pixel_shape=list(pixels.shape),
         pixel_sum=float(pixels.sum()),
         pixel_abs_sum=float(np.abs(pixels).sum()),
