@@ -107,3 +107,59 @@ def test_text_layer_only_reads_pdf_text(tmp_path):
     result = run("ocr", str(pdf), "--text-layer", "only", "--json")
     assert result.exit_code == 0, result.output
     assert "Invoice 42" in json.loads(result.stdout)[0]["answer"]
+
+
+def test_ask_writes_its_answer_and_refuses_prompts_over_the_context(tmp_path):
+    result = run("ask", IMG, "What is the total?", "--out", str(tmp_path))
+    assert result.exit_code == 0, result.output
+    record = json.loads((tmp_path / "note_300x200.png.ask.json").read_text())
+    assert record["question"] == "What is the total?" and record["pages"] == 1
+    copies = []
+    for i in range(11):
+        copies.append(str(tmp_path / f"c{i}.png"))
+        Image.open(IMG).save(copies[-1])
+    too_many = run("ask", *copies, "Compare them all.")  # 11 untiled images: 11 * 421 > 4096 tokens
+    assert too_many.exit_code == 2 and "4096-token context" in too_many.stderr
+
+
+def test_batch_ground_with_query_writes_boxes_and_jsonl(tmp_path):
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["batch", IMG, "--task", "ground", "--question", "the total", "--out", str(out),
+                                 "--format", "jsonl", "--model", TINY, "--max-new-tokens", "3"])
+    assert result.exit_code == 0, result.output
+    lines = (out / "results.jsonl").read_text().splitlines()
+    assert len(lines) == 1 and json.loads(lines[0])["task"] == "ground"
+
+
+def test_int8_weights_run_on_cpu(loaded_tiny, page_image):
+    import torch
+
+    from vl2cli.generation import Engine
+    from vl2cli.loading import load_model
+    from vl2cli.quant import is_quantized_module
+    q8 = load_model(TINY, device="cpu", dtype="float32", quant="int8")
+    assert is_quantized_module(q8.model.language.layers[1].mlp.experts[0].up_proj)
+    tok = q8.processor.tokenizer
+    prompt = q8.processor.prepare_prompt("<image>\nRead it.", [page_image])
+    a, _ = Engine(q8.model, tok.eos_id, tok.pad_id).prefill([prompt], 0)
+    b, _ = Engine(loaded_tiny.model, tok.eos_id, tok.pad_id).prefill([prompt], 0)
+    assert torch.nn.functional.cosine_similarity(a, b).item() > 0.99
+
+
+def test_revision_and_offline_reach_the_hub_client(monkeypatch):
+    import huggingface_hub
+
+    from vl2cli.loading import resolve_model
+    seen = {}
+
+    def fake_download(repo_id, **kwargs):
+        seen.update(repo_id=repo_id, **kwargs)
+        return "/nonexistent"
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_download)
+    resolve_model("base", revision="abc123", offline=True)
+    assert seen["repo_id"] == "deepseek-ai/deepseek-vl2" and seen["revision"] == "abc123"
+    assert seen["local_files_only"] is True
+    assert not any(p.endswith((".py", ".bin")) for p in seen["allow_patterns"])  # no code, no pickles
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    resolve_model("tiny")
+    assert seen["local_files_only"] is True

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from PIL import Image
 
+from vl2cli.errors import UsageError
 from vl2cli.generation import Engine, Generation, SamplingParams
 from vl2cli.loading import LoadedModel, load_model
 from vl2cli.pages import Page, looks_dense
@@ -94,8 +95,18 @@ class Reader:
             return "interrupted"
         return "loop" if find_loop(ids) else None
 
+    def _within_context(self, prompts: list[Prepared], params: SamplingParams) -> SamplingParams:
+        """The answer budget is what the context leaves after the longest prompt (4096 for DeepSeek-VL2)."""
+        context = self.loaded.cfg.language.max_position_embeddings
+        longest = max(len(p.input_ids) for p in prompts)
+        room = context - longest
+        if room <= 0:
+            raise PageFailed(f"the prompt needs {longest} tokens, more than the model's {context}-token context")
+        return replace(params, max_new_tokens=min(params.max_new_tokens, room))
+
     def _generate(self, prompts: list[Prepared], params: SamplingParams) -> list[Generation]:
         """Generate; on out-of-memory halve the batch, then chunk the prefill, then fail only that page."""
+        params = self._within_context(prompts, params)
         try:
             if self.fault_hook:
                 self.fault_hook(len(prompts))
@@ -248,5 +259,9 @@ class Reader:
         else:
             messages = [Message("user", image_marks(len(images)) + question, list(images))]
         prepared = self.loaded.processor.prepare(messages)
+        try:
+            params = self._within_context([prepared], params)
+        except PageFailed as exc:
+            raise UsageError(f"{exc}: ask about fewer pages (--pages) or use `vl2 batch --task ask`") from None
         gen = self.engine.generate([prepared], params, on_token=on_token, stop_rule=self._stop_rule)[0]
         return self.decode(gen.ids)

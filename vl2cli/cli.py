@@ -255,7 +255,8 @@ def ask(
     model: Model = "tiny", quant: Quant = "auto", device: Device = "auto", dtype: Dtype = "auto",
     max_new_tokens: MaxNew = 512, temperature: Temp = 0.0, pages: Pages = None, dpi: Dpi = 144,
     password: Password = None, chat: Annotated[bool, typer.Option("--chat", help="Keep asking follow-ups.")] = False,
-    verbose: Verbose = False, json_out: JsonOut = False, revision: Revision = None, offline: Offline = False,
+    verbose: Verbose = False, quiet: Quiet = False, json_out: JsonOut = False, out: Out = None,
+    revision: Revision = None, offline: Offline = False,
 ) -> None:
     """Ask a question about one or more images or pages (all go into one prompt).
 
@@ -263,7 +264,7 @@ def ask(
     """
     _state["verbose"] = verbose
     try:
-        from vl2cli.pages import expand_inputs, iter_pages
+        from vl2cli.pages import display_path, expand_inputs, iter_pages
         from vl2cli.processor import Message
         if len(inputs) < 2:
             raise UsageError("ask: give the input file(s) and then the question")
@@ -276,7 +277,16 @@ def ask(
         params = _params(max_new_tokens, temperature)
 
         answer = reader.ask_images(images, question, params)
-        typer.echo(json.dumps({"question": question, "answer": answer}, ensure_ascii=False) if json_out else answer)
+        record = {"inputs": [display_path(f) for f in files], "pages": len(images), "question": question,
+                  "answer": answer}
+        typer.echo(json.dumps(record, ensure_ascii=False) if json_out else answer)
+        if out is not None:
+            from vl2cli.batch import output_key, safe_component
+            from vl2cli.writers import atomic_write_text
+            name = safe_component(output_key(files[0], None)) + ".ask.json"
+            atomic_write_text(out / name, json.dumps(record, ensure_ascii=False, indent=1) + "\n")
+            if not quiet:
+                err(f"vl2: wrote {out / name}")
         history = [Message("user", _marks(len(images)) + question, images), Message("assistant", answer)]
         while chat:
             try:
