@@ -153,6 +153,31 @@ def bench_pages(smoke: bool) -> dict:
     return result
 
 
+def write_random_checkpoint(folder, cfg, shards: int = 1, dtype: torch.dtype = torch.bfloat16) -> int:
+    """A random-weight checkpoint of `cfg` in the official layout (sharded like the hub repos); largest shard bytes."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from vl2cli.loading import model_to_checkpoint_name
+    copy_configs(folder, cfg)
+    model = random_model(cfg, dtype=dtype)
+    state = {model_to_checkpoint_name(k): v for k, v in model.state_dict().items()}
+    del model
+    names = sorted(state)
+    weight_map, largest = {}, 0
+    for i in range(shards):
+        fname = f"model-{i + 1:05d}-of-{shards:05d}.safetensors" if shards > 1 else "model.safetensors"
+        part = {k: state.pop(k).contiguous() for k in names[i::shards]}
+        save_file(part, str(folder / fname), metadata={"format": "pt"})
+        largest = max(largest, (folder / fname).stat().st_size)
+        weight_map.update({k: fname for k in part})
+        del part
+    if shards > 1:
+        (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    return largest
+
+
 def bench_loading(smoke: bool) -> dict:
     """Peak host RAM while loading a sharded checkpoint vs largest shard + final model + 1 GiB."""
     import subprocess
@@ -160,31 +185,13 @@ def bench_loading(smoke: bool) -> dict:
     import tempfile
     from pathlib import Path
 
-    from safetensors.torch import save_file
-
-    from vl2cli.loading import model_to_checkpoint_name
     layers = 2 if smoke else 6
     cfg = preset_config("tiny", num_hidden_layers=layers, vocab_size=32000)
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        shutil_copy_configs(folder, cfg)
-        model = random_model(cfg, dtype=torch.bfloat16)
-        state = {model_to_checkpoint_name(k): v for k, v in model.state_dict().items()}
-        del model
-        names = sorted(state)
-        shards = 4
-        weight_map, largest = {}, 0
-        for i in range(shards):
-            part = {k: state[k].contiguous() for k in names[i::shards]}
-            fname = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
-            save_file(part, str(folder / fname))
-            largest = max(largest, (folder / fname).stat().st_size)
-            weight_map.update({k: fname for k in part})
-        del state
-        import json
-        (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
-        # float32 on CPU from a bf16 checkpoint: every tensor is converted, so nothing stays file-backed
-        # VmHWM (peak resident set of this process image): unlike ru_maxrss it does not inherit the parent's peak
+        largest = write_random_checkpoint(folder, cfg, shards=4)
+        # float32 on CPU from a bf16 checkpoint: every tensor is converted, so nothing stays file-backed.
+        # VmHWM (peak resident set of this process image): unlike ru_maxrss it does not inherit the parent's peak.
         code = ("import re, sys, torch, vl2cli.loading as L;"
                 "hwm = lambda: int(re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read()).group(1)) * 1024;"
                 "base = hwm();"
@@ -200,12 +207,12 @@ def bench_loading(smoke: bool) -> dict:
             "growth_over_final_model": grown / final_bytes}
 
 
-def shutil_copy_configs(folder, cfg) -> None:
+def copy_configs(folder, cfg) -> None:
     """config.json + tokenizer files for a random checkpoint of `cfg` (tokenizer borrowed from the tiny parity one)."""
     import json
     import shutil
     from dataclasses import asdict
-    src = os.path.join(_bench_ckpt())
+    src = _bench_ckpt()
     for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "processor_config.json"):
         shutil.copy(os.path.join(src, name), folder / name)
     raw = json.loads(open(os.path.join(src, "config.json")).read())
@@ -216,23 +223,43 @@ def shutil_copy_configs(folder, cfg) -> None:
 
 
 def bench_coldstart(smoke: bool) -> dict:
+    """Process start to first generated token for one letter page on CPU, split into imports, load, prefill.
+
+    Full size: a random checkpoint of the real tiny variant's shapes (3.4B parameters, bf16 on disk, 3 shards),
+    loaded as bfloat16 without and with NF4 (the difference is the quantization time). Smoke: the parity checkpoint.
+    """
     import subprocess
     import sys
-    code = ("import time; t0=time.perf_counter(); import torch, vl2cli.api; t1=time.perf_counter();"
+    import tempfile
+    from pathlib import Path
+
+    code = ("import time; t0=time.perf_counter(); import sys, torch, vl2cli.api; t1=time.perf_counter();"
             "from vl2cli.loading import load_model; from vl2cli.generation import Engine, SamplingParams;"
-            "import sys; m=load_model(sys.argv[1], device='cpu', dtype='float32', quant='none');"
-            "t2=time.perf_counter(); from PIL import Image; img=Image.new('RGB',(800,1000),'white');"
-            "p=m.processor.prepare_prompt('<image>\\nConvert the document to markdown.',[img]);"
+            "from vl2cli.gpucheck import letter_page;"
+            "m=load_model(sys.argv[1], device='cpu', dtype=sys.argv[2], quant=sys.argv[3]);"
+            "t2=time.perf_counter();"
+            "p=m.processor.prepare_prompt('<image>\\nConvert the document to markdown.',[letter_page()]);"
             "e=Engine(m.model, m.processor.tokenizer.eos_id, m.processor.tokenizer.pad_id);"
             "e.generate([p], SamplingParams(max_new_tokens=1)); t3=time.perf_counter();"
-            "print(t1-t0, t2-t1, t3-t2)")
-    ckpt = _bench_ckpt()
-    start = time.perf_counter()
-    out = subprocess.run([sys.executable, "-c", code, ckpt], capture_output=True, text=True, check=True).stdout
-    total = time.perf_counter() - start
-    imports, load, first = (float(x) for x in out.split())
-    return {"bench": "cold_start", "checkpoint": os.path.abspath(ckpt), "seconds_to_first_token": total,
-            "imports_s": imports, "load_s": load, "prefill_and_first_token_s": first}
+            "print(t1-t0, t2-t1, t3-t2, len(p.input_ids))")
+
+    def run_once(ckpt: str, dtype: str, quant: str) -> dict:
+        start = time.perf_counter()
+        out = subprocess.run([sys.executable, "-c", code, ckpt, dtype, quant], capture_output=True, text=True,
+                             check=True).stdout.split()
+        imports, load, first, tokens = float(out[0]), float(out[1]), float(out[2]), int(out[3])
+        return {"seconds_to_first_token": time.perf_counter() - start, "imports_s": imports, "load_s": load,
+                "prefill_and_first_token_s": first, "prompt_tokens": tokens}
+
+    if smoke:
+        ckpt = _bench_ckpt()
+        return {"bench": "cold_start", "checkpoint": "parity tiny (toy width)", **run_once(ckpt, "float32", "none")}
+    with tempfile.TemporaryDirectory() as tmp:
+        write_random_checkpoint(Path(tmp), preset_config("tiny"), shards=3)
+        plain = run_once(tmp, "bfloat16", "none")
+        nf4 = run_once(tmp, "bfloat16", "nf4")
+    return {"bench": "cold_start", "checkpoint": "tiny variant shapes, random bf16 weights, 3 shards",
+            "bf16": plain, "nf4": nf4, "quantize_s": nf4["load_s"] - plain["load_s"]}
 
 
 BENCHES = {"moe": bench_moe, "kv": bench_kv, "batching": bench_batching, "memory": bench_memory,

@@ -34,12 +34,13 @@ def kv_bytes_per_token(cfg: VL2Config, dtype_bytes: int = 2) -> int:
 
 
 def estimate_vram(name: str, context: int = 4096) -> dict[str, float]:
-    """GiB for weights + KV cache at `context` + ~1 GiB activations/workspace, at nf4 and bf16."""
+    """GiB of the weights alone, and of weights + KV cache at `context` + ~1 GiB workspace, at nf4 and bf16."""
     cfg = preset_config(name)
     c = count_params(cfg)
     other = c["total"] - c["quantizable"]
     kv = kv_bytes_per_token(cfg) * context
-    work = GIB
-    nf4 = (c["quantizable"] * NF4_BITS / 8 + other * 2 + kv + work) / GIB
-    bf16 = (c["total"] * 2 + kv + work) / GIB
-    return {"nf4": round(nf4, 2), "bf16": round(bf16, 2), "params": c["total"]}
+    weights_nf4 = c["quantizable"] * NF4_BITS / 8 + other * 2
+    weights_bf16 = c["total"] * 2
+    return {"nf4": round((weights_nf4 + kv + GIB) / GIB, 2), "bf16": round((weights_bf16 + kv + GIB) / GIB, 2),
+            "weights_nf4": round(weights_nf4 / GIB, 2), "weights_bf16": round(weights_bf16 / GIB, 2),
+            "params": c["total"]}
