@@ -21,6 +21,14 @@ def font(size: int):
     return ImageFont.load_default(size=size)
 
 
+def draw_table(d: ImageDraw.ImageDraw, rows, left: int, top: int, right: int, row_h: int, col_w: int, size: int):
+    for r, row in enumerate(rows):
+        y = top + r * row_h
+        d.rectangle([left, y, right, y + row_h], outline="black", width=2)
+        for c, cell in enumerate(row):
+            d.text((left + 18 + c * col_w, y + (row_h - size) // 2), cell, font=font(size), fill="black")
+
+
 def text_page() -> Image.Image:
     img = Image.new("RGB", (W, H), "white")
     d = ImageDraw.Draw(img)
@@ -44,11 +52,7 @@ def table_page() -> Image.Image:
     d.text((110, 110), "Table 1. Revenue by region (kEUR)", font=font(36), fill="black")
     rows = [("Region", "Q2", "Q3"), ("North", "410", "498"), ("South", "372", "380"), ("East", "298", "305"),
             ("Total", "1080", "1183")]
-    for r, row in enumerate(rows):
-        y = 200 + r * 70
-        d.rectangle([110, y, 1110, y + 70], outline="black", width=2)
-        for c, cell in enumerate(row):
-            d.text((130 + c * 330, y + 18), cell, font=font(32), fill="black")
+    draw_table(d, rows, 110, 200, 1110, 70, 330, 32)
     return img
 
 
@@ -73,11 +77,7 @@ def invoice() -> Image.Image:
     d.text((60, 100), "Bill to: Harbor Archive Services", font=font(22), fill="black")
     rows = [("Item", "Qty", "Price"), ("Scanning (pages)", "1200", "96.00"), ("OCR review", "8", "240.00"),
             ("Storage box", "3", "27.00"), ("Total", "", "363.00")]
-    for r, row in enumerate(rows):
-        y = 180 + r * 50
-        d.rectangle([60, y, 790, y + 50], outline="black", width=2)
-        for c, cell in enumerate(row):
-            d.text((75 + c * 250, y + 14), cell, font=font(22), fill="black")
+    draw_table(d, rows, 60, 180, 790, 50, 250, 22)
     return img
 
 

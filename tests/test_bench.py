@@ -11,6 +11,7 @@ def test_benchmarks_smoke():
                             "cold_start"}
     assert results["loading_peak_ram"]["within_budget"]
     assert results["kv_cache"]["mla_cache_bytes_per_token_small_bf16"] == (512 + 64) * 27 * 2
+    assert results["kv_cache"]["mla_ratio"] > 0 and results["batching"]["speedup"] > 0
     assert results["memory"]["nf4_over_bf16_linear_bytes"] <= 0.30
     assert results["moe_dispatch"]["ratio_64_vs_8"] > 0
     json.dumps(results)

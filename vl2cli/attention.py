@@ -96,11 +96,13 @@ class MultiHeadAttention(nn.Module):
         v = self.v_proj(x).view(b, n, self.kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         k, v = cache.update(self.layer, start, k, v)  # [b, Hkv, S, D]
-        if self.kv_heads != self.heads:
-            k = k.repeat_interleave(self.heads // self.kv_heads, dim=1)
-            v = v.repeat_interleave(self.heads // self.kv_heads, dim=1)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)  # [b, H, n, D]
-        return self.o_proj(out.transpose(1, 2).reshape(b, n, -1))
+        rep = self.heads // self.kv_heads
+        if rep > 1:  # grouped KV heads: fold each group's query heads into rows instead of copying the cache
+            s = k.shape[2]
+            q = q.reshape(b, self.kv_heads, rep * n, self.head_dim)
+            mask = mask.expand(b, 1, n, s).repeat(1, rep, 1, 1).reshape(b, 1, rep * n, s)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)  # [b, Hkv, rep*n, D]
+        return self.o_proj(out.reshape(b, self.heads, n, self.head_dim).transpose(1, 2).reshape(b, n, -1))
 
 
 class LatentAttention(nn.Module):
@@ -153,10 +155,12 @@ class LatentAttention(nn.Module):
             w = self.kv_b_proj.weight.view(self.heads, self.nope + self.v_dim, self.rank)
             w_uk, w_uv = w[:, : self.nope], w[:, self.nope :]  # [H, nope, r], [H, v, r]
             q_lat = torch.einsum("bhnd,hdr->bhnr", q_nope, w_uk)  # [b, H, n, r]
-            qk = torch.cat([q_lat, q_pe], dim=-1)  # [b, H, n, r+rope]
+            # Every head reads the same latent keys/values (multi-query form): fold heads into the query
+            # rows so the cache is read once, never copied per head.
+            qk = torch.cat([q_lat, q_pe], dim=-1).reshape(b, 1, self.heads * n, -1)  # [b, 1, H*n, r+rope]
             keys = torch.cat([latent, k_pe], dim=-1)[:, None]  # [b, 1, S, r+rope]
-            ctx = F.scaled_dot_product_attention(
-                qk, keys.expand(b, self.heads, s, -1), latent[:, None].expand(b, self.heads, s, -1),
-                attn_mask=mask, scale=self.scale)  # [b, H, n, r]
+            head_mask = mask.expand(b, self.heads, n, s).reshape(b, 1, self.heads * n, s)
+            ctx = F.scaled_dot_product_attention(qk, keys, latent[:, None], attn_mask=head_mask, scale=self.scale)
+            ctx = ctx.view(b, self.heads, n, self.rank)  # [b, H, n, r]
             out = torch.einsum("bhnr,hvr->bhnv", ctx, w_uv)  # [b, H, n, v]
         return self.o_proj(out.transpose(1, 2).reshape(b, n, self.heads * self.v_dim))

@@ -17,6 +17,7 @@ from vl2cli.loading import random_model
 
 
 def _decode_step_seconds(model, batch: int, context: int, steps: int) -> float:
+    """Mean seconds of one decode step for `batch` rows after `context` cached positions."""
     cfg = model.cfg.language
     cache = KVCache(cfg, batch, context + steps + 1, model.device, model.dtype)
     cache.key_valid[:, :context] = True
@@ -31,40 +32,53 @@ def _decode_step_seconds(model, batch: int, context: int, steps: int) -> float:
     return (time.perf_counter() - start) / steps
 
 
+def _best_of(runs: dict, rounds: int) -> dict:
+    """Run every configuration in turn, `rounds` times, keeping each one's fastest: noise hits all alike."""
+    best = {key: float("inf") for key in runs}
+    for _ in range(rounds):
+        for key, run in runs.items():
+            best[key] = min(best[key], run())
+    return best
+
+
 def _tiny_width(layers: int, **over):
     return preset_config("tiny", num_hidden_layers=layers, vocab_size=4096, **over)
 
 
 def bench_moe(smoke: bool) -> dict:
-    layers, steps = (2, 5) if smoke else (4, 30)
-    out = {}
-    for experts in (8, 64):
-        model = random_model(_tiny_width(layers, n_routed_experts=experts))
-        out[experts] = _decode_step_seconds(model, 1, 64, steps)
-    return {"bench": "moe_dispatch", "decode_s_8_experts": out[8], "decode_s_64_experts": out[64],
-            "ratio_64_vs_8": out[64] / out[8], "target": "<= 1.3"}
+    """Decode step with 64 routed experts vs 8, same top-6 and width: work follows the experts used."""
+    layers, steps, rounds = (2, 5, 1) if smoke else (4, 20, 3)
+    models = {e: random_model(_tiny_width(layers, n_routed_experts=e)) for e in (8, 64)}
+    t = _best_of({e: (lambda m=m: _decode_step_seconds(m, 1, 64, steps)) for e, m in models.items()}, rounds)
+    return {"bench": "moe_dispatch", "decode_s_8_experts": t[8], "decode_s_64_experts": t[64],
+            "ratio_64_vs_8": t[64] / t[8], "target": "<= 1.3"}
 
 
 def bench_kv(smoke: bool) -> dict:
-    layers, steps, long = (2, 5, 1024) if smoke else (4, 20, 4096)
-    model = random_model(_tiny_width(layers))
-    short_s = _decode_step_seconds(model, 1, 256, steps)
-    long_s = _decode_step_seconds(model, 1, long, steps)
-    small = preset_config("small")
+    """Decode step at a long vs a short context, for tiny's plain attention and small's MLA (latent cache)."""
     from vl2cli.memory import kv_bytes_per_token
-    return {"bench": "kv_cache", "decode_s_ctx256": short_s, f"decode_s_ctx{long}": long_s,
-            "ratio": long_s / short_s, "target": "<= 1.5",
+    layers, steps, long, rounds = (2, 5, 1024, 1) if smoke else (4, 20, 4096, 3)
+    mha = random_model(_tiny_width(layers))
+    mla = random_model(preset_config("small", num_hidden_layers=layers, vocab_size=4096))
+    t = _best_of({(name, ctx): (lambda m=m, c=ctx: _decode_step_seconds(m, 1, c, steps))
+                  for name, m in (("mha", mha), ("mla", mla)) for ctx in (256, long)}, rounds)
+    small = preset_config("small")
+    return {"bench": "kv_cache", "context": long, "mha_decode_s_ctx256": t[("mha", 256)],
+            "mha_decode_s_long": t[("mha", long)], "mha_ratio": t[("mha", long)] / t[("mha", 256)],
+            "mla_decode_s_ctx256": t[("mla", 256)], "mla_decode_s_long": t[("mla", long)],
+            "mla_ratio": t[("mla", long)] / t[("mla", 256)], "target": "<= 1.5",
             "mla_cache_bytes_per_token_small_bf16": kv_bytes_per_token(small, 2),
-            "mla_formula": "(kv_lora_rank + qk_rope_head_dim) * layers * 2 = (512+64)*27*2"}
+            "mla_formula": "(kv_lora_rank 512 + qk_rope_head_dim 64) * 27 layers * 2 bytes",
+            "mha_cache_bytes_per_token_tiny_bf16": kv_bytes_per_token(preset_config("tiny"), 2)}
 
 
 def bench_batching(smoke: bool) -> dict:
-    layers, steps = (2, 4) if smoke else (4, 20)
+    """Aggregate decode tokens/s with 8 pages in flight vs 1."""
+    layers, steps, rounds = (2, 4, 1) if smoke else (4, 20, 3)
     model = random_model(_tiny_width(layers))
-    one = _decode_step_seconds(model, 1, 512, steps)
-    eight = _decode_step_seconds(model, 8, 512, steps)
-    return {"bench": "batching", "tokens_per_s_batch1": 1 / one, "tokens_per_s_batch8": 8 / eight,
-            "speedup": one * 8 / eight, "target": ">= 3"}
+    t = _best_of({b: (lambda b=b: _decode_step_seconds(model, b, 512, steps)) for b in (1, 8)}, rounds)
+    return {"bench": "batching", "tokens_per_s_batch1": 1 / t[1], "tokens_per_s_batch8": 8 / t[8],
+            "speedup": t[1] * 8 / t[8], "target": ">= 3"}
 
 
 def bench_memory(smoke: bool) -> dict:

@@ -97,10 +97,15 @@ def shard_files(folder: Path) -> list[Path]:
     raise CheckpointError(f"{folder}: no .safetensors weights found")
 
 
-def _assign(model: nn.Module, name: str, tensor: torch.Tensor | nn.Parameter) -> None:
+def _place(model: nn.Module, name: str, tensor: torch.Tensor, quantized_modules: set[str], device: torch.device,
+           dtype: torch.dtype) -> None:
+    """Put one tensor into the model: quantized for a swapped layer's weight, else cast and moved."""
     module_name, _, attr = name.rpartition(".")
     module = model.get_submodule(module_name) if module_name else model
-    param = tensor if isinstance(tensor, nn.Parameter) else nn.Parameter(tensor, requires_grad=False)
+    if module_name in quantized_modules and attr == "weight":
+        param = quantized_weight(module, tensor.to(dtype), device)
+    else:
+        param = nn.Parameter(tensor.to(device=device, dtype=dtype), requires_grad=False)
     setattr(module, attr, param)
 
 
@@ -136,15 +141,8 @@ def load_weights(model: DeepseekVL2, folder: Path, device: torch.device, dtype: 
                                           f"config implies {list(expected[name])}")
                 if name in loaded:
                     raise CheckpointError(f"{shard.name}: tensor {ck_name} appears twice")
-                tensor = f.get_tensor(ck_name)
-                module_name = name.rpartition(".")[0]
-                if module_name in quantized_modules and name.endswith(".weight"):
-                    value = quantized_weight(model.get_submodule(module_name), tensor.to(dtype), device)
-                else:
-                    value = tensor.to(device=device, dtype=dtype)
-                _assign(model, name, value)
+                _place(model, name, f.get_tensor(ck_name), quantized_modules, device, dtype)
                 loaded.add(name)
-                del tensor
     missing = sorted(set(expected) - loaded)
     if missing:
         more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
@@ -224,10 +222,5 @@ def random_model(cfg: VL2Config, device: str = "cpu", dtype: torch.dtype = torch
             t = torch.ones(p.shape, device=dev)
         else:
             t = torch.randn(p.shape, generator=gen, device=dev) * std
-        module_name = name.rpartition(".")[0]
-        if module_name in swapped and name.endswith(".weight"):
-            value = quantized_weight(model.get_submodule(module_name), t.to(dtype), dev)
-        else:
-            value = t.to(device=dev, dtype=dtype)
-        _assign(model, name, value)
+        _place(model, name, t, swapped, dev, dtype)
     return model
