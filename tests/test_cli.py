@@ -163,3 +163,19 @@ def test_revision_and_offline_reach_the_hub_client(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     resolve_model("tiny")
     assert seen["local_files_only"] is True
+
+
+def test_prompt_file_overrides_and_bad_prompt_file_fails_before_loading(tmp_path):
+    custom = tmp_path / "mine.txt"
+    custom.write_text("# my wording\nList every number on the page.\n")
+    result = run("ocr", IMG, "--prompt-file", str(custom), "--split", "never", "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)[0]["prompt_tokens"] > 0
+    missing = runner.invoke(app, ["ocr", IMG, "--prompt-file", str(tmp_path / "nope.txt"), "--model", "/nonexistent"])
+    assert missing.exit_code == 2 and "nope.txt: cannot read prompt" in missing.stderr
+
+
+def test_text_layer_only_on_a_scan_falls_back_to_the_model_and_says_so():
+    result = run("ocr", IMG, "--text-layer", "only", "--split", "never", "--json")
+    record = json.loads(result.stdout)[0]
+    assert record["finish_reason"] != "text_layer" and "no_text_layer" in record["flags"]

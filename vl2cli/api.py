@@ -175,13 +175,14 @@ class Reader:
         work: list[tuple[int, Prepared]] = []
         for i, page in enumerate(pages):
             start = time.perf_counter()
-            if opts.text_layer == "only" and page.text_layer is not None:
+            if opts.text_layer == "only" and (page.text_layer or "").strip():
                 records[i] = self._record(task, page, opts, {"answer": page.text_layer.strip(), "flags": [],
                                           "finish_reason": "text_layer", "prompt_tokens": 0,
                                           "generated_tokens": 0}, start)
                 continue
-            if task.splittable and self._split_count(page, opts) > 1:
-                records[i] = self._read_split(task, page, opts, self._split_count(page, opts))
+            bands = self._split_count(page, opts) if task.splittable else 1
+            if bands > 1:
+                records[i] = self._read_split(task, page, opts, bands)
                 continue
             hint = page.text_layer if opts.text_layer == "hint" else None
             try:
@@ -200,6 +201,8 @@ class Reader:
             answers = self._answer(gens, [p for _, p in chunk], opts)
             for (i, _), answer in zip(chunk, answers):
                 page = pages[i]
+                if opts.text_layer == "only":  # asked for the text layer, but this page has none
+                    answer["flags"].append("no_text_layer")
                 if (answer["finish_reason"] == "length" and task.splittable and opts.split == "auto"):
                     records[i] = self._read_split(task, page, opts, 3, first=answer)
                 else:
@@ -226,8 +229,9 @@ class Reader:
         except PageFailed as exc:
             return self._failed(task, page, str(exc))
         answers = self._answer(gens, prompts, opts)
+        interrupted = any(a["finish_reason"] == "interrupted" for a in answers)
         merged = {"answer": merge_band_texts([a["answer"] for a in answers]),
-                  "finish_reason": "split",
+                  "finish_reason": "interrupted" if interrupted else "split",
                   "flags": sorted({f for a in answers for f in a["flags"]}),
                   "prompt_tokens": sum(a["prompt_tokens"] for a in answers),
                   "generated_tokens": sum(a["generated_tokens"] for a in answers)}
