@@ -162,32 +162,45 @@ def _check_choice(flag: str, value: str, choices: tuple[str, ...], allow_int: bo
 
 def _print_pages(reader, task, sources, read_opts, fmt, json_out, pages, dpi, password, max_pixels, text_layer,
                  quiet) -> int:
+    """Read pages as they are rendered, a batch at a time, printing each result as soon as it is ready."""
     from vl2cli.errors import InputError
-    from vl2cli.pages import iter_pages
+    from vl2cli.pages import count_pages, iter_pages
 
     failed = 0
     records = []
-    for source in sources:
-        try:
-            file_pages = list(iter_pages(source, pages=pages, dpi=dpi, password=password, max_pixels=max_pixels,
-                                         text_layer=text_layer != "off"))
-        except InputError as exc:
-            err(f"vl2: {exc}")
-            failed += 1
-            continue
-        for record in reader.read(task, file_pages, read_opts):
+
+    def flush(batch) -> None:
+        nonlocal failed
+        for record in reader.read(task, batch, read_opts):
+            where = f"{record['source']} p{record['page']}"
             if record["status"] != "ok":
-                err(f"vl2: {record['source']} p{record['page']}: {record.get('error', record['status'])}")
+                err(f"vl2: {where}: {record.get('error', record['status'])}")
                 failed += 1
                 continue
             for flag in record.get("flags", []):
-                err(f"vl2: warning: {record['source']} p{record['page']}: {flag.replace('_', ' ')}")
-            records.append(record)
-            if not json_out:
-                if len(sources) > 1 or len(file_pages) > 1:
-                    if not quiet:
-                        err(f"== {record['source']} page {record['page']} ==")
-                typer.echo(task.render(record, fmt))
+                err(f"vl2: warning: {where}: {flag.replace('_', ' ')}")
+            if json_out:
+                records.append(record)
+                continue
+            if headers and not quiet:
+                err(f"== {record['source']} page {record['page']} ==")
+            typer.echo(task.render(record, fmt))
+
+    headers = len(sources) > 1 or any(count_pages(s, pages, password) > 1 for s in sources if s != "-")
+    for source in sources:
+        batch = []
+        try:
+            for page in iter_pages(source, pages=pages, dpi=dpi, password=password, max_pixels=max_pixels,
+                                   text_layer=text_layer != "off"):
+                batch.append(page)
+                if len(batch) >= read_opts.batch_size:
+                    flush(batch)
+                    batch = []
+        except InputError as exc:
+            err(f"vl2: {exc}")
+            failed += 1
+        if batch:
+            flush(batch)
     if json_out:
         typer.echo(json.dumps(records, ensure_ascii=False, indent=1))
     return failed
