@@ -214,3 +214,16 @@ def test_nf4_quantizes_every_language_linear_on_cpu(quantized_tiny, loaded_tiny,
     lf, _ = Engine(loaded_tiny.model, tok.eos_id, tok.pad_id).prefill([prompt], 0)
     cos = torch.nn.functional.cosine_similarity(lq, lf).item()
     assert cos > 0.98, cos
+
+
+def test_cpu_auto_dtype_falls_back_to_bfloat16_when_float32_would_not_fit(monkeypatch, capsys):
+    import psutil
+
+    class Tight:
+        available = 1024  # bytes: nothing fits
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: Tight())
+    loaded = load_model(str(CKPT / "tiny"), device="cpu", quant="none")
+    assert loaded.model.language.embed_tokens.weight.dtype == torch.bfloat16
+    assert "using bfloat16" in capsys.readouterr().err
+    exact = load_model(str(CKPT / "tiny"), device="cpu", dtype="float32", quant="none")
+    assert exact.model.language.embed_tokens.weight.dtype == torch.float32

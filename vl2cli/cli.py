@@ -228,8 +228,10 @@ def _print_summary(summary, quiet: bool, json_out: bool, out: Path) -> None:
 
 
 def _task_command(name: str, help_text: str, needs: str | None = None, default_fmt: str = "markdown"):
+    inputs_help = "PDFs, images, folders, or - for stdin" + (f"; the {needs} comes last." if needs else ".")
+
     def command(
-        inputs: Annotated[list[str], typer.Argument(help="PDFs, images, folders, or - for stdin.")],
+        inputs: Annotated[list[str], typer.Argument(help=inputs_help)],
         model: Model = "tiny", quant: Quant = "auto", device: Device = "auto", dtype: Dtype = "auto",
         max_new_tokens: MaxNew = 2048, temperature: Temp = 0.0, prompt_file: PromptFile = None, out: Out = None,
         fmt: Annotated[str, typer.Option("--format", "-f", help="Output format.")] = default_fmt,

@@ -186,6 +186,18 @@ def pick_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
     return table[dtype]
 
 
+def _cpu_dtype_that_fits(model: nn.Module) -> torch.dtype:
+    """float32 on CPU (exact) unless the float32 weights would take over 60% of the free RAM; then bfloat16."""
+    import psutil
+    fp32_bytes = 4 * sum(p.numel() for p in model.parameters())
+    if fp32_bytes <= 0.6 * psutil.virtual_memory().available:
+        return torch.float32
+    import sys
+    print(f"vl2: float32 weights ({fp32_bytes / 1024**3:.1f} GiB) would not fit in free memory; using bfloat16 "
+          "(pass --dtype float32 to insist)", file=sys.stderr)
+    return torch.bfloat16
+
+
 def build_model(cfg: VL2Config, device: torch.device, dtype: torch.dtype, quant: str) -> tuple[DeepseekVL2, set[str]]:
     with torch.device("meta"):
         model = DeepseekVL2(cfg)
@@ -204,6 +216,8 @@ def load_model(spec: str | Path = "tiny", device: str | None = None, dtype: str 
     if len(tokenizer) > cfg.language.vocab_size:
         raise CheckpointError(f"{folder}: tokenizer has {len(tokenizer)} tokens but vocab_size is {cfg.language.vocab_size}")
     model, swapped = build_model(cfg, dev, torch_dtype, mode)
+    if dtype in (None, "auto") and dev.type == "cpu" and torch_dtype == torch.float32:
+        torch_dtype = _cpu_dtype_that_fits(model)
     report = load_weights(model, folder, dev, torch_dtype, swapped)
     report.quant = mode
     return LoadedModel(model, Processor(tokenizer, cfg), cfg, folder, dev, torch_dtype, mode, report)
