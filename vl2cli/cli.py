@@ -228,10 +228,8 @@ def _print_summary(summary, quiet: bool, json_out: bool, out: Path) -> None:
 
 
 def _task_command(name: str, help_text: str, needs: str | None = None, default_fmt: str = "markdown"):
-    inputs_help = "PDFs, images, folders, or - for stdin" + (f"; the {needs} comes last." if needs else ".")
-
     def command(
-        inputs: Annotated[list[str], typer.Argument(help=inputs_help)],
+        inputs: Annotated[list[str], typer.Argument(help="PDFs, images, folders, or - for stdin.")],
         model: Model = "tiny", quant: Quant = "auto", device: Device = "auto", dtype: Dtype = "auto",
         max_new_tokens: MaxNew = 2048, temperature: Temp = 0.0, prompt_file: PromptFile = None, out: Out = None,
         fmt: Annotated[str, typer.Option("--format", "-f", help="Output format.")] = default_fmt,
@@ -252,6 +250,9 @@ def _task_command(name: str, help_text: str, needs: str | None = None, default_f
                   max_pixels=max_pixels)
 
     command.__doc__ = help_text
+    if needs:  # the query is the last positional word: say so in --help
+        help_words = f"PDFs, images, folders, or - for stdin; the {needs} comes last."
+        command.__annotations__["inputs"] = Annotated[list[str], typer.Argument(help=help_words)]
     app.command(name)(command)
 
 
