@@ -179,3 +179,11 @@ def test_text_layer_only_on_a_scan_falls_back_to_the_model_and_says_so():
     result = run("ocr", IMG, "--text-layer", "only", "--split", "never", "--json")
     record = json.loads(result.stdout)[0]
     assert record["finish_reason"] != "text_layer" and "no_text_layer" in record["flags"]
+
+
+@pytest.mark.parametrize("command", ["ocr", "ask", "table", "chart", "ground", "caption", "batch", "models", "trace",
+                                     "bench"])
+def test_every_command_has_help_with_an_example(command):
+    result = runner.invoke(app, [command, "--help"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    assert "Example" in result.output or command in ("models", "bench")
