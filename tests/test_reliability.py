@@ -311,3 +311,13 @@ def test_kill_9_mid_run_loses_nothing_finished(tmp_path):
     proc.kill()
     proc.wait(timeout=60)
     _check_resume(src, out, n)
+
+
+def test_index_torn_by_a_kill_is_repaired_before_appending(tmp_path):
+    from vl2cli.batch import Index
+    good = json.dumps({"key": "a.p0001", "status": "ok", "outputs": []})
+    (tmp_path / "index.jsonl").write_text(good + "\n" + '{"key": "a.p0002", "sta')
+    index = Index(tmp_path)
+    assert set(index.entries) == {"a.p0001"}
+    index.add({"key": "a.p0002", "status": "ok", "outputs": []})
+    assert set(Index(tmp_path).entries) == {"a.p0001", "a.p0002"}

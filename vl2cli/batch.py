@@ -94,7 +94,11 @@ class Index:
         self.path = out / INDEX_NAME
         self.entries: dict[str, dict] = {}
         if self.path.exists():
-            for line in self.path.read_text("utf-8", errors="replace").splitlines():
+            raw = self.path.read_bytes()
+            if raw and not raw.endswith(b"\n"):  # a line torn by a kill: end it so the next line starts clean
+                with open(self.path, "ab") as f:
+                    f.write(b"\n")
+            for line in raw.decode("utf-8", errors="replace").splitlines():
                 try:
                     entry = json.loads(line)
                     self.entries[entry["key"]] = entry
@@ -154,23 +158,27 @@ def _inside(out: Path, rel: str) -> None:
 
 class _Stop:
     def __init__(self):
-        self.signal: int | None = None
+        self.signal: int | None = None  # SIGINT/SIGTERM received: finish the pages in flight
+        self.abandoned = False  # the consumer has gone (error or signal): the renderer stops too
+
+    @property
+    def stopping(self) -> bool:
+        return bool(self.signal) or self.abandoned
 
 
 def _producer(sources: list[str], root: Path | None, index: Index, opts: BatchOptions, text_layer: bool,
               q: queue.Queue, stop: _Stop, cfg) -> None:
-    """Runs in the one rendering thread: yields ('page', key, Page) / ('error', source, msg) / ('file', ...)."""
+    """Runs in the one rendering thread; queues ('page', key, Page), ('error', source, msg), then ('end', ...)."""
     try:
         for source in sources:
-            if stop.signal:
+            if stop.stopping:
                 break
             file_key = output_key(source, root)
-            q.put(("file", source, file_key))
             try:
                 for page in iter_pages(source, pages=opts.pages, dpi=opts.dpi, password=opts.password,
                                        max_pixels=opts.max_pixels, text_layer=text_layer,
                                        skip=lambda n, fk=file_key: index.done(page_key(fk, n), opts.out)):
-                    if stop.signal:
+                    if stop.stopping:
                         break
                     page.tiling = tile_image(page.image, cfg)  # tiles are cut here, overlapping model compute
                     q.put(("page", page_key(file_key, page.number), page))
@@ -246,7 +254,12 @@ def run_batch(reader: Reader, task: Task, sources: list[str], read_opts: ReadOpt
         skipped = sum(1 for k, e in index.entries.items() if e.get("status") == "ok")
         summary.pages_skipped = max(0, skipped - summary.pages_done)
     finally:
-        stop.signal = stop.signal or None
+        stop.abandoned = True
+        while thread.is_alive():  # let a renderer blocked on a full queue see that nobody is reading
+            try:
+                q.get(timeout=0.05)
+            except queue.Empty:
+                pass
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         reader.stop_requested = False
