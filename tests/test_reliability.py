@@ -321,3 +321,23 @@ def test_index_torn_by_a_kill_is_repaired_before_appending(tmp_path):
     assert set(index.entries) == {"a.p0001"}
     index.add({"key": "a.p0002", "status": "ok", "outputs": []})
     assert set(Index(tmp_path).entries) == {"a.p0001", "a.p0002"}
+
+
+def test_unreadable_file_and_read_only_output_are_reported(tmp_path, monkeypatch):
+    """Root reads anything, so permission errors are injected where the OS would raise them."""
+    import builtins
+    secret = tmp_path / "secret.png"
+    Image.open(PARITY / "images" / "note_300x200.png").save(secret)
+    real_open = builtins.open
+
+    def guarded(path, *args, **kwargs):
+        if str(path) == str(secret):
+            raise PermissionError(13, "Permission denied")
+        return real_open(path, *args, **kwargs)
+    monkeypatch.setattr(builtins, "open", guarded)
+    result = CliRunner().invoke(app, ["ocr", str(secret), "--model", TINY])
+    assert result.exit_code == 1 and "secret.png: cannot read (Permission denied)" in result.stderr
+    monkeypatch.setattr(builtins, "open", real_open)
+    monkeypatch.setattr(os, "access", lambda path, mode: False)
+    result = CliRunner().invoke(app, ["batch", str(secret), "--out", str(tmp_path / "ro"), "--model", TINY])
+    assert result.exit_code == 1 and "output folder is not writable" in result.stderr

@@ -66,7 +66,7 @@ def merge_band_texts(texts: list[str], max_overlap_lines: int = 12) -> str:
     """Join band answers, dropping the lines a band repeats from the end of the previous one."""
     merged: list[str] = []
     for text in texts:
-        lines = [line for line in text.strip().splitlines()]
+        lines = text.strip().splitlines()
         best = 0
         for k in range(1, min(max_overlap_lines, len(lines), len(merged)) + 1):
             tail = [x.strip() for x in merged[-k:]]
