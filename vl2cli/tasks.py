@@ -18,7 +18,17 @@ from vl2cli.parsers import (
     table_to_markdown,
 )
 
-PROMPTS_DIR = Path(__file__).resolve().parent.parent / "prompts"
+
+def _prompts_dir() -> Path:
+    """prompts/ beside the package in a source checkout, else where the wheel installs it (share/vl2/prompts)."""
+    import sys
+    for folder in (Path(__file__).resolve().parent.parent / "prompts", Path(sys.prefix) / "share" / "vl2" / "prompts"):
+        if folder.is_dir():
+            return folder
+    return Path(__file__).resolve().parent.parent / "prompts"
+
+
+PROMPTS_DIR = _prompts_dir()
 
 
 def load_prompt(name_or_path: str) -> str:
