@@ -187,3 +187,14 @@ def test_every_command_has_help_with_an_example(command):
     result = runner.invoke(app, [command, "--help"], env={"COLUMNS": "200"})
     assert result.exit_code == 0, result.output
     assert "Example" in result.output or command in ("models", "bench")
+
+
+def test_ask_streams_the_same_answer_it_returns(loaded_tiny):
+    from vl2cli.api import Reader, TokenStream
+    from vl2cli.generation import SamplingParams
+    reader = Reader(loaded=loaded_tiny)
+    pieces = []
+    stream = TokenStream(reader, pieces.append)
+    answer = reader.ask_images([Image.open(IMG)], "What is written?", SamplingParams(max_new_tokens=12),
+                               on_token=stream)
+    assert "".join(pieces) + answer[len(stream.shown):] == answer and len(pieces) > 1

@@ -77,6 +77,23 @@ def merge_band_texts(texts: list[str], max_overlap_lines: int = 12) -> str:
     return "\n".join(merged).strip()
 
 
+class TokenStream:
+    """Prints an answer while it is generated: each new piece once its bytes decode to whole characters."""
+
+    def __init__(self, reader: Reader, write: Callable[[str], None]):
+        self.reader, self.write = reader, write
+        self.ids: list[int] = []
+        self.shown = ""
+
+    def __call__(self, row: int, token: int) -> None:
+        self.ids.append(token)
+        text = self.reader.decode(self.ids)
+        if text.endswith("\ufffd") or not text.startswith(self.shown):
+            return  # half a multi-byte character, or a re-segmentation: wait for more tokens
+        self.write(text[len(self.shown):])
+        self.shown = text
+
+
 class Reader:
     def __init__(self, model: str = "tiny", device: str | None = None, dtype: str | None = None,
                  quant: str = "auto", revision: str | None = None, offline: bool | None = None,

@@ -293,10 +293,11 @@ def ask(
         reader = _reader(model, device, dtype, quant, revision, offline)
         params = _params(max_new_tokens, temperature)
 
-        answer = reader.ask_images(images, question, params)
+        answer = _answer(reader, images, question, params, json_out)
         record = {"inputs": [display_path(f) for f in files], "pages": len(images), "question": question,
                   "answer": answer}
-        typer.echo(json.dumps(record, ensure_ascii=False) if json_out else answer)
+        if json_out:
+            typer.echo(json.dumps(record, ensure_ascii=False))
         if out is not None:
             from vl2cli.batch import output_key, safe_component
             from vl2cli.writers import atomic_write_text
@@ -312,13 +313,24 @@ def ask(
                 break
             if follow in ("", "exit", "quit"):
                 break
-            answer = reader.ask_images(images, follow, params, history=history)
-            typer.echo(answer)
+            answer = _answer(reader, images, follow, params, json_out, history)
+            if json_out:
+                typer.echo(json.dumps({"question": follow, "answer": answer}, ensure_ascii=False))
             history += [Message("user", follow), Message("assistant", answer)]
     except typer.Exit:
         raise
     except Exception as exc:
         raise _fail(exc) from None
+
+
+def _answer(reader, images, question, params, json_out: bool, history=None) -> str:
+    """Ask, streaming the answer to stdout as it is generated (unless the output is JSON)."""
+    from vl2cli.api import TokenStream
+    stream = None if json_out else TokenStream(reader, lambda piece: typer.echo(piece, nl=False))
+    answer = reader.ask_images(images, question, params, history=history, on_token=stream)
+    if stream is not None:
+        typer.echo(answer[len(stream.shown):])  # whatever was held back, then the newline
+    return answer
 
 
 def _marks(n: int) -> str:
