@@ -89,3 +89,14 @@ def test_chat_answers_follow_ups():
                                       "--max-new-tokens", "3"], input="A follow-up?\nexit\n")
     assert result.exit_code == 0, result.output
     assert result.stdout.count("\n") >= 2  # the answer and the follow-up's answer
+
+
+def test_glob_patterns_relative_and_absolute(tmp_path, monkeypatch):
+    (tmp_path / "s").mkdir()
+    for name in ("a.pdf", "b.pdf", "c.png"):
+        (tmp_path / "s" / name).write_bytes(b"x")
+    assert [p.split("/")[-1] for p in expand_inputs([str(tmp_path / "s" / "*.pdf")])] == ["a.pdf", "b.pdf"]
+    monkeypatch.chdir(tmp_path)
+    assert expand_inputs(["s/**/*.png"]) == ["s/c.png"]
+    with pytest.raises(UsageError, match="matches no file"):
+        expand_inputs(["s/*.tiff"])

@@ -7,6 +7,7 @@ with an input becomes an InputError naming the file and what is wrong with it.
 from __future__ import annotations
 
 import io
+import os
 import sys
 import warnings
 from collections.abc import Iterator
@@ -269,11 +270,11 @@ def expand_inputs(inputs: list[str], glob: str | None = None) -> list[str]:
                                  + (f" matching {glob!r}" if glob else ""))
             out.extend(str(p) for p in found)
         elif any(ch in item for ch in "*?[") and not path.exists():
-            base = Path(".")
-            found = sorted(p for p in base.glob(item) if p.is_file())
+            import glob as globbing
+            found = sorted(p for p in globbing.glob(item, recursive=True) if os.path.isfile(p))
             if not found:
                 raise UsageError(f"{item}: the pattern matches no file")
-            out.extend(str(p) for p in found)
+            out.extend(found)
         else:
             out.append(item)
     seen, unique = set(), []
