@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -198,3 +199,20 @@ def test_ask_streams_the_same_answer_it_returns(loaded_tiny):
     answer = reader.ask_images([Image.open(IMG)], "What is written?", SamplingParams(max_new_tokens=12),
                                on_token=stream)
     assert "".join(pieces) + answer[len(stream.shown):] == answer and len(pieces) > 1
+
+
+def test_grounded_answer_becomes_pixel_boxes_and_an_annotated_png(tmp_path):
+    from vl2cli.batch import BatchOptions, write_page
+    from vl2cli.pages import Page
+    from vl2cli.tasks import get_task
+    task = get_task("ground")
+    image = Image.open(Path(__file__).parent.parent / "samples" / "objects.png").convert("RGB")
+    answer = "<|ref|>the red circle<|/ref|><|det|>[[94, 166, 343, 500]]<|/det|>"
+    record = {"source": "objects.png", "page": 1, "task": "ground", "status": "ok", "answer": answer,
+              **task.parse(answer, *image.size, "the red circle")}
+    assert record["objects"][0]["box"] == [60, 79, 219, 240]  # 640x480 page: x / 999 * 640, y / 999 * 480
+    outputs = write_page(task, record, Page("objects.png", 1, image), "objects.png.p0001",
+                         BatchOptions(out=tmp_path, fmt="json"))
+    assert outputs == ["objects.png.p0001.json", "objects.png.p0001.boxes.png"]
+    drawn = Image.open(tmp_path / "objects.png.p0001.boxes.png")
+    assert drawn.size == image.size and drawn.getpixel((60, 160)) != image.getpixel((60, 160))
