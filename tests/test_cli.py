@@ -160,7 +160,7 @@ def test_revision_and_offline_reach_the_hub_client(monkeypatch):
     resolve_model("base", revision="abc123", offline=True)
     assert seen["repo_id"] == "deepseek-ai/deepseek-vl2" and seen["revision"] == "abc123"
     assert seen["local_files_only"] is True
-    assert not any(p.endswith((".py", ".bin")) for p in seen["allow_patterns"])  # no code, no pickles
+    assert seen["allow_patterns"] == ["*.json", "*.safetensors"]  # no code, no pickles
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     resolve_model("tiny")
     assert seen["local_files_only"] is True

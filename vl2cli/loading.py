@@ -59,7 +59,7 @@ def resolve_model(spec: str, revision: str | None = None, offline: bool | None =
         raise CheckpointError("huggingface_hub is not installed: pass --model /path/to/checkpoint") from None
     try:
         folder = snapshot_download(repo_id, revision=revision, local_files_only=offline,
-                                   allow_patterns=["*.json", "*.safetensors", "tokenizer*"])
+                                   allow_patterns=["*.json", "*.safetensors"])  # never code, never pickles
     except Exception as exc:  # network, auth, missing repo: all end the same way for the user
         how = "it is not in the local cache (offline mode)" if offline else f"download failed: {type(exc).__name__}"
         raise CheckpointError(f"model {repo_id}: {how}; download it on a connected machine with "
