@@ -79,8 +79,11 @@ def test_tiling_choice_is_a_candidate_and_uses_the_most_pixels(w, h):
 
 
 def test_loop_detection():
-    assert find_loop([5, 6, 7] * 20) == 3
-    assert find_loop(list(range(100))) is None
+    assert find_loop([5, 6, 7] * 40) == 3
+    assert find_loop(list(range(200))) is None
+    row = list(range(10, 22))  # a 12-token table row repeated 5 times is content, not a loop
+    assert find_loop(list(range(100)) + row * 5) is None
+    assert find_loop(list(range(100)) + row * 9) == 12
     assert trim_loop([1, 2] + [9, 8] * 30, 2) == [1, 2, 9, 8]
 
 

@@ -217,16 +217,20 @@ def strip_grounding_tags(text: str) -> str:
 
 # ----------------------------------------------------------------------------- runaway generation
 
-def find_loop(ids: list[int], min_total: int = 48, max_period: int = 64, min_repeats: int = 4) -> int | None:
-    """The period of a span repeated at the end of `ids` (covering >= min_total tokens), else None."""
+def find_loop(ids: list[int], min_total: int = 96, max_period: int = 64, min_repeats: int = 6) -> int | None:
+    """The period of a span repeated at the end of `ids` (covering >= min_total tokens), else None.
+
+    The bounds keep legitimate repetition (a few identical table rows, a dotted leader) out: only a span
+    repeated at least 6 times over at least 96 tokens counts as a runaway loop.
+    """
     n = len(ids)
     for period in range(1, max_period + 1):
-        repeats = max(min_repeats, math.ceil(min_total / period))
-        span = period * repeats
+        span = period * max(min_repeats, math.ceil(min_total / period))
         if span > n:
-            break
-        tail = ids[n - span:]
-        if all(tail[i] == tail[i % period] for i in range(span)):
+            continue  # spans are not monotonic in the period: a longer period may still fit
+        # Walk back from the end comparing each token with the one a period earlier; text that is
+        # not looping fails on the first comparison, so this costs almost nothing per step.
+        if all(ids[n - 1 - j] == ids[n - 1 - j - period] for j in range(span - period)):
             return period
     return None
 
