@@ -143,8 +143,9 @@ class LatentAttention(nn.Module):
         latent = self.kv_a_layernorm(latent)
         q_pe = apply_rope(deinterleave(q_pe), cos, sin)
         k_pe = apply_rope(deinterleave(k_pe)[:, None], cos, sin)[:, 0]  # [b, n, rope]
-        latent, k_pe = cache.update(self.layer, start, latent, k_pe)  # [b, S, r], [b, S, rope]
-        s = latent.shape[1]
+        keys = cache.update_latent(self.layer, start, latent, k_pe)  # [b, S, r+rope]: latent, then rotary key
+        latent, k_pe = keys[..., : self.rank], keys[..., self.rank :]  # views, no copy
+        s = keys.shape[1]
         if n > self.ABSORB_MAX_QUERIES:
             kv = self.kv_b_proj(latent).view(b, s, self.heads, self.nope + self.v_dim).transpose(1, 2)
             k_nope, v = kv.split([self.nope, self.v_dim], dim=-1)  # [b, H, S, nope], [b, H, S, v]
@@ -158,9 +159,9 @@ class LatentAttention(nn.Module):
             # Every head reads the same latent keys/values (multi-query form): fold heads into the query
             # rows so the cache is read once, never copied per head.
             qk = torch.cat([q_lat, q_pe], dim=-1).reshape(b, 1, self.heads * n, -1)  # [b, 1, H*n, r+rope]
-            keys = torch.cat([latent, k_pe], dim=-1)[:, None]  # [b, 1, S, r+rope]
             head_mask = mask.expand(b, self.heads, n, s).reshape(b, 1, self.heads * n, s)
-            ctx = F.scaled_dot_product_attention(qk, keys, latent[:, None], attn_mask=head_mask, scale=self.scale)
+            ctx = F.scaled_dot_product_attention(qk, keys[:, None], latent[:, None], attn_mask=head_mask,
+                                                 scale=self.scale)
             ctx = ctx.view(b, self.heads, n, self.rank)  # [b, H, n, r]
             out = torch.einsum("bhnr,hvr->bhnv", ctx, w_uv)  # [b, H, n, v]
         return self.o_proj(out.transpose(1, 2).reshape(b, n, self.heads * self.v_dim))

@@ -67,9 +67,15 @@ def bench_kv(smoke: bool) -> dict:
             "mha_decode_s_long": t[("mha", long)], "mha_ratio": t[("mha", long)] / t[("mha", 256)],
             "mla_decode_s_ctx256": t[("mla", 256)], "mla_decode_s_long": t[("mla", long)],
             "mla_ratio": t[("mla", long)] / t[("mla", 256)], "target": "<= 1.5",
-            "mla_cache_bytes_per_token_small_bf16": kv_bytes_per_token(small, 2),
+            "mla_cache_bytes_per_token_small_bf16": _cache_bytes(small),
             "mla_formula": "(kv_lora_rank 512 + qk_rope_head_dim 64) * 27 layers * 2 bytes",
-            "mha_cache_bytes_per_token_tiny_bf16": kv_bytes_per_token(preset_config("tiny"), 2)}
+            "mla_formula_bytes": kv_bytes_per_token(small, 2),
+            "mha_cache_bytes_per_token_tiny_bf16": _cache_bytes(preset_config("tiny"))}
+
+
+def _cache_bytes(cfg) -> int:
+    """Bytes per token of a real cache of this config (bf16, one sequence)."""
+    return KVCache(cfg.language, 1, 8, "cpu", torch.bfloat16).bytes_per_token()
 
 
 def bench_batching(smoke: bool) -> dict:
