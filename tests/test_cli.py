@@ -216,3 +216,16 @@ def test_grounded_answer_becomes_pixel_boxes_and_an_annotated_png(tmp_path):
     assert outputs == ["objects.png.p0001.json", "objects.png.p0001.boxes.png"]
     drawn = Image.open(tmp_path / "objects.png.p0001.boxes.png")
     assert drawn.size == image.size and drawn.getpixel((60, 160)) != image.getpixel((60, 160))
+
+
+def test_batch_output_inside_the_input_folder_is_not_read_back(tmp_path):
+    src = tmp_path / "scans"
+    src.mkdir()
+    Image.open(IMG).save(src / "a.png")
+    args = ["batch", str(src), "--task", "ground", "--question", "x", "--out", str(src / "results"),
+            "--model", TINY, "--max-new-tokens", "2", "--json"]
+    (src / "results").mkdir()
+    Image.open(IMG).save(src / "results" / "a.png.p0001.boxes.png")  # an earlier run's annotated page
+    first = runner.invoke(app, args)
+    assert first.exit_code == 0, first.output
+    assert json.loads(first.stdout)["pages_done"] == 1

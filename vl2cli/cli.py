@@ -362,7 +362,7 @@ def batch(
     _state["verbose"] = verbose
     try:
         t = get_task(task)
-        files = expand_inputs(inputs, glob)
+        files = expand_inputs(inputs, glob, exclude=out)
         if not files:
             raise UsageError("batch: no input files found")
     except Exception as exc:

@@ -253,8 +253,11 @@ def count_pages(source: str, pages: str | None = None, password: str | None = No
         return 1
 
 
-def expand_inputs(inputs: list[str], glob: str | None = None) -> list[str]:
-    """Files as given; folders searched recursively for supported files (or --glob); sorted, deduplicated."""
+def expand_inputs(inputs: list[str], glob: str | None = None, exclude: str | Path | None = None) -> list[str]:
+    """Files as given; folders searched recursively for supported files (or --glob); sorted, deduplicated.
+
+    Files under `exclude` (the output folder, which may sit inside an input folder) are left out.
+    """
     out: list[str] = []
     for item in inputs:
         if item == "-":
@@ -277,6 +280,9 @@ def expand_inputs(inputs: list[str], glob: str | None = None) -> list[str]:
             out.extend(found)
         else:
             out.append(item)
+    if exclude is not None:
+        root = os.path.abspath(exclude) + os.sep
+        out = [item for item in out if item == "-" or not os.path.abspath(item).startswith(root)]
     seen, unique = set(), []
     for item in out:
         if item not in seen:
