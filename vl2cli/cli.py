@@ -86,7 +86,7 @@ def _run_task(task_name: str, inputs: list[str], text: str | None, *, model, qua
         _check_choice("--split", split, ("auto", "never"), allow_int=True)
         _check_choice("--text-layer", text_layer, ("off", "hint", "only"))
         task.prompt(1, text, prompt_file)  # a missing question or unreadable prompt file fails before loading
-        sources = expand_inputs(inputs)
+        sources = expand_inputs(inputs, exclude=out)
         if not sources:
             raise UsageError("no input files")
         reader = _reader(model, device, dtype, quant, revision, offline)
