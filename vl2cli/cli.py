@@ -59,14 +59,14 @@ def _reader(model, device, dtype, quant, revision=None, offline=False):
     return Reader(model, device=device, dtype=dtype, quant=quant, revision=revision, offline=offline or None)
 
 
-def _params(max_new_tokens: int, temperature: float, seed: int | None = None):
+def _params(max_new_tokens: int, temperature: float):
     from vl2cli.generation import SamplingParams
     if temperature < 0:
         raise UsageError("--temperature must be >= 0")
     if max_new_tokens < 1:
         raise UsageError("--max-new-tokens must be >= 1")
     return SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=0.9 if temperature else 1.0,
-                          seed=seed if seed is not None else (0 if temperature else None))
+                          seed=0 if temperature else None)
 
 
 def _run_task(task_name: str, inputs: list[str], text: str | None, *, model, quant, device, dtype, max_new_tokens,
@@ -283,6 +283,7 @@ def ask(
     try:
         from vl2cli.pages import display_path, expand_inputs, iter_pages
         from vl2cli.processor import Message
+        from vl2cli.tasks import image_marks
         if len(inputs) < 2:
             raise UsageError("ask: give the input file(s) and then the question")
         *files, question = inputs
@@ -305,7 +306,7 @@ def ask(
             atomic_write_text(out / name, json.dumps(record, ensure_ascii=False, indent=1) + "\n")
             if not quiet:
                 err(f"vl2: wrote {out / name}")
-        history = [Message("user", _marks(len(images)) + question, images), Message("assistant", answer)]
+        history = [Message("user", image_marks(len(images)) + question, images), Message("assistant", answer)]
         while chat:
             try:
                 follow = input("> ").strip()
@@ -331,11 +332,6 @@ def _answer(reader, images, question, params, json_out: bool, history=None) -> s
     if stream is not None:
         typer.echo(answer[len(stream.shown):])  # whatever was held back, then the newline
     return answer
-
-
-def _marks(n: int) -> str:
-    from vl2cli.tasks import image_marks
-    return image_marks(n)
 
 
 @app.command()

@@ -111,10 +111,9 @@ def _place(model: nn.Module, name: str, tensor: torch.Tensor, quantized_modules:
 
 @dataclass
 class LoadReport:
-    tensors: int
-    skipped: list[str]
-    quantized: int
-    quant: str
+    tensors: int  # loaded into the model
+    skipped: list[str]  # checkpoint tensors the model knowingly does not use
+    quantized: int  # layers swapped for 4-/8-bit ones
 
 
 def load_weights(model: DeepseekVL2, folder: Path, device: torch.device, dtype: torch.dtype,
@@ -147,7 +146,7 @@ def load_weights(model: DeepseekVL2, folder: Path, device: torch.device, dtype: 
     if missing:
         more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
         raise CheckpointError(f"{folder}: checkpoint lacks tensor {model_to_checkpoint_name(missing[0])}{more}")
-    return LoadReport(len(loaded), skipped, len(quantized_modules), "")
+    return LoadReport(len(loaded), skipped, len(quantized_modules))
 
 
 @dataclass
@@ -219,7 +218,6 @@ def load_model(spec: str | Path = "tiny", device: str | None = None, dtype: str 
     if dtype in (None, "auto") and dev.type == "cpu" and torch_dtype == torch.float32:
         torch_dtype = _cpu_dtype_that_fits(model)
     report = load_weights(model, folder, dev, torch_dtype, swapped)
-    report.quant = mode
     return LoadedModel(model, Processor(tokenizer, cfg), cfg, folder, dev, torch_dtype, mode, report)
 
 

@@ -180,6 +180,11 @@ def render_prompt(messages: list[Message], system_prompt: str = "") -> str:
     return ret.strip()
 
 
+def _add_text(state: dict, ids: list[int]) -> None:
+    state["ids"] += ids
+    state["mask"] += [False] * len(ids)
+
+
 class Processor:
     def __init__(self, tokenizer: VL2Tokenizer, cfg: VL2Config):
         self.tokenizer = tokenizer
@@ -192,9 +197,7 @@ class Processor:
         if len(pieces) - 1 != len(images):
             raise UsageError(f"the prompt has {len(pieces) - 1} {token} marks but {len(images)} images were given")
         for i, piece in enumerate(pieces):
-            ids = self.tokenizer.encode(piece)
-            state["ids"] += ids
-            state["mask"] += [False] * len(ids)
+            _add_text(state, self.tokenizer.encode(piece))
             if i < len(images):
                 image = images[i]
                 if isinstance(image, Tiling):
@@ -225,17 +228,13 @@ class Processor:
             if m.role == "system":
                 if i:
                     raise UsageError("a system message may only open the conversation")
-                ids = self.tokenizer.encode(text)
-                state["ids"] += ids
-                state["mask"] += [False] * len(ids)
+                _add_text(state, self.tokenizer.encode(text))
             elif m.role == "user":
                 self._with_images(f"{USER}: {text}\n\n{ASSISTANT}:", m.images, cropping, state)
             elif m.role == "assistant":
                 if m.images or self.cfg.image_token in text:
                     raise UsageError("assistant turns cannot carry images")
-                ids = self.tokenizer.encode(text) + [self.tokenizer.eos_id]
-                state["ids"] += ids
-                state["mask"] += [False] * len(ids)
+                _add_text(state, self.tokenizer.encode(text) + [self.tokenizer.eos_id])
             else:
                 raise UsageError(f"unknown message role {m.role!r}")
         size = self.cfg.vision.image_size
