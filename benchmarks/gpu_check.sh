@@ -5,4 +5,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
-python3 -m vl2cli.gpucheck --out "${OUT:-benchmarks/gpu}" "$@"
+python3 benchmarks/gpucheck.py --out "${OUT:-benchmarks/gpu}" "$@"

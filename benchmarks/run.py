@@ -6,7 +6,7 @@ Each benchmark prints one JSON object per line (same as `vl2 bench`).
 import json
 import sys
 
-from vl2cli.bench import run
+from bench import run
 
 if __name__ == "__main__":
     args = [a for a in sys.argv[1:] if not a.startswith("--")]

@@ -10,8 +10,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from vl2cli.config import load_config
-from vl2cli.loading import model_to_checkpoint_name, random_model
+from vl2cli.engine.config import load_config
+from vl2cli.engine.loading import model_to_checkpoint_name, random_model
 
 DATA = Path(__file__).parent / "data"
 PARITY = DATA / "parity"
@@ -46,7 +46,7 @@ def tiny_ckpt() -> Path:
 
 @pytest.fixture(scope="session")
 def loaded_tiny(tiny_ckpt):
-    from vl2cli.loading import load_model
+    from vl2cli.engine.loading import load_model
     return load_model(str(tiny_ckpt), device="cpu", dtype="float32", quant="none")
 
 

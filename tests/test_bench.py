@@ -2,7 +2,7 @@
 
 import json
 
-from vl2cli.bench import run
+from bench import run
 
 
 def test_benchmarks_smoke():
@@ -19,7 +19,7 @@ def test_benchmarks_smoke():
 
 
 def test_gpu_check_dry_runs_on_cpu(tmp_path):
-    from vl2cli.gpucheck import main
+    from gpucheck import main
     results = main(["--dry-run", "--out", str(tmp_path), "--variants", "tiny,base"])
     assert [(r["variant"], r["quant"]) for r in results] == [("tiny", "nf4"), ("base", "nf4"), ("tiny", "none")]
     assert all("error" not in r and r["decode_tokens_per_s_batch1"] > 0 for r in results), results

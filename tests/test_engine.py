@@ -9,10 +9,10 @@ import torch
 from safetensors.torch import save_file
 
 from tests.conftest import CKPT, make_checkpoint
-from vl2cli.config import config_from_dict, load_config
+from vl2cli.engine.config import config_from_dict, load_config
 from vl2cli.errors import CheckpointError, ConfigError
-from vl2cli.generation import Engine, SamplingParams
-from vl2cli.loading import load_model
+from vl2cli.engine.generation import Engine, SamplingParams
+from vl2cli.engine.loading import load_model
 
 VARIANTS = {
     "mha": ("tiny", {}),
@@ -176,8 +176,8 @@ def test_missing_language_fields_take_official_defaults(tmp_path):
 
 
 def test_gate_masks_unselected_groups_to_zero_not_minus_inf():
-    from vl2cli.config import LanguageConfig
-    from vl2cli.moe import Gate
+    from vl2cli.engine.config import LanguageConfig
+    from vl2cli.engine.moe import Gate
     cfg = LanguageConfig(hidden_size=2, n_routed_experts=4, num_experts_per_tok=3, n_group=2, topk_group=1,
                          topk_method="group_limited_greedy", scoring_func="sigmoid")
     gate = Gate(cfg)
@@ -195,7 +195,7 @@ def quantized_tiny():
 
 
 def test_nf4_quantizes_every_language_linear_on_cpu(quantized_tiny, loaded_tiny, page_image):
-    from vl2cli.quant import is_quantized_module, linear_bytes
+    from vl2cli.engine.quant import is_quantized_module, linear_bytes
     model = quantized_tiny.model
     for name, module in model.named_modules():
         if name.startswith("language.layers.") and (isinstance(module, torch.nn.Linear) or is_quantized_module(module)):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from PIL import Image
 
-from vl2cli.processor import Message, image_token_count
+from vl2cli.engine.processor import Message, image_token_count
 
 
 def test_multi_turn_tokens_follow_the_official_processor(loaded_tiny):

@@ -199,7 +199,7 @@ def test_output_folder_that_cannot_be_created_fails_cleanly(tmp_path):
 
 def test_runaway_loop_is_stopped_retried_and_flagged(loaded_tiny, page_image):
     from vl2cli.api import LOOP_RETRY_TEMPERATURES, Reader, ReadOptions
-    from vl2cli.generation import SamplingParams
+    from vl2cli.engine.generation import SamplingParams
     from vl2cli.pages import Page
     from vl2cli.tasks import get_task
     reader = Reader(loaded=loaded_tiny)
@@ -220,7 +220,7 @@ def test_runaway_loop_is_stopped_retried_and_flagged(loaded_tiny, page_image):
 
 def test_out_of_memory_halves_batch_then_chunks_then_fails_one_page(loaded_tiny, page_image):
     from vl2cli.api import OutOfMemory, Reader, ReadOptions
-    from vl2cli.generation import SamplingParams
+    from vl2cli.engine.generation import SamplingParams
     from vl2cli.pages import Page
     from vl2cli.tasks import get_task
     reader = Reader(loaded=loaded_tiny)

@@ -17,8 +17,8 @@ import pytest
 import torch
 
 from tests.conftest import DATA, make_checkpoint
-from vl2cli.cache import KVCache
-from vl2cli.loading import load_model
+from vl2cli.engine.cache import KVCache
+from vl2cli.engine.loading import load_model
 
 SPEC = json.loads((DATA / "variants" / "variants.json").read_text())
 

@@ -15,11 +15,11 @@ import torch
 from PIL import Image
 
 from vl2cli.errors import UsageError
-from vl2cli.generation import Engine, Generation, SamplingParams
-from vl2cli.loading import LoadedModel, load_model
+from vl2cli.engine.generation import Engine, Generation, SamplingParams
+from vl2cli.engine.loading import LoadedModel, load_model
 from vl2cli.pages import Page, looks_dense
 from vl2cli.parsers import find_loop, trim_loop
-from vl2cli.processor import EOS_TEXT, Prepared
+from vl2cli.engine.processor import EOS_TEXT, Prepared
 from vl2cli.tasks import Task
 
 LOOP_RETRY_TEMPERATURES = (0.3, 0.5, 0.7)  # the model card advises temperature <= 0.7
@@ -273,7 +273,7 @@ class Reader:
     def ask_images(self, images: list[Image.Image], question: str, params: SamplingParams,
                    history: list | None = None, on_token: Callable[[int, int], None] | None = None) -> str:
         """Multi-image question (and chat turns); all images go into one prompt."""
-        from vl2cli.processor import Message
+        from vl2cli.engine.processor import Message
         from vl2cli.tasks import image_marks
         if history:  # the images stay in the first user turn
             messages = list(history) + [Message("user", question)]

@@ -22,7 +22,7 @@ from pathlib import Path
 from vl2cli.api import Reader, ReadOptions
 from vl2cli.errors import OutputError, Vl2Error
 from vl2cli.pages import DEFAULT_DPI, DEFAULT_MAX_PIXELS, Page, count_pages, display_path, iter_pages
-from vl2cli.processor import tile_image
+from vl2cli.engine.processor import tile_image
 from vl2cli.tasks import Task, annotate
 from vl2cli.writers import atomic_write_bytes, atomic_write_text
 

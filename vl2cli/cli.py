@@ -60,7 +60,7 @@ def _reader(model, device, dtype, quant, revision=None, offline=False):
 
 
 def _params(max_new_tokens: int, temperature: float):
-    from vl2cli.generation import SamplingParams
+    from vl2cli.engine.generation import SamplingParams
     if temperature < 0:
         raise UsageError("--temperature must be >= 0")
     if max_new_tokens < 1:
@@ -282,7 +282,7 @@ def ask(
     _state["verbose"] = verbose
     try:
         from vl2cli.pages import display_path, expand_inputs, iter_pages
-        from vl2cli.processor import Message
+        from vl2cli.engine.processor import Message
         from vl2cli.tasks import image_marks
         if len(inputs) < 2:
             raise UsageError("ask: give the input file(s) and then the question")
@@ -386,8 +386,8 @@ def trace(
     """
     _state["verbose"] = verbose
     try:
-        from vl2cli.loading import load_model
-        from vl2cli.trace import load_reference_image, run_trace
+        from vl2cli.engine.loading import load_model
+        from vl2cli.engine.trace import load_reference_image, run_trace
         loaded = load_model(model, device=device, dtype=dtype, quant="none")
         images = [load_reference_image(p) for p in image or []]
         prepared = loaded.processor.prepare_prompt(prompt, images)
@@ -404,9 +404,9 @@ def models(ctx: typer.Context, json_out: JsonOut = False) -> None:
     """The three variants: parameters, estimated VRAM at nf4/bf16, and whether each is downloaded."""
     if ctx.invoked_subcommand:
         return
-    from vl2cli.config import PRESETS
-    from vl2cli.loading import cached_model_path
-    from vl2cli.memory import estimate_vram
+    from vl2cli.engine.config import PRESETS
+    from vl2cli.engine.loading import cached_model_path
+    from vl2cli.engine.memory import estimate_vram
     rows = []
     for name, preset in PRESETS.items():
         est = estimate_vram(name)
@@ -433,22 +433,8 @@ def models_download(name: Annotated[str, typer.Argument(help="tiny, small, base 
                     revision: Revision = None) -> None:
     """Download a variant into the Hugging Face cache (safetensors and configs only)."""
     try:
-        from vl2cli.loading import resolve_model
+        from vl2cli.engine.loading import resolve_model
         typer.echo(str(resolve_model(name, revision=revision, offline=False)))
-    except Exception as exc:
-        raise _fail(exc) from None
-
-
-@app.command()
-def bench(
-    which: Annotated[str, typer.Argument(help="moe, kv, batching, pages, memory, coldstart or all.")] = "all",
-    smoke: Annotated[bool, typer.Option(help="CI-sized shapes (seconds).")] = False,
-) -> None:
-    """Run the benchmarks (each prints one JSON object)."""
-    try:
-        from vl2cli import bench as benchmarks
-        for result in benchmarks.run(which, smoke=smoke):
-            typer.echo(json.dumps(result))
     except Exception as exc:
         raise _fail(exc) from None
 

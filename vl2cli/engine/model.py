@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from vl2cli.config import VL2Config
-from vl2cli.language import LanguageModel
-from vl2cli.vision import Projector, VisionTower
+from vl2cli.engine.config import VL2Config
+from vl2cli.engine.language import LanguageModel
+from vl2cli.engine.vision import Projector, VisionTower
 
 
 class DeepseekVL2(nn.Module):

@@ -16,11 +16,11 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from vl2cli.config import PRESETS, VL2Config, load_config
+from vl2cli.engine.config import PRESETS, VL2Config, load_config
 from vl2cli.errors import CheckpointError
-from vl2cli.model import DeepseekVL2
-from vl2cli.processor import Processor, VL2Tokenizer
-from vl2cli.quant import quantized_weight, resolve_quant, swap_linear_layers
+from vl2cli.engine.model import DeepseekVL2
+from vl2cli.engine.processor import Processor, VL2Tokenizer
+from vl2cli.engine.quant import quantized_weight, resolve_quant, swap_linear_layers
 
 ALIASES = {name: preset["hub_id"] for name, preset in PRESETS.items()}
 SKIPPED_PREFIXES = ("vision.attn_pool.",)  # SigLIP's pooling head: DeepSeek-VL2 uses patch features only

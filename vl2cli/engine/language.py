@@ -5,10 +5,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from vl2cli.attention import LatentAttention, MultiHeadAttention, RMSNorm, rope_cos_sin, rope_inv_freq
-from vl2cli.cache import KVCache
-from vl2cli.config import LanguageConfig
-from vl2cli.moe import DenseMlp, MoE
+from vl2cli.engine.attention import LatentAttention, MultiHeadAttention, RMSNorm, rope_cos_sin, rope_inv_freq
+from vl2cli.engine.cache import KVCache
+from vl2cli.engine.config import LanguageConfig
+from vl2cli.engine.moe import DenseMlp, MoE
 
 
 class DecoderLayer(nn.Module):

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vl2cli.config import ProjectorConfig, VisionConfig
+from vl2cli.engine.config import ProjectorConfig, VisionConfig
 
 
 class VisionAttention(nn.Module):

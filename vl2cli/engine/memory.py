@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from vl2cli.config import VL2Config, preset_config
-from vl2cli.quant import is_quantizable
+from vl2cli.engine.config import VL2Config, preset_config
+from vl2cli.engine.quant import is_quantizable
 
 NF4_BITS = 4 + 32 / 64 / 256 * 8 + 32 / 256 / 8  # 4-bit codes + double-quantized absmax (~4.127 bits)
 GIB = 1024**3
@@ -13,7 +13,7 @@ GIB = 1024**3
 
 def count_params(cfg: VL2Config) -> dict[str, int]:
     """Parameters of every part, and those that NF4 quantizes (built on `meta`: nothing allocated)."""
-    from vl2cli.model import DeepseekVL2
+    from vl2cli.engine.model import DeepseekVL2
     with torch.device("meta"):
         model = DeepseekVL2(cfg)
     counts = {"total": 0, "quantizable": 0, "experts": 0}

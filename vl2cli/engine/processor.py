@@ -12,7 +12,7 @@ import torch
 from PIL import Image, ImageOps
 from tokenizers import AddedToken, Tokenizer
 
-from vl2cli.config import VL2Config
+from vl2cli.engine.config import VL2Config
 from vl2cli.errors import CheckpointError, UsageError
 
 USER, ASSISTANT = "<|User|>", "<|Assistant|>"

@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vl2cli.cache import KVCache
-from vl2cli.config import LanguageConfig, yarn_mscale
+from vl2cli.engine.cache import KVCache
+from vl2cli.engine.config import LanguageConfig, yarn_mscale
 
 
 class RMSNorm(nn.Module):

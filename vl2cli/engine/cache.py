@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from vl2cli.config import LanguageConfig
+from vl2cli.engine.config import LanguageConfig
 
 
 class KVCache:

@@ -7,9 +7,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from vl2cli.cache import KVCache
-from vl2cli.model import DeepseekVL2
-from vl2cli.processor import Prepared
+from vl2cli.engine.cache import KVCache
+from vl2cli.engine.model import DeepseekVL2
+from vl2cli.engine.processor import Prepared
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """GPU check: peak VRAM, prefill and decode speed, pages per minute for one letter-size page.
 
-    python -m vl2cli.gpucheck --out benchmarks/gpu            # on a CUDA machine, real-size random weights
-    python -m vl2cli.gpucheck --dry-run --out /tmp/gpu        # CPU, toy shapes: checks the script itself
+    python benchmarks/gpucheck.py --out benchmarks/gpu            # on a CUDA machine, real-size random weights
+    python benchmarks/gpucheck.py --dry-run --out /tmp/gpu        # CPU, toy shapes: checks the script itself
 
 Random weights of the real shapes cost exactly what the real weights cost in time and memory.
 """
@@ -19,11 +19,11 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw
 
-from vl2cli.config import preset_config
-from vl2cli.generation import Engine, SamplingParams
-from vl2cli.loading import random_model
+from vl2cli.engine.config import preset_config
+from vl2cli.engine.generation import Engine, SamplingParams
+from vl2cli.engine.loading import random_model
 from vl2cli.pages import DEFAULT_DPI
-from vl2cli.processor import Prepared, image_token_count, tile_image
+from vl2cli.engine.processor import Prepared, image_token_count, tile_image
 
 GIB = 1024**3
 
@@ -80,7 +80,7 @@ def check(name: str, quant: str, device: torch.device, dtype: torch.dtype, new_t
                                                       if cfg.language.use_mla else {}))
         from dataclasses import replace
 
-        from vl2cli.config import ProjectorConfig, VisionConfig
+        from vl2cli.engine.config import ProjectorConfig, VisionConfig
         cfg = replace(cfg, vision=VisionConfig(width=64, layers=2, heads=4),
                       projector=ProjectorConfig(input_dim=64, n_embed=256))
     if device.type == "cuda":

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vl2cli.config import LanguageConfig
+from vl2cli.engine.config import LanguageConfig
 
 
 class DenseMlp(nn.Module):

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import numpy as np
 
-from vl2cli.generation import Engine, SamplingParams
-from vl2cli.loading import LoadedModel
-from vl2cli.processor import Prepared
+from vl2cli.engine.generation import Engine, SamplingParams
+from vl2cli.engine.loading import LoadedModel
+from vl2cli.engine.processor import Prepared
 from vl2cli.writers import atomic_write_bytes, atomic_write_text
 
 

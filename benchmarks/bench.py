@@ -11,9 +11,9 @@ from collections.abc import Iterator
 
 import torch
 
-from vl2cli.cache import KVCache
-from vl2cli.config import preset_config
-from vl2cli.loading import random_model
+from vl2cli.engine.cache import KVCache
+from vl2cli.engine.config import preset_config
+from vl2cli.engine.loading import random_model
 
 
 def _decode_step_seconds(model, batch: int, context: int, steps: int) -> float:
@@ -56,7 +56,7 @@ def bench_moe(smoke: bool) -> dict:
 
 def bench_kv(smoke: bool) -> dict:
     """Decode step at a long vs a short context, for tiny's plain attention and small's MLA (latent cache)."""
-    from vl2cli.memory import kv_bytes_per_token
+    from vl2cli.engine.memory import kv_bytes_per_token
     layers, steps, long, rounds = (2, 5, 1024, 1) if smoke else (4, 20, 4096, 3)
     mha = random_model(_tiny_width(layers))
     mla = random_model(preset_config("small", num_hidden_layers=layers, vocab_size=4096))
@@ -88,7 +88,7 @@ def bench_batching(smoke: bool) -> dict:
 
 
 def bench_memory(smoke: bool) -> dict:
-    from vl2cli.memory import count_params, estimate_vram
+    from vl2cli.engine.memory import count_params, estimate_vram
     result = {"bench": "memory", "variants": {}}
     for name in ("tiny", "small", "base"):
         c = count_params(preset_config(name))
@@ -96,7 +96,7 @@ def bench_memory(smoke: bool) -> dict:
     try:
         import bitsandbytes  # noqa: F401
 
-        from vl2cli.quant import linear_bytes
+        from vl2cli.engine.quant import linear_bytes
         cfg = _tiny_width(1 if smoke else 2, moe_intermediate_size=896)
         q = linear_bytes(random_model(cfg, quant="nf4"))["quantizable_linear_bytes"]
         full = linear_bytes(random_model(cfg))["quantizable_linear_bytes"]
@@ -121,10 +121,10 @@ def bench_pages(smoke: bool) -> dict:
 
     from vl2cli.api import Reader, ReadOptions
     from vl2cli.batch import BatchOptions, run_batch
-    from vl2cli.generation import SamplingParams
+    from vl2cli.engine.generation import SamplingParams
     from vl2cli.pages import iter_pages
     from vl2cli.pdfwrite import text_pdf
-    from vl2cli.processor import tile_image
+    from vl2cli.engine.processor import tile_image
     from vl2cli.tasks import get_task
 
     n = 5 if smoke else 50
@@ -179,7 +179,7 @@ def write_random_checkpoint(folder, cfg, shards: int = 1, dtype: torch.dtype = t
 
     from safetensors.torch import save_file
 
-    from vl2cli.loading import model_to_checkpoint_name
+    from vl2cli.engine.loading import model_to_checkpoint_name
     copy_configs(folder, cfg)
     model = random_model(cfg, dtype=dtype)
     state = {model_to_checkpoint_name(k): v for k, v in model.state_dict().items()}
@@ -212,7 +212,7 @@ def bench_loading(smoke: bool) -> dict:
         largest = write_random_checkpoint(folder, cfg, shards=4)
         # float32 on CPU from a bf16 checkpoint: every tensor is converted, so nothing stays file-backed.
         # VmHWM (peak resident set of this process image): unlike ru_maxrss it does not inherit the parent's peak.
-        code = ("import re, sys, torch, vl2cli.loading as L;"
+        code = ("import re, sys, torch, vl2cli.engine.loading as L;"
                 "hwm = lambda: int(re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read()).group(1)) * 1024;"
                 "base = hwm();"
                 "m = L.load_model(sys.argv[1], device='cpu', dtype='float32', quant='none').model;"
@@ -253,9 +253,9 @@ def bench_coldstart(smoke: bool) -> dict:
     import tempfile
     from pathlib import Path
 
-    code = ("import time; t0=time.perf_counter(); import sys, torch, vl2cli.api; t1=time.perf_counter();"
-            "from vl2cli.loading import load_model; from vl2cli.generation import Engine, SamplingParams;"
-            "from vl2cli.gpucheck import letter_page;"
+    code = ("import time; t0=time.perf_counter(); import sys, torch, vl2cli; t1=time.perf_counter();"
+            "from vl2cli.engine.loading import load_model; from vl2cli.engine.generation import Engine, SamplingParams;"
+            "from gpucheck import letter_page;"
             "m=load_model(sys.argv[1], device='cpu', dtype=sys.argv[2], quant=sys.argv[3]);"
             "t2=time.perf_counter();"
             "p=m.processor.prepare_prompt('<image>\\nConvert the document to markdown.',[letter_page()]);"
@@ -265,8 +265,10 @@ def bench_coldstart(smoke: bool) -> dict:
 
     def run_once(ckpt: str, dtype: str, quant: str) -> dict:
         start = time.perf_counter()
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.path.dirname(os.path.abspath(__file__)),
+                                                             os.environ.get("PYTHONPATH", "")])}
         out = subprocess.run([sys.executable, "-c", code, ckpt, dtype, quant], capture_output=True, text=True,
-                             check=True).stdout.split()
+                             check=True, env=env).stdout.split()
         imports, load, first, tokens = float(out[0]), float(out[1]), float(out[2]), int(out[3])
         return {"seconds_to_first_token": time.perf_counter() - start, "imports_s": imports, "load_s": load,
                 "prefill_and_first_token_s": first, "prompt_tokens": tokens}
