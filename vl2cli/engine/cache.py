@@ -1,10 +1,17 @@
-"""Preallocated KV cache. MLA layers keep the normed latent and the rotary key, never expanded K/V."""
+"""Preallocated KV cache. MLA layers keep the normed latent and the rotary key, never expanded K/V.
+
+The reference (`DynamicCache` through transformers) grows its cache per step; here it is allocated once
+for prompt + answer, and the cache owns the positions: `advance` claims the next positions for a step.
+"""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
-from vl2cli.engine.config import LanguageConfig
+if TYPE_CHECKING:
+    from vl2cli.engine.config import LanguageConfig
 
 
 class KVCache:
@@ -16,11 +23,10 @@ class KVCache:
 
     def __init__(self, cfg: LanguageConfig, batch: int, max_len: int, device, dtype: torch.dtype):
         self.max_len = max_len
-        self.batch = batch
         self.layers: list[tuple[torch.Tensor, ...]] = []
         for _ in range(cfg.num_hidden_layers):
             if cfg.use_mla:
-                width = cfg.kv_lora_rank + cfg.qk_rope_head_dim
+                width = (cfg.kv_lora_rank or 0) + cfg.qk_rope_head_dim  # validated positive under MLA
                 self.layers.append((torch.zeros(batch, max_len, width, device=device, dtype=dtype),))
             else:
                 shape = (batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
@@ -28,28 +34,43 @@ class KVCache:
                                     torch.zeros(shape, device=device, dtype=dtype)))
         self.key_valid = torch.zeros(batch, max_len, dtype=torch.bool, device=device)
         self.length = 0  # positions filled (shared by every row: rows are left-padded)
+        self.start = 0  # where the step in progress writes
 
-    def _end(self, start: int, n: int) -> int:
-        if start + n > self.max_len:
-            raise RuntimeError(f"KV cache overflow: {start + n} > {self.max_len} positions")
-        return start + n
+    def advance(self, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Claim the next n positions for a step of `valid` [b, n] tokens (False = left padding).
 
-    def update(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Plain attention: write K, V [b, Hkv, n, D] at [start, start+n); return views over [0, start+n)."""
+        Returns the rotary positions [b, n], which count real tokens only (a padded row computes exactly
+        what it would alone), and the attention mask [b, 1, n, S] over every position up to the step's end.
+        """
+        n = valid.shape[1]
+        start, end = self.length, self.length + n
+        if end > self.max_len:
+            raise RuntimeError(f"KV cache overflow: {end} > {self.max_len} positions")
+        self.key_valid[:, start:end] = valid
+        keys_valid = self.key_valid[:, :end]
+        positions = (keys_valid.long().cumsum(-1)[:, start:] - 1).clamp(min=0)  # [b, n]
+        query_pos = torch.arange(start, end, device=valid.device)
+        key_pos = torch.arange(end, device=valid.device)
+        causal = key_pos[None, :] <= query_pos[:, None]  # [n, S]
+        # A padding query may see only itself, so no row is fully masked (no NaN); real tokens never see padding.
+        mask = (causal[None] & keys_valid[:, None, :]) | (key_pos[None, None, :] == query_pos[None, :, None])
+        self.start, self.length = start, end
+        return positions, mask[:, None]
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Plain attention: write this step's K, V [b, Hkv, n, D]; return views over every position so far."""
         ck, cv = self.layers[layer]
-        end = self._end(start, k.shape[2])
-        ck[:, :, start:end] = k
-        cv[:, :, start:end] = v
-        return ck[:, :, :end], cv[:, :, :end]
+        ck[:, :, self.start : self.length] = k
+        cv[:, :, self.start : self.length] = v
+        return ck[:, :, : self.length], cv[:, :, : self.length]
 
-    def update_latent(self, layer: int, start: int, latent: torch.Tensor, k_pe: torch.Tensor) -> torch.Tensor:
-        """MLA: write latent [b, n, r] and rotary key [b, n, rope]; return [b, start+n, r+rope] (latent first)."""
+    def update_latent(self, layer: int, latent: torch.Tensor, k_pe: torch.Tensor) -> torch.Tensor:
+        """MLA: write this step's latent [b, n, r] and rotary key [b, n, rope]; return [b, S, r+rope] (latent first)."""
         (joint,) = self.layers[layer]
-        end = self._end(start, latent.shape[1])
         rank = latent.shape[-1]
-        joint[:, start:end, :rank] = latent
-        joint[:, start:end, rank:] = k_pe
-        return joint[:, :end]
+        joint[:, self.start : self.length, :rank] = latent
+        joint[:, self.start : self.length, rank:] = k_pe
+        return joint[:, : self.length]
 
     def bytes_per_token(self) -> int:
         """Cache bytes one position of one sequence takes, over all layers (measured on the buffers)."""
@@ -59,4 +80,3 @@ class KVCache:
         """Keep only these batch rows (finished sequences leave the batch)."""
         self.layers = [tuple(t[rows] for t in layer) for layer in self.layers]
         self.key_valid = self.key_valid[rows]
-        self.batch = int(rows.numel())

@@ -1,17 +1,22 @@
 """DeepSeek-VL2 configuration: read the official config.json, validate it, and the real-size presets.
 
-Missing language fields take the defaults of the official DeepseekV2Config; values the
-model cannot honour raise ConfigError naming the field, never a silent fallback.
+Follows deepseek-ai/DeepSeek-VL2 `deepseek_vl2/models/configuration_deepseek.py` (commit 1d57bba) and the
+VisionConfig/MlpProjectorConfig of `modeling_deepseek_vl_v2.py`. Missing language fields take the defaults
+of the official DeepseekV2Config; values the model cannot honour raise ConfigError naming the field,
+never a silent fallback. A config is input like any other file: every number is bounded before anything
+is built from it (a hostile `n_routed_experts: 50000000` must not build 10^8 modules).
 """
 
 from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field, fields, replace
+import warnings
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from vl2cli.engine.rope import yarn_mscale
 from vl2cli.errors import ConfigError
 
 TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
@@ -109,6 +114,45 @@ class LanguageConfig:
 
 
 @dataclass(frozen=True)
+class MlaShape:
+    """Multi-head Latent Attention sizes, decided once from a validated config (no Optionals left)."""
+
+    kv_lora_rank: int
+    q_lora_rank: int | None  # None: queries come from one q_proj
+    nope: int
+    rope: int
+    v: int
+
+
+@dataclass(frozen=True)
+class MoeShape:
+    """Mixture-of-Experts routing, decided once from a validated config."""
+
+    n_routed: int
+    n_shared: int
+    top_k: int
+    topk_method: str
+    scoring_func: str
+    n_group: int
+    topk_group: int
+    norm_topk_prob: bool
+    routed_scaling_factor: float
+
+
+def mla_shape(lc: LanguageConfig) -> MlaShape:
+    if not lc.use_mla or not lc.kv_lora_rank:
+        raise ConfigError("language_config: not an MLA config (use_mla false)")
+    return MlaShape(lc.kv_lora_rank, lc.q_lora_rank, lc.qk_nope_head_dim, lc.qk_rope_head_dim, lc.v_head_dim)
+
+
+def moe_shape(lc: LanguageConfig) -> MoeShape:
+    if not lc.n_routed_experts or not lc.num_experts_per_tok:
+        raise ConfigError("language_config: no routed experts (n_routed_experts null)")
+    return MoeShape(lc.n_routed_experts, lc.n_shared_experts or 0, lc.num_experts_per_tok, lc.topk_method,
+                    lc.scoring_func, lc.n_group or 1, lc.topk_group or 1, lc.norm_topk_prob, lc.routed_scaling_factor)
+
+
+@dataclass(frozen=True)
 class VL2Config:
     vision: VisionConfig = field(default_factory=VisionConfig)
     projector: ProjectorConfig = field(default_factory=ProjectorConfig)
@@ -125,23 +169,76 @@ class VL2Config:
     def tokens_per_tile_side(self) -> int:  # ceil(27 / 2) = 14 merged tokens per side
         return math.ceil(self.vision.grid / self.projector.downsample_ratio)
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+
+# Sane bounds for every number a config may set: far above any published model, far below what would
+# exhaust memory while building modules or tiling a page.
+_BOUNDS: dict[str, tuple[float, float]] = {
+    "image_size": (14, 2048), "patch_size": (1, 64), "width": (1, 16384), "layers": (1, 256), "heads": (1, 256),
+    "mlp_ratio": (0.1, 64), "input_dim": (1, 16384), "n_embed": (1, 65536), "depth": (1, 16),
+    "downsample_ratio": (1, 16), "vocab_size": (2, 1_048_576), "hidden_size": (1, 65536),
+    "intermediate_size": (1, 262144), "moe_intermediate_size": (1, 65536), "num_hidden_layers": (1, 512),
+    "num_attention_heads": (1, 1024), "num_key_value_heads": (1, 1024), "n_shared_experts": (0, 64),
+    "n_routed_experts": (1, 1024), "num_experts_per_tok": (1, 64), "routed_scaling_factor": (0, 1000),
+    "n_group": (1, 1024), "topk_group": (1, 1024), "moe_layer_freq": (1, 512), "first_k_dense_replace": (0, 512),
+    "kv_lora_rank": (1, 65536), "q_lora_rank": (1, 65536), "qk_rope_head_dim": (0, 4096),
+    "qk_nope_head_dim": (0, 4096), "v_head_dim": (0, 4096), "max_position_embeddings": (1, 1_048_576),
+    "rms_norm_eps": (0, 1), "rope_theta": (1, 1e12), "bos_token_id": (0, 1_048_576), "eos_token_id": (0, 1_048_576),
+}
+MAX_CANVAS_SIDE = 6144  # px: 16 tiles of 384 (the published grids stop at 9 tiles, 3456 px)
+MAX_CANVAS_TILES = 36
+
+# Config keys vl2 reads past on purpose (training switches, bookkeeping); any other unknown key is warned about.
+KNOWN_IGNORED = {
+    "": {"architectures", "model_type", "torch_dtype", "transformers_version", "auto_map", "_name_or_path",
+         "vision_config", "projector_config", "language_config", "tile_tag", "global_view_pos",
+         "candidate_resolutions", "use_cache"},
+    "vision_config": {"model_type", "model_name", "global_pool", "ignore_head", "class_token", "num_classes",
+                      "use_checkpoint", "weight_init", "select_layer", "select_feature", "deterministic",
+                      "num_recomputing_layers", "torch_dtype"},
+    "projector_config": {"model_type", "projector_type", "token_pooling", "torch_dtype"},
+    "language_config": {"model_type", "lm_head", "rm_head", "torch_dtype", "aux_loss_alpha", "seq_aux", "ep_size",
+                        "pretraining_tp", "use_cache", "initializer_range", "attention_dropout", "pad_token_id",
+                        "_attn_implementation", "architectures", "auto_map", "transformers_version", "num_nextn_predict_layers"},
+}
 
 
-def yarn_mscale(scale: float, mscale: float = 1.0) -> float:
-    if scale <= 1:
-        return 1.0
-    return 0.1 * mscale * math.log(scale) + 1.0
+def _warn_unknown(section: str, raw: dict[str, Any], known: set[str]) -> None:
+    unknown = sorted(set(raw) - known - KNOWN_IGNORED.get(section, set()))
+    if unknown:
+        where = f"{section}." if section else ""
+        warnings.warn(f"config.json: unknown key(s) {', '.join(where + k for k in unknown)} ignored", stacklevel=3)
 
 
-def _pick(cls, raw: dict[str, Any], where: str):
+def _checked_number(where: str, name: str, value: Any, kind: str) -> Any:
+    wants_int = kind == "int" or kind.startswith("int ")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (wants_int and not float(value).is_integer()):
+        raise ConfigError(f"{where}.{name} = {value!r}: expected {'an integer' if wants_int else 'a number'}")
+    if not math.isfinite(value):
+        raise ConfigError(f"{where}.{name} = {value!r}: expected a finite number")
+    low, high = _BOUNDS.get(name, (-math.inf, math.inf))
+    if not low <= value <= high:
+        raise ConfigError(f"{where}.{name} = {value!r}: outside the sane range {low:g}..{high:g}")
+    return int(value) if wants_int else float(value)
+
+
+def _pick(cls, raw: Any, where: str):
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where} = {raw!r}: expected an object")
     nullable = _NULLABLE.get(cls, ())
-    values = {f.name: raw[f.name] for f in fields(cls)
-              if f.name in raw and (raw[f.name] is not None or f.name in nullable)}
+    known = {f.name for f in fields(cls)}
+    _warn_unknown(where, raw, known)
+    values = {}
     for f in fields(cls):
-        if f.name in values and f.type in ("int", "float") and not isinstance(values[f.name], (int, float)):
-            raise ConfigError(f"{where}.{f.name} = {values[f.name]!r}: expected a number")
+        if f.name not in raw or (raw[f.name] is None and f.name not in nullable):
+            continue
+        value = raw[f.name]
+        if value is not None and f.type in ("int", "float", "int | None", "float | None"):
+            value = _checked_number(where, f.name, value, str(f.type))
+        elif value is not None and f.type == "bool" and not isinstance(value, bool):
+            raise ConfigError(f"{where}.{f.name} = {value!r}: expected true or false")
+        elif value is not None and f.type == "str" and not isinstance(value, str):
+            raise ConfigError(f"{where}.{f.name} = {value!r}: expected a string")
+        values[f.name] = value
     return cls(**values)
 
 
@@ -157,6 +254,11 @@ def _validate_language(lc: LanguageConfig) -> None:
 
     if lc.hidden_act != "silu":
         raise bad("hidden_act", "only 'silu' is supported")
+    if lc.tie_word_embeddings:
+        raise bad("tie_word_embeddings", "DeepSeek-VL2 checkpoints carry their own lm_head; tied embeddings are "
+                  "not supported")
+    if lc.rope_scaling is not None and not isinstance(lc.rope_scaling, dict):
+        raise bad("rope_scaling", "expected an object or null")
     if lc.num_attention_heads <= 0 or lc.hidden_size % lc.num_attention_heads:
         raise bad("num_attention_heads", "must divide hidden_size")
     if not lc.use_mla and lc.num_attention_heads % lc.num_key_value_heads:
@@ -194,6 +296,40 @@ def _validate_language(lc: LanguageConfig) -> None:
                 raise bad("n_group", "noaux_tc scores groups by their two best experts: need >= 2 experts per group")
         if lc.moe_layer_freq <= 0:
             raise bad("moe_layer_freq", "must be positive")
+    if lc.use_mla and lc.qk_nope_head_dim + lc.qk_rope_head_dim <= 0:
+        raise bad("qk_nope_head_dim", "MLA heads need a positive width")
+    if lc.bos_token_id >= lc.vocab_size or lc.eos_token_id >= lc.vocab_size:
+        raise bad("eos_token_id", f"begin/end token ids must lie inside vocab_size {lc.vocab_size}")
+
+
+def _candidates(raw: Any, tile: int) -> tuple[tuple[int, int], ...]:
+    """candidate_resolutions: a non-empty list of [w, h] pairs on the tile grid, each a bounded canvas."""
+    if not isinstance(raw, list) or not raw or len(raw) > 1024:
+        raise ConfigError(f"candidate_resolutions = {str(raw)[:80]}: expected a list of [width, height] pairs")
+    out = []
+    for entry in raw:
+        ok = (isinstance(entry, (list, tuple)) and len(entry) == 2
+              and all(isinstance(v, int) and not isinstance(v, bool) for v in entry))
+        if not ok:
+            raise ConfigError(f"candidate_resolutions entry {entry!r}: expected [width, height] in pixels")
+        w, h = entry
+        if w <= 0 or h <= 0 or w % tile or h % tile:
+            raise ConfigError(f"candidate_resolutions entry {[w, h]} is not a positive multiple of {tile}")
+        if max(w, h) > MAX_CANVAS_SIDE or (w // tile) * (h // tile) > MAX_CANVAS_TILES:
+            raise ConfigError(f"candidate_resolutions entry {[w, h]} is over the {MAX_CANVAS_SIDE}-pixel, "
+                              f"{MAX_CANVAS_TILES}-tile bound (each tile costs ~200 image tokens)")
+        out.append((w, h))
+    return tuple(out)
+
+
+def _triple(processor: dict[str, Any], key: str, default: tuple[float, float, float], positive: bool):
+    value = processor.get(key, default)
+    ok = (isinstance(value, (list, tuple)) and len(value) == 3
+          and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value))
+    if not ok or (positive and min(value) <= 0):
+        need = "three positive numbers" if positive else "three numbers"
+        raise ConfigError(f"processor_config.{key} = {value!r}: expected {need}")
+    return tuple(float(v) for v in value)
 
 
 def config_from_dict(raw: dict[str, Any], processor: dict[str, Any] | None = None) -> VL2Config:
@@ -227,10 +363,13 @@ def config_from_dict(raw: dict[str, Any], processor: dict[str, Any] | None = Non
     if view_pos not in ("head", "tail"):
         raise ConfigError(f"global_view_pos = {view_pos!r}: expected 'head' or 'tail'")
     processor = processor or {}
-    cands = processor.get("candidate_resolutions") or raw.get("candidate_resolutions") or [[vision.image_size] * 2]
-    for w, h in cands:
-        if w % vision.image_size or h % vision.image_size or w <= 0 or h <= 0:
-            raise ConfigError(f"candidate_resolutions entry {[w, h]} is not a multiple of {vision.image_size}")
+    if not isinstance(processor, dict):
+        raise ConfigError("processor_config.json: expected an object")
+    _warn_unknown("", raw, set())
+    cands = _candidates(processor.get("candidate_resolutions") or raw.get("candidate_resolutions")
+                        or [[vision.image_size] * 2], vision.image_size)
+    if vision.grid < 1:
+        raise ConfigError(f"vision_config.image_size = {vision.image_size} is smaller than one patch")
     for key, size in (("patch_size", vision.patch_size), ("downsample_ratio", projector.downsample_ratio)):
         if key in processor and processor[key] != size:
             raise ConfigError(f"processor_config.{key} = {processor[key]} disagrees with config.json ({size})")
@@ -238,14 +377,21 @@ def config_from_dict(raw: dict[str, Any], processor: dict[str, Any] | None = Non
         vision=vision,
         projector=projector,
         language=language,
-        candidate_resolutions=tuple((int(w), int(h)) for w, h in cands),
+        candidate_resolutions=cands,
         tile_tag=tile_tag,
         global_view_pos=view_pos,
-        image_mean=tuple(processor.get("image_mean", (0.5, 0.5, 0.5))),
-        image_std=tuple(processor.get("image_std", (0.5, 0.5, 0.5))),
-        image_token=processor.get("image_token", "<image>"),
-        pad_token=processor.get("pad_token", "<｜▁pad▁｜>"),
+        image_mean=_triple(processor, "image_mean", (0.5, 0.5, 0.5), positive=False),
+        image_std=_triple(processor, "image_std", (0.5, 0.5, 0.5), positive=True),
+        image_token=_token(processor, "image_token", "<image>"),
+        pad_token=_token(processor, "pad_token", "<｜▁pad▁｜>"),
     )
+
+
+def _token(processor: dict[str, Any], key: str, default: str) -> str:
+    value = processor.get(key, default)
+    if not isinstance(value, str) or not value or len(value) > 64:
+        raise ConfigError(f"processor_config.{key} = {value!r}: expected a short token string")
+    return value
 
 
 def load_config(folder: str | Path) -> VL2Config:
@@ -257,6 +403,8 @@ def load_config(folder: str | Path) -> VL2Config:
         raise ConfigError(f"{path}: no config.json in the checkpoint folder") from None
     except (OSError, ValueError) as exc:
         raise ConfigError(f"{path}: cannot read ({exc})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a JSON object")
     proc_path = folder / "processor_config.json"
     processor = None
     if proc_path.exists():

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from vl2cli.engine.cache import KVCache
-from vl2cli.engine.model import DeepseekVL2
-from vl2cli.engine.processor import Prepared
+
+if TYPE_CHECKING:
+    from vl2cli.engine.model import DeepseekVL2
+    from vl2cli.engine.processor import Prepared
 
 
 @dataclass
@@ -113,6 +116,7 @@ class Engine:
             logits = apply_repetition_penalty(logits, [seen[i] for i in active], params.repetition_penalty)
             tokens = choose_tokens(logits, params, generator)
             keep = []
+            # Host sync, the one a step needs: stop rules and streaming read the sampled tokens on the host.
             for row, token in enumerate(tokens.tolist()):
                 res = results[active[row]]
                 res.ids.append(token)

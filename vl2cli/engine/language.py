@@ -1,26 +1,40 @@
-"""The DeepSeek-V2 decoder: embeddings, pre-norm layers (dense or MoE), final norm and LM head."""
+"""The DeepSeek-V2 decoder: embeddings, pre-norm layers (dense or MoE), final norm and LM head.
+
+Follows `DeepseekV2DecoderLayer` / `DeepseekV2Model` / `DeepseekV2ForCausalLM` of deepseek-ai/DeepSeek-VL2
+`deepseek_vl2/models/modeling_deepseek.py` (commit 93bb502).
+"""
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from vl2cli.engine.attention import LatentAttention, MultiHeadAttention, RMSNorm, rope_cos_sin, rope_inv_freq
-from vl2cli.engine.cache import KVCache
-from vl2cli.engine.config import LanguageConfig
+from vl2cli.engine.attention import LatentAttention, MultiHeadAttention
+from vl2cli.engine.config import mla_shape, moe_shape
 from vl2cli.engine.moe import DenseMlp, MoE
+from vl2cli.engine.norm import RMSNorm
+from vl2cli.engine.rope import rope_cos_sin, rope_inv_freq
+
+if TYPE_CHECKING:
+    from vl2cli.engine.cache import KVCache
+    from vl2cli.engine.config import LanguageConfig
 
 
 class DecoderLayer(nn.Module):
     def __init__(self, cfg: LanguageConfig, index: int):
         super().__init__()
-        self.self_attn = LatentAttention(cfg, index) if cfg.use_mla else MultiHeadAttention(cfg, index)
-        self.mlp = MoE(cfg) if cfg.is_moe_layer(index) else DenseMlp(cfg.hidden_size, cfg.intermediate_size)
+        self.self_attn: nn.Module = (LatentAttention(cfg, mla_shape(cfg), index) if cfg.use_mla
+                                     else MultiHeadAttention(cfg, index))
+        self.mlp: nn.Module = (MoE(cfg.hidden_size, cfg.moe_intermediate_size, moe_shape(cfg))
+                               if cfg.is_moe_layer(index) else DenseMlp(cfg.hidden_size, cfg.intermediate_size))
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x, cos, sin, cache, start, mask):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, start, mask)
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache,
+                mask: torch.Tensor) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, mask)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -32,33 +46,26 @@ class LanguageModel(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        self._rope = None
+        self._rope: tuple[torch.Tensor, float] | None = None
+
+    def rope_table(self, device: torch.device) -> tuple[torch.Tensor, float]:
+        """Inverse frequencies, moved to the device once (a per-step copy from the host would be a sync)."""
+        if self._rope is None or self._rope[0].device != device:
+            dim = self.cfg.qk_rope_head_dim if self.cfg.use_mla else self.cfg.head_dim
+            inv_freq, magnitude = rope_inv_freq(dim, self.cfg.rope_theta, self.cfg.rope_scaling)
+            self._rope = (inv_freq.to(device), magnitude)
+        return self._rope
 
     def forward(self, embeds: torch.Tensor, cache: KVCache, valid: torch.Tensor) -> torch.Tensor:
-        """Run n new positions [b, n, d] after the cache's `length` positions; returns final hidden states.
+        """Run n new positions [b, n, d] after what the cache holds; returns final hidden states.
 
-        `valid` [b, n] marks real tokens (False = left padding). Positions count real tokens only,
-        so a padded row computes exactly what it would alone.
+        `valid` [b, n] marks real tokens (False = left padding).
         """
-        b, n, _ = embeds.shape
-        start = cache.length
-        end = start + n
-        cache.key_valid[:, start:end] = valid
-        keys_valid = cache.key_valid[:, :end]
-        positions = (keys_valid.long().cumsum(-1)[:, start:] - 1).clamp(min=0)  # [b, n]
-        if self._rope is None:
-            self._rope = rope_inv_freq(self.cfg)
-        cos, sin = rope_cos_sin(*self._rope, positions, embeds.dtype)
-        query_pos = torch.arange(start, end, device=embeds.device)
-        key_pos = torch.arange(end, device=embeds.device)
-        causal = key_pos[None, :] <= query_pos[:, None]  # [n, S]
-        # A padding query may see only itself, so no row is fully masked (no NaN); real tokens never see padding.
-        mask = (causal[None] & keys_valid[:, None, :]) | (key_pos[None, None, :] == query_pos[None, :, None])
-        mask = mask[:, None]  # [b, 1, n, S]
+        positions, mask = cache.advance(valid)
+        cos, sin = rope_cos_sin(*self.rope_table(embeds.device), positions, embeds.dtype)
         x = embeds
         for layer in self.layers:
-            x = layer(x, cos, sin, cache, start, mask)
-        cache.length = end
+            x = layer(x, cos, sin, cache, mask)
         return self.norm(x)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -8,6 +8,7 @@ from the file header before any tensor is read.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,12 +18,14 @@ from safetensors import safe_open
 from torch import nn
 
 from vl2cli.engine.config import PRESETS, VL2Config, load_config
-from vl2cli.errors import CheckpointError
+from vl2cli.errors import CheckpointError, UsageError
 from vl2cli.engine.model import DeepseekVL2
 from vl2cli.engine.processor import Processor, VL2Tokenizer
 from vl2cli.engine.quant import quantized_weight, resolve_quant, swap_linear_layers
 
 ALIASES = {name: preset["hub_id"] for name, preset in PRESETS.items()}
+HUB_PREFIX = "hf:"  # `--model hf:ORG/NAME`: the user asks for a download of a repository that is not an alias
+log = logging.getLogger("vl2cli")
 SKIPPED_PREFIXES = ("vision.attn_pool.",)  # SigLIP's pooling head: DeepSeek-VL2 uses patch features only
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
@@ -43,20 +46,34 @@ def model_to_checkpoint_name(name: str) -> str:
     return name
 
 
-def resolve_model(spec: str, revision: str | None = None, offline: bool | None = None) -> Path:
-    """A local folder as is; an alias (tiny/small/base) or hub id through huggingface_hub's cache."""
+def hub_repo_for(spec: str, explicit: bool = False) -> str:
+    """The hub repository a --model value names, or a UsageError/CheckpointError saying why it names none.
+
+    vl2 sends nothing anywhere unasked: it downloads only the aliases, the official ids, `hf:ORG/NAME`, or
+    any id given to `vl2 models download` (explicit). A mistyped folder is never sent to the hub.
+    """
+    if spec.startswith(HUB_PREFIX):
+        return spec[len(HUB_PREFIX):]
+    if spec in ALIASES:
+        return ALIASES[spec]
+    if spec in ALIASES.values() or (explicit and spec.count("/") == 1 and not spec.startswith((".", "/", "~"))):
+        return spec
+    if spec.startswith((".", "/", "~")) or os.sep in spec or (os.altsep and os.altsep in spec):
+        raise CheckpointError(f"{spec}: no such checkpoint folder")
+    raise UsageError(f"--model {spec!r}: not a checkpoint folder nor one of {', '.join(ALIASES)} "
+                     f"(another hub repository: --model {HUB_PREFIX}ORG/NAME)")
+
+
+def resolve_model(spec: str, revision: str | None = None, offline: bool | None = None,
+                  explicit: bool = False) -> Path:
+    """A local folder as is; an alias (tiny/small/base), official id or hf:ID through huggingface_hub's cache."""
     path = Path(spec).expanduser()
     if path.is_dir():
         return path
-    if spec.startswith((".", "/", "~")) or os.sep in spec and spec.count("/") != 1:
-        raise CheckpointError(f"{spec}: no such checkpoint folder")
-    repo_id = ALIASES.get(spec, spec)
+    repo_id = hub_repo_for(spec, explicit)
     if offline is None:
         offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0", "false", "False")
-    try:
-        from huggingface_hub import snapshot_download
-    except ImportError:  # pragma: no cover - a declared dependency
-        raise CheckpointError("huggingface_hub is not installed: pass --model /path/to/checkpoint") from None
+    from huggingface_hub import snapshot_download
     try:
         folder = snapshot_download(repo_id, revision=revision, local_files_only=offline,
                                    allow_patterns=["*.json", "*.safetensors"])  # never code, never pickles
@@ -71,7 +88,7 @@ def cached_model_path(spec: str) -> Path | None:
     """The local snapshot of an alias or hub id, if already downloaded (never touches the network)."""
     try:
         return resolve_model(spec, offline=True)
-    except CheckpointError:
+    except (CheckpointError, UsageError):
         return None
 
 
@@ -109,18 +126,11 @@ def _place(model: nn.Module, name: str, tensor: torch.Tensor, quantized_modules:
     setattr(module, attr, param)
 
 
-@dataclass
-class LoadReport:
-    tensors: int  # loaded into the model
-    skipped: list[str]  # checkpoint tensors the model knowingly does not use
-    quantized: int  # layers swapped for 4-/8-bit ones
-
-
 def load_weights(model: DeepseekVL2, folder: Path, device: torch.device, dtype: torch.dtype,
-                 quantized_modules: set[str]) -> LoadReport:
+                 quantized_modules: set[str]) -> int:
+    """Stream every shard into the model; returns how many tensors were loaded."""
     expected = {name: p.shape for name, p in model.named_parameters()}
     loaded: set[str] = set()
-    skipped: list[str] = []
     for shard in shard_files(folder):
         try:
             handle = safe_open(str(shard), framework="pt", device="cpu")
@@ -130,7 +140,6 @@ def load_weights(model: DeepseekVL2, folder: Path, device: torch.device, dtype: 
             for ck_name in f.keys():
                 name = checkpoint_to_model_name(ck_name)
                 if name is None:
-                    skipped.append(ck_name)
                     continue
                 if name not in expected:
                     raise CheckpointError(f"{shard.name}: tensor {ck_name} is not part of this model's config")
@@ -146,7 +155,7 @@ def load_weights(model: DeepseekVL2, folder: Path, device: torch.device, dtype: 
     if missing:
         more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
         raise CheckpointError(f"{folder}: checkpoint lacks tensor {model_to_checkpoint_name(missing[0])}{more}")
-    return LoadReport(len(loaded), skipped, len(quantized_modules))
+    return len(loaded)
 
 
 @dataclass
@@ -158,7 +167,7 @@ class LoadedModel:
     device: torch.device
     dtype: torch.dtype
     quant: str
-    report: LoadReport
+    seconds: float  # load time, for -v
 
 
 def pick_device(device: str | None) -> torch.device:
@@ -176,7 +185,8 @@ def pick_device(device: str | None) -> torch.device:
 def pick_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
     if dtype in (None, "auto"):
         if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+            # Native bf16 only: is_bf16_supported() alone also answers True for emulated bf16 (a T4).
+            return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
         return torch.float32
     table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
              "float16": torch.float16, "fp16": torch.float16}
@@ -191,13 +201,13 @@ def _cpu_dtype_that_fits(model: nn.Module) -> torch.dtype:
     fp32_bytes = 4 * sum(p.numel() for p in model.parameters())
     if fp32_bytes <= 0.6 * psutil.virtual_memory().available:
         return torch.float32
-    import sys
-    print(f"vl2: float32 weights ({fp32_bytes / 1024**3:.1f} GiB) would not fit in free memory; using bfloat16 "
-          "(pass --dtype float32 to insist)", file=sys.stderr)
+    log.warning("float32 weights (%.1f GiB) would not fit in free memory; using bfloat16 "
+                "(pass --dtype float32 to insist)", fp32_bytes / 1024**3)
     return torch.bfloat16
 
 
-def build_model(cfg: VL2Config, device: torch.device, dtype: torch.dtype, quant: str) -> tuple[DeepseekVL2, set[str]]:
+def build_model(cfg: VL2Config, dtype: torch.dtype, quant: str) -> tuple[DeepseekVL2, set[str]]:
+    """The model on `meta` (nothing allocated) with quantizable linears swapped; returns it and the swapped names."""
     with torch.device("meta"):
         model = DeepseekVL2(cfg)
     swapped = set(swap_linear_layers(model, quant, dtype))
@@ -206,6 +216,8 @@ def build_model(cfg: VL2Config, device: torch.device, dtype: torch.dtype, quant:
 
 def load_model(spec: str | Path = "tiny", device: str | None = None, dtype: str | None = None,
                quant: str = "auto", revision: str | None = None, offline: bool | None = None) -> LoadedModel:
+    import time
+    started = time.perf_counter()
     folder = resolve_model(str(spec), revision=revision, offline=offline)
     cfg = load_config(folder)
     dev = pick_device(device)
@@ -214,18 +226,19 @@ def load_model(spec: str | Path = "tiny", device: str | None = None, dtype: str 
     tokenizer = VL2Tokenizer(folder, cfg)
     if len(tokenizer) > cfg.language.vocab_size:
         raise CheckpointError(f"{folder}: tokenizer has {len(tokenizer)} tokens but vocab_size is {cfg.language.vocab_size}")
-    model, swapped = build_model(cfg, dev, torch_dtype, mode)
+    model, swapped = build_model(cfg, torch_dtype, mode)
     if dtype in (None, "auto") and dev.type == "cpu" and torch_dtype == torch.float32:
         torch_dtype = _cpu_dtype_that_fits(model)
-    report = load_weights(model, folder, dev, torch_dtype, swapped)
-    return LoadedModel(model, Processor(tokenizer, cfg), cfg, folder, dev, torch_dtype, mode, report)
+    load_weights(model, folder, dev, torch_dtype, swapped)
+    return LoadedModel(model, Processor(tokenizer, cfg), cfg, folder, dev, torch_dtype, mode,
+                       time.perf_counter() - started)
 
 
 def random_model(cfg: VL2Config, device: str = "cpu", dtype: torch.dtype = torch.float32, quant: str = "none",
                  seed: int = 0, std: float = 0.02) -> DeepseekVL2:
     """A model of this config with random weights (benchmarks and tests: same speed and memory as real weights)."""
     dev = torch.device(device)
-    model, swapped = build_model(cfg, dev, dtype, quant)
+    model, swapped = build_model(cfg, dtype, quant)
     gen = torch.Generator(device=dev).manual_seed(seed)
     for name, p in list(model.named_parameters()):
         if name.endswith(".bias"):

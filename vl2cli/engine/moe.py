@@ -1,16 +1,22 @@
 """Dense SiLU-gated MLP, the DeepSeek MoE gate (every routing variant) and the MoE layer.
 
+Follows `DeepseekV2MLP`, `MoEGate` and `DeepseekV2MoE` of deepseek-ai/DeepSeek-VL2
+`deepseek_vl2/models/modeling_deepseek.py` (commit 93bb502).
+
 Only the selected experts run: tokens are sorted by expert and each expert that received
 any token runs once on its group, so the work follows the experts used, not the experts that exist.
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vl2cli.engine.config import LanguageConfig
+if TYPE_CHECKING:
+    from vl2cli.engine.config import MoeShape
 
 
 class DenseMlp(nn.Module):
@@ -25,19 +31,19 @@ class DenseMlp(nn.Module):
 
 
 class Gate(nn.Module):
-    def __init__(self, cfg: LanguageConfig):
+    def __init__(self, hidden: int, cfg: MoeShape):
         super().__init__()
         self.cfg = cfg
-        self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.hidden_size))
+        self.weight = nn.Parameter(torch.empty(cfg.n_routed, hidden))
         if cfg.topk_method == "noaux_tc":
-            self.e_score_correction_bias = nn.Parameter(torch.zeros(cfg.n_routed_experts))
+            self.e_score_correction_bias = nn.Parameter(torch.zeros(cfg.n_routed))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [N, d] -> expert ids [N, k], float32 weights [N, k]. Scores are computed in float32."""
         cfg = self.cfg
         logits = F.linear(x.float(), self.weight.float())
         scores = logits.softmax(dim=-1) if cfg.scoring_func == "softmax" else logits.sigmoid()
-        k = cfg.num_experts_per_tok
+        k = cfg.top_k
         if cfg.topk_method == "greedy":
             weight, idx = torch.topk(scores, k, dim=-1, sorted=False)
         else:
@@ -50,7 +56,7 @@ class Gate(nn.Module):
                 group_scores = choice.view(n, cfg.n_group, -1).max(dim=-1).values
             group_idx = torch.topk(group_scores, cfg.topk_group, dim=-1, sorted=False).indices
             group_mask = torch.zeros_like(group_scores).scatter_(1, group_idx, 1).bool()
-            expert_mask = group_mask[:, :, None].expand(n, cfg.n_group, cfg.n_routed_experts // cfg.n_group)
+            expert_mask = group_mask[:, :, None].expand(n, cfg.n_group, cfg.n_routed // cfg.n_group)
             # Unselected groups are masked to 0.0, not -inf, exactly as the reference does.
             masked = choice.masked_fill(~expert_mask.reshape(n, -1), 0.0)
             weight, idx = torch.topk(masked, k, dim=-1, sorted=False)
@@ -62,20 +68,20 @@ class Gate(nn.Module):
 
 
 class MoE(nn.Module):
-    def __init__(self, cfg: LanguageConfig):
+    def __init__(self, hidden: int, inner: int, cfg: MoeShape):
         super().__init__()
-        self.top_k = cfg.num_experts_per_tok
-        self.experts = nn.ModuleList(DenseMlp(cfg.hidden_size, cfg.moe_intermediate_size)
-                                     for _ in range(cfg.n_routed_experts))
-        self.gate = Gate(cfg)
-        self.shared_experts = (DenseMlp(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts)
-                               if cfg.n_shared_experts else None)
+        self.top_k = cfg.top_k
+        self.experts = nn.ModuleList(DenseMlp(hidden, inner) for _ in range(cfg.n_routed))
+        self.gate = Gate(hidden, cfg)
+        self.shared_experts = DenseMlp(hidden, inner * cfg.n_shared) if cfg.n_shared else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         flat = x.reshape(-1, shape[-1])  # [N, d]
         idx, weight = self.gate(flat)  # [N, k]
         order = idx.flatten().argsort()  # assignments grouped by expert
+        # Host sync: the expert loop needs the group sizes on the host. On a GPU this waits for every queued
+        # kernel once per MoE layer per step (the reference syncs here too, through `.cpu().numpy()`).
         counts = torch.bincount(idx.flatten(), minlength=len(self.experts)).tolist()
         tokens = flat[order // self.top_k]  # [N*k, d] in expert order
         outs, begin = [], 0

@@ -1,14 +1,19 @@
-"""Prompt template, tokenizer extension, dynamic tiling and the image-token layout of DeepSeek-VL2."""
+"""Prompt template, tokenizer extension, dynamic tiling and the image-token layout of DeepSeek-VL2.
+
+Follows deepseek-ai/DeepSeek-VL2 `deepseek_vl2/models/processing_deepseek_vl_v2.py` (tokenizer extension,
+`select_best_resolution`, `tokenize_with_images`) and `deepseek_vl2/models/conversation.py` (the "deepseek"
+template). Text that did not come from vl2's own template is data: it is tokenized as plain text (see UserText).
+"""
 
 from __future__ import annotations
 
 import json
+import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image, ImageOps
 from tokenizers import AddedToken, Tokenizer
 
@@ -16,6 +21,21 @@ from vl2cli.engine.config import VL2Config
 from vl2cli.errors import CheckpointError, UsageError
 
 USER, ASSISTANT = "<|User|>", "<|Assistant|>"
+
+
+class UserText(str):
+    """Text that did not come from vl2's template: a question, a query, a PDF's text layer, a client's message.
+
+    It is tokenized as plain text, so `<image>`, `<|Assistant|>` or `<｜end▁of▁sentence｜>` inside it are
+    characters, never marks or special tokens: a document cannot rewrite the prompt's structure.
+    """
+
+
+Content = str | list[str]  # a template string, or template pieces with UserText pieces in between
+
+
+def content_text(content: Content) -> str:
+    return content if isinstance(content, str) else "".join(content)
 GROUNDING_TOKENS = ("<|ref|>", "<|/ref|>", "<|det|>", "<|/det|>", "<|grounding|>")
 EOS_TEXT = "<｜end▁of▁sentence｜>"
 
@@ -32,11 +52,7 @@ class VL2Tokenizer:
             self.tok = Tokenizer.from_file(str(path))
         except Exception as exc:  # the tokenizers library raises bare Exceptions
             raise CheckpointError(f"{path}: cannot read tokenizer ({exc})") from None
-        special = {}
-        for name in ("special_tokens_map.json", "tokenizer_config.json"):
-            if (folder / name).exists():
-                special.update({k: v for k, v in json.loads((folder / name).read_text("utf-8")).items()
-                                if k.endswith("_token") and v})
+        special = _special_tokens(folder)
 
         def content(v):
             return v["content"] if isinstance(v, dict) else v
@@ -56,20 +72,71 @@ class VL2Tokenizer:
         eos = content(special.get("eos_token")) if special.get("eos_token") else None
         self.bos_id = self.tok.token_to_id(bos) if bos else cfg.language.bos_token_id
         self.eos_id = self.tok.token_to_id(eos) if eos else cfg.language.eos_token_id
-        if self.bos_id is None or self.eos_id is None:
-            raise CheckpointError(f"{path}: begin/end-of-sentence tokens {bos!r}/{eos!r} are not in the vocabulary")
+        if self.bos_id is None or self.eos_id is None or self.pad_id is None:
+            raise CheckpointError(f"{path}: begin/end-of-sentence or pad tokens {bos!r}/{eos!r}/{pad!r} are not in "
+                                  "the vocabulary")
+        specials = sorted((t.content for t in self.tok.get_added_tokens_decoder().values() if t.special),
+                          key=len, reverse=True)
+        self.special_pattern = re.compile("(" + "|".join(re.escape(t) for t in specials) + ")")
+        self.plain = Tokenizer.from_str(self.tok.to_str())  # the same vocabulary, special tokens not matched
+        self.plain.encode_special_tokens = True
 
     def _add(self, tokens: list[str]) -> None:
         self.tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in tokens])
 
     def encode(self, text: str) -> list[int]:
+        """Template text: special tokens written in it become their ids (what the official processor does)."""
         return self.tok.encode(text, add_special_tokens=False).ids
+
+    def encode_plain(self, text: str) -> list[int]:
+        """Data: every character is text, special-token look-alikes included."""
+        return self.plain.encode(text, add_special_tokens=False).ids
+
+    def encode_content(self, parts: list[str]) -> list[int]:
+        """Template pieces (specials matched) and UserText pieces (plain), with the ids whole-string tokenization
+        would give whenever the data holds no special token: text between specials is encoded as one run."""
+        ids: list[int] = []
+        run: list[str] = []
+        for part in parts:
+            pieces = [part] if isinstance(part, UserText) else self.special_pattern.split(part)
+            for i, piece in enumerate(pieces):
+                if i % 2 == 1:  # a special token of the template
+                    ids += self.encode_plain("".join(run)) if run else []
+                    run = []
+                    ids.append(self.tok.token_to_id(piece))
+                elif piece:
+                    run.append(piece)
+        return ids + (self.encode_plain("".join(run)) if run else [])
 
     def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
         return self.tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
     def __len__(self) -> int:
         return self.tok.get_vocab_size(with_added_tokens=True)
+
+
+def _special_tokens(folder: Path) -> dict:
+    """bos/eos/pad entries of special_tokens_map.json and tokenizer_config.json (a token string or {content})."""
+    special: dict = {}
+    for name in ("special_tokens_map.json", "tokenizer_config.json"):
+        path = folder / name
+        if not path.exists():
+            continue
+        try:
+            raw = json.loads(path.read_text("utf-8"))
+        except (OSError, ValueError) as exc:
+            raise CheckpointError(f"{path}: cannot read ({exc})") from None
+        if not isinstance(raw, dict):
+            raise CheckpointError(f"{path}: expected a JSON object")
+        for key in ("bos_token", "eos_token", "pad_token"):
+            value = raw.get(key)
+            if value is None:
+                continue
+            text = value.get("content") if isinstance(value, dict) else value
+            if not isinstance(text, str) or not text:
+                raise CheckpointError(f"{path}: {key} = {value!r} is not a token")
+            special[key] = text
+    return special
 
 
 def select_best_resolution(size: tuple[int, int], candidates) -> tuple[int, int]:
@@ -148,8 +215,8 @@ def image_token_count(cfg: VL2Config, tiles_wide: int, tiles_high: int) -> int:
 @dataclass
 class Message:
     role: str  # "user" | "assistant" | "system"
-    content: str
-    images: list[Image.Image] = field(default_factory=list)
+    content: Content  # `<image>` in template pieces marks where each image goes
+    images: list[Image.Image | Tiling] = field(default_factory=list)
 
 
 @dataclass
@@ -162,10 +229,6 @@ class Prepared:
     pixels: np.ndarray  # [n_tiles, 3, S, S] (n_tiles may be 0)
     spatial_crop: list[list[int]]  # [tiles_wide, tiles_high] per image
 
-    def tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return (torch.tensor(self.input_ids, dtype=torch.long), torch.tensor(self.image_mask),
-                torch.from_numpy(self.pixels))
-
 
 def render_prompt(messages: list[Message], system_prompt: str = "") -> str:
     """The conversation string of the 'deepseek' template (what the model's prompt reads as text)."""
@@ -173,7 +236,7 @@ def render_prompt(messages: list[Message], system_prompt: str = "") -> str:
     turns = [m for m in messages if m.role != "system"]
     for i, m in enumerate(turns):
         role = USER if m.role == "user" else ASSISTANT
-        text = m.content.strip()
+        text = content_text(m.content).strip()
         ret += f"{role}: {text}" + ("\n\n" if i % 2 == 0 else EOS_TEXT) if text else f"{role}:"
     if not turns or turns[-1].role == "user":
         ret += f"{ASSISTANT}:"
@@ -185,62 +248,86 @@ def _add_text(state: dict, ids: list[int]) -> None:
     state["mask"] += [False] * len(ids)
 
 
+def _strip(parts: list[str]) -> list[str]:
+    """The reference strips each message of surrounding white space; do so across the pieces, keeping their kinds."""
+    out = list(parts)
+    while out and not out[0].strip():
+        out.pop(0)
+    while out and not out[-1].strip():
+        out.pop()
+    if out:
+        out[0] = type(out[0])(out[0].lstrip())
+        out[-1] = type(out[-1])(out[-1].rstrip())
+    return out
+
+
 class Processor:
     def __init__(self, tokenizer: VL2Tokenizer, cfg: VL2Config):
         self.tokenizer = tokenizer
         self.cfg = cfg
 
-    def _with_images(self, text: str, images: list[Image.Image | Tiling], cropping: bool, state: dict) -> None:
-        """Tokenise one user turn; images may come pre-tiled (batch runs tile in the rendering thread)."""
+    def _user_turn(self, content: Content, images: list[Image.Image | Tiling], cropping: bool, state: dict) -> None:
+        """Tokenise one user turn; images may come pre-tiled (the rendering thread tiles ahead)."""
         token = self.cfg.image_token
-        pieces = text.split(token)
-        if len(pieces) - 1 != len(images):
-            raise UsageError(f"the prompt has {len(pieces) - 1} {token} marks but {len(images)} images were given")
-        for i, piece in enumerate(pieces):
-            _add_text(state, self.tokenizer.encode(piece))
+        parts = _strip([content] if isinstance(content, str) else list(content))
+        parts = [USER + ": ", *parts, "\n\n" + ASSISTANT + ":"]
+        # Split at the template's image marks only: a mark inside UserText is text.
+        segments: list[list[str]] = [[]]
+        for part in parts:
+            pieces = [part] if isinstance(part, UserText) else part.split(token)
+            segments[-1].append(pieces[0])
+            segments.extend([p] for p in pieces[1:])
+        if len(segments) - 1 != len(images):
+            raise UsageError(f"the prompt has {len(segments) - 1} {token} marks but {len(images)} images were given")
+        for i, segment in enumerate(segments):
+            _add_text(state, self.tokenizer.encode_content(segment))
             if i < len(images):
-                image = images[i]
-                if isinstance(image, Tiling):
-                    tiling = image if image.cropping == cropping else tile_image(image.source, self.cfg, cropping)
-                else:
-                    tiling = tile_image(image, self.cfg, cropping)
-                n = image_token_count(self.cfg, tiling.tiles_wide, tiling.tiles_high)
-                state["ids"] += [self.tokenizer.image_id] * n
-                state["mask"] += [True] * n
-                state["pixels"].append(tiling.pixels)
-                state["crop"].append([tiling.tiles_wide, tiling.tiles_high])
+                self._add_image(images[i], cropping, state)
+
+    def _add_image(self, image: Image.Image | Tiling, cropping: bool, state: dict) -> None:
+        if isinstance(image, Tiling):
+            tiling = image if image.cropping == cropping or image.source is None else tile_image(image.source,
+                                                                                                  self.cfg, cropping)
+        else:
+            tiling = tile_image(image, self.cfg, cropping)
+        n = image_token_count(self.cfg, tiling.tiles_wide, tiling.tiles_high)
+        state["ids"] += [self.tokenizer.image_id] * n
+        state["mask"] += [True] * n
+        state["pixels"].append(tiling.pixels)
+        state["crop"].append([tiling.tiles_wide, tiling.tiles_high])
 
     def prepare(self, messages: list[Message], system_prompt: str = "") -> Prepared:
         """Tokenise a conversation as the official processor does, message by message.
 
         Each user turn is tokenised as `<|User|>: {text}\\n\\n<|Assistant|>:`; earlier assistant
         turns as their text plus the end-of-sentence id. Tiling happens only with <= 2 images.
+        A system prompt (an argument or a leading system message) appears in the rendered prompt string
+        only: the official processor builds the ids from the template's own, empty, system message.
         """
         if not messages or messages[-1].role != "user":
             raise UsageError("a conversation must end with a user message")
+        if messages[0].role == "system":
+            system_prompt = system_prompt or content_text(messages[0].content)
+            messages = messages[1:]
         images = [img for m in messages for img in m.images]
         cropping = len(images) <= 2
         state: dict = {"ids": [self.tokenizer.bos_id], "mask": [False], "pixels": [], "crop": []}
-        if system_prompt.strip():
-            messages = [Message("system", system_prompt)] + list(messages)
-        for i, m in enumerate(messages):
-            text = m.content.strip()
-            if m.role == "system":
-                if i:
-                    raise UsageError("a system message may only open the conversation")
-                _add_text(state, self.tokenizer.encode(text))
-            elif m.role == "user":
-                self._with_images(f"{USER}: {text}\n\n{ASSISTANT}:", m.images, cropping, state)
+        for m in messages:
+            if m.role == "user":
+                self._user_turn(m.content, m.images, cropping, state)
             elif m.role == "assistant":
-                if m.images or self.cfg.image_token in text:
+                if m.images or self.cfg.image_token in content_text(m.content):
                     raise UsageError("assistant turns cannot carry images")
-                _add_text(state, self.tokenizer.encode(text) + [self.tokenizer.eos_id])
+                text = _strip([m.content] if isinstance(m.content, str) else list(m.content))
+                _add_text(state, self.tokenizer.encode_content(text) + [self.tokenizer.eos_id])
+            elif m.role == "system":
+                raise UsageError("a system message may only open the conversation")
             else:
                 raise UsageError(f"unknown message role {m.role!r}")
         size = self.cfg.vision.image_size
         pixels = np.concatenate(state["pixels"]) if state["pixels"] else np.zeros((0, 3, size, size), np.float32)
-        sys_text = next((m.content.strip() for m in messages if m.role == "system"), "")
-        return Prepared(render_prompt(messages, sys_text), state["ids"], state["mask"], pixels, state["crop"])
+        return Prepared(render_prompt(messages, system_prompt.strip()), state["ids"], state["mask"], pixels,
+                        state["crop"])
 
-    def prepare_prompt(self, prompt: str, images: list[Image.Image], system_prompt: str = "") -> Prepared:
+    def prepare_prompt(self, prompt: Content, images: list[Image.Image | Tiling], system_prompt: str = "") -> Prepared:
         return self.prepare([Message("user", prompt, list(images))], system_prompt)
