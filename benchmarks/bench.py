@@ -88,10 +88,10 @@ def bench_batching(smoke: bool) -> dict:
 
 
 def bench_memory(smoke: bool) -> dict:
-    from vl2cli.engine.memory import count_params, estimate_vram
+    from vl2cli.engine.memory import estimate_vram, param_counts
     result = {"bench": "memory", "variants": {}}
     for name in ("tiny", "small", "base"):
-        c = count_params(preset_config(name))
+        c = param_counts(preset_config(name))
         result["variants"][name] = {"params": c["total"], "quantizable": c["quantizable"], **estimate_vram(name)}
     try:
         import bitsandbytes  # noqa: F401
@@ -119,28 +119,29 @@ def bench_pages(smoke: bool) -> dict:
     import tempfile
     from pathlib import Path
 
-    from vl2cli.api import Reader, ReadOptions
-    from vl2cli.batch import BatchOptions, run_batch
-    from vl2cli.engine.generation import SamplingParams
-    from vl2cli.pages import iter_pages
-    from vl2cli.pdfwrite import text_pdf
+    from vl2cli import PageOptions, Reader, ReadOptions
     from vl2cli.engine.processor import tile_image
+    from vl2cli.pages import Inputs, iter_pages
+    from vl2cli.pdfwrite import text_pdf
+    from vl2cli.pipeline import Job, plan_inputs, read_documents
+    from vl2cli.sinks import FolderSink
     from vl2cli.tasks import get_task
 
     n = 5 if smoke else 50
     dpi = 144
-    reader = Reader(_bench_ckpt(), device="cpu", dtype="float32", quant="none")
+    reader = Reader.load(_bench_ckpt(), device="cpu", dtype="float32", quant="none")
+    page_opts = PageOptions(dpi=dpi)
     cfg = reader.loaded.cfg
     with tempfile.TemporaryDirectory() as tmp:
         pdf = os.path.join(tmp, "doc.pdf")
         with open(pdf, "wb") as f:
             f.write(text_pdf("Quarterly report: revenue, costs and margins by region " * 2, pages=n))
         start = time.perf_counter()
-        for page in iter_pages(pdf, dpi=dpi):
+        for page in iter_pages(pdf, page_opts):
             tile_image(page.image, cfg)
         pre_s = time.perf_counter() - start
         pages = []  # kept for the model-alone run (not timed: holding every page's tiles is not the pipeline's cost)
-        for page in iter_pages(pdf, dpi=dpi):
+        for page in iter_pages(pdf, page_opts):
             page.tiling = tile_image(page.image, cfg)
             pages.append(page)
         result = {"bench": "pages_in", "pages": n, "dpi": dpi, "vl2_render_tile_pages_per_s": n / pre_s}
@@ -151,7 +152,7 @@ def bench_pages(smoke: bool) -> dict:
             result.update(pdftoppm_pages_per_s=theirs, render_ratio=(n / pre_s) / theirs, render_target=">= 1.0")
         else:
             result["pdftoppm_pages_per_s"] = None
-        opts = ReadOptions(SamplingParams(max_new_tokens=24), split="never", batch_size=4, loop_retries=False)
+        opts = ReadOptions(max_new_tokens=24, split="never", batch_size=4, loop_retries=False)
         task = get_task("ocr")
         threads = torch.get_num_threads()
         # On a CPU the model fills every core, so rendering has no idle core to hide in; with the model on
@@ -163,8 +164,11 @@ def bench_pages(smoke: bool) -> dict:
                 reader.read(task, pages[i:i + opts.batch_size], opts)
             model_s = time.perf_counter() - start
             start = time.perf_counter()
-            run_batch(reader, task, [pdf], opts, BatchOptions(out=Path(tmp) / f"out-{label}", fmt="markdown",
-                                                              dpi=dpi), log=lambda m: None)
+            sources, _ = plan_inputs(Inputs([pdf]), page_opts, strict=True)
+            job = Job(task, opts, page_opts, "markdown", str(reader.loaded.folder), task.template())
+            sink = FolderSink(Path(tmp) / f"out-{label}", job)
+            read_documents(reader, job, sources, sink)
+            sink.close(sources)
             pipeline_s = time.perf_counter() - start
             result[label] = {"model_s": model_s, "pipeline_s": pipeline_s,
                              "pipeline_over_max_half": pipeline_s / max(pre_s, model_s)}

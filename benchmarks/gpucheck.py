@@ -22,7 +22,7 @@ from PIL import Image, ImageDraw
 from vl2cli.engine.config import preset_config
 from vl2cli.engine.generation import Engine, SamplingParams
 from vl2cli.engine.loading import random_model
-from vl2cli.pages import DEFAULT_DPI
+from vl2cli.options import DEFAULT_DPI
 from vl2cli.engine.processor import Prepared, image_token_count, tile_image
 
 GIB = 1024**3

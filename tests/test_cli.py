@@ -1,4 +1,4 @@
-"""End to end through the CLI with the tiny parity checkpoint."""
+"""The commands end to end through the CLI (and its one error boundary) with the tiny parity checkpoint."""
 
 from __future__ import annotations
 
@@ -7,79 +7,151 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
-from typer.testing import CliRunner
 
-from tests.conftest import CKPT, PARITY
+from tests.helpers import IMG, PAGE_IMG, SAMPLES, TINY, assert_valid_record, index_entries, vl2
 from vl2cli.cli import app
-
-TINY = str(CKPT / "tiny")
-IMG = str(PARITY / "images" / "note_300x200.png")
-runner = CliRunner()
-
-
-def run(*args):
-    return runner.invoke(app, [*args, "--model", TINY, "--max-new-tokens", "12"])
 
 
 @pytest.mark.parametrize("fmt", ["markdown", "text", "json", "jsonl"])
 def test_ocr_formats(fmt):
-    result = run("ocr", IMG, "--format", fmt, "--split", "never")
+    result = vl2("ocr", IMG, "--format", fmt, "--split", "never")
     assert result.exit_code == 0, result.output
-    if fmt in ("json", "jsonl"):
-        record = json.loads(result.stdout)
+    if fmt == "json":
+        [record] = json.loads(result.stdout)  # always one JSON list, valid as a whole
         assert record["page"] == 1 and record["task"] == "ocr" and record["generated_tokens"] == 12
+        assert_valid_record(record)
+    elif fmt == "jsonl":
+        assert_valid_record(json.loads(result.stdout))
+
+
+@pytest.mark.parametrize("task", ["ocr", "table", "chart", "caption"])
+def test_every_task_prints_records_that_validate_against_the_schema(task, tmp_path):
+    printed = vl2(task, IMG, str(tmp_path / "missing-page.pdf"), "--json", tokens=4)
+    assert printed.exit_code == 2 and "missing-page.pdf: no such file" in printed.stderr  # before loading
+    (tmp_path / "broken.pdf").write_bytes(b"%PDF-1.4 nothing else")
+    printed = vl2(task, IMG, str(tmp_path / "broken.pdf"), "--json", tokens=4)
+    assert printed.exit_code == 1, printed.output  # the broken file fails, the image is read
+    records = json.loads(printed.stdout)
+    assert [r["status"] for r in records] == ["ok", "failed"]
+    for record in records:
+        assert_valid_record(record)
+    written = vl2(task, IMG, "--out", str(tmp_path / "o"), "-f", "json", tokens=4)
+    assert written.exit_code == 0, written.output
+    [entry] = index_entries(tmp_path / "o")
+    on_disk = json.loads((tmp_path / "o" / entry["outputs"][0]).read_text())
+    assert_valid_record(on_disk)
+    same = {k: v for k, v in records[0].items() if k != "seconds"}
+    assert {k: v for k, v in on_disk.items() if k != "seconds"} == same  # one pipeline, same records
+
+
+def test_ground_record_says_what_was_asked_and_validates():
+    result = vl2("ground", IMG, "the total", "--json", tokens=4)
+    assert result.exit_code == 0, result.output
+    [record] = json.loads(result.stdout)
+    assert record["question"] == "the total" and record["task"] == "ground"
+    assert_valid_record(record)
+    if not record["objects"]:  # random weights rarely write a box: the record and stderr say so
+        assert "no_boxes" in record["flags"] and "no boxes" in result.stderr
 
 
 @pytest.mark.parametrize("fmt", ["json", "csv", "markdown", "html"])
 def test_table_formats(fmt):
-    result = run("table", IMG, "--format", fmt)
+    result = vl2("table", IMG, "--format", fmt)
     assert result.exit_code == 0, result.output
+
+
+def test_table_csv_with_no_table_writes_no_empty_csv(tmp_path):
+    result = vl2("table", IMG, "-f", "csv", "--out", str(tmp_path), tokens=3)
+    assert result.exit_code == 0, result.output
+    [entry] = index_entries(tmp_path)
+    assert "no_table" in entry["flags"] and not list(tmp_path.glob("*.csv"))
+    assert [Path(o).suffix for o in entry["outputs"]] == [".json"]
 
 
 def test_chart_and_ask_and_caption():
-    assert run("chart", IMG, "--json").exit_code == 0
-    result = run("ask", IMG, IMG, "What differs?", "--json")
+    assert vl2("chart", IMG, "--json").exit_code == 0
+    result = vl2("ask", IMG, PAGE_IMG, "What differs?", "--json")
     assert result.exit_code == 0, result.output
-    assert json.loads(result.stdout)["question"] == "What differs?"
-    assert run("caption", IMG).exit_code == 0
+    record = json.loads(result.stdout)
+    assert record["question"] == "What differs?" and record["pages"] == 2
+    assert_valid_record(record, "ask")
+    assert vl2("caption", IMG).exit_code == 0
 
 
-def test_ground_writes_boxes_json_and_png(tmp_path):
-    result = run("ground", IMG, "the total", "--out", str(tmp_path / "g"), "--format", "json")
+def test_ground_writes_boxes_json(tmp_path):
+    result = vl2("ground", IMG, "the total", "--out", str(tmp_path / "g"), "--format", "json")
     assert result.exit_code == 0, result.output
-    record = json.loads((tmp_path / "g" / "note_300x200.png.p0001.json").read_text())
-    assert record["task"] == "ground" and "objects" in record
+    record = json.loads((tmp_path / "g" / "note_300x200.png.p0001.ground.json").read_text())
+    assert record["task"] == "ground" and "objects" in record and record["question"] == "the total"
 
 
 def test_ground_requires_a_query():
-    result = run("ground", IMG)
+    result = vl2("ground", IMG)
     assert result.exit_code == 2 and "query" in result.output
 
 
-def test_split_forced_records_bands(tmp_path):
-    result = run("ocr", IMG, "--split", "3", "--json")
+def test_split_forced_records_bands():
+    result = vl2("ocr", IMG, "--split", "3", "--json")
     assert result.exit_code == 0, result.output
-    assert json.loads(result.stdout)[0]["split"]["bands"] == 3
+    assert json.loads(result.stdout)[0]["split"] == {"bands": 3, "reason": "forced"}
 
 
-def test_budget_hit_triggers_auto_split():
-    result = run("ocr", IMG, "--json")  # 12 tokens never reach the end token on random weights
-    assert json.loads(result.stdout)[0]["split"] == {"bands": 3, "reason": "budget"}
+def test_users_own_token_cap_never_splits_the_page():
+    result = vl2("ocr", IMG, "--json", tokens=4)  # 4 tokens never reach the end token on random weights
+    [record] = json.loads(result.stdout)
+    assert record["split"] is None and record["finish_reason"] == "length"
+    assert "token_budget_reached" in record["flags"] and record["generated_tokens"] == 4
 
 
-def test_models_lists_variants():
-    result = runner.invoke(app, ["models", "--json"])
+def test_context_cutting_the_answer_splits_the_page(tmp_path):
+    from tests.helpers import make_checkpoint
+    from vl2cli.engine.loading import load_model
+    from vl2cli.engine.processor import UserText
+    probe = load_model(TINY, device="cpu", dtype="float32", quant="none")
+    prompt = probe.processor.prepare_prompt(["<image>\n", UserText("Convert the document to markdown.")],
+                                            [Image.open(IMG)])
+    ckpt = make_checkpoint(tmp_path / "short", language={"max_position_embeddings": len(prompt.input_ids) + 6})
+    result = vl2("ocr", IMG, "--json", model=str(ckpt), tokens=50)
+    [record] = json.loads(result.stdout)
+    assert record["split"] == {"bands": 3, "reason": "budget"} and record["finish_reason"] == "split"
+
+
+def test_models_lists_variants_from_config_arithmetic():
+    result = vl2("models", "--json", model=None, tokens=None)
     assert result.exit_code == 0
     rows = json.loads(result.stdout)
     assert [r["name"] for r in rows] == ["tiny", "small", "base"]
     assert rows[2]["vram_nf4_gib"] < 20 < rows[2]["vram_bf16_gib"]
+    assert abs(rows[0]["total_params_b"] - 3.36) < 0.02 and rows[1]["download_gb"] > 30
+
+
+def test_param_arithmetic_equals_the_built_model():
+    import torch
+
+    from vl2cli.engine.config import load_config, preset_config
+    from vl2cli.engine.memory import param_counts
+    from vl2cli.engine.model import DeepseekVL2
+    from tests.helpers import CKPT
+    for cfg in (preset_config("tiny"), load_config(CKPT / "small"), load_config(CKPT / "base")):
+        with torch.device("meta"):
+            model = DeepseekVL2(cfg)
+        assert param_counts(cfg)["total"] == sum(p.numel() for p in model.parameters())
 
 
 def test_offline_missing_model_says_what_to_do(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HOME", str(tmp_path))
-    result = runner.invoke(app, ["ocr", IMG, "--model", "small", "--offline"])
+    result = vl2("ocr", IMG, "--offline", model="small")
     assert result.exit_code == 1
     assert "--model /path/to/checkpoint" in result.output
+
+
+def test_model_names_are_never_sent_to_the_hub_unasked(monkeypatch):
+    import huggingface_hub
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda *a, **k: pytest.fail("sent to the hub"))
+    typo = vl2("ocr", IMG, model="models/tiny")
+    assert typo.exit_code == 1 and "models/tiny: no such checkpoint folder" in typo.stderr
+    unknown = vl2("ocr", IMG, model="medium")
+    assert unknown.exit_code == 2 and "tiny, small, base" in unknown.stderr and "hf:" in unknown.stderr
 
 
 def test_batch_resume_and_names_never_collide(tmp_path):
@@ -88,45 +160,46 @@ def test_batch_resume_and_names_never_collide(tmp_path):
         (src / sub).mkdir(parents=True)
         Image.open(IMG).save(src / sub / "x.png")
     out = tmp_path / "out"
-    first = runner.invoke(app, ["batch", str(src), "--out", str(out), "--model", TINY, "--max-new-tokens", "4",
-                                "--json"])
+    first = vl2("batch", str(src), "--out", str(out), "--json", tokens=4)
     assert first.exit_code == 0, first.output
-    assert (out / "a" / "x.png.p0001.md").exists() and (out / "b" / "x.png.p0001.md").exists()
+    assert (out / "a" / "x.png.p0001.ocr.md").exists() and (out / "b" / "x.png.p0001.ocr.md").exists()
+    assert (out / "a" / "x.png.ocr.md").read_text().startswith("<!-- page 1 -->\n")  # the whole document
     assert "vl2: 2/2 pages" in first.stderr  # plain progress lines when stderr is not a terminal
-    again = runner.invoke(app, ["batch", str(src), "--out", str(out), "--model", TINY, "--max-new-tokens", "4",
-                                "--json"])
+    again = vl2("batch", str(src), "--out", str(out), "--json", tokens=4)
     summary = json.loads(again.stdout)
     assert summary["pages_done"] == 0 and summary["pages_skipped"] == 2
-    lines = (out / "index.jsonl").read_text().splitlines()
-    assert len(lines) == 2
+    assert len(index_entries(out)) == 2
 
 
 def test_text_layer_only_reads_pdf_text(tmp_path):
     from vl2cli.pdfwrite import text_pdf
     pdf = tmp_path / "t.pdf"
     pdf.write_bytes(text_pdf("Invoice 42 total 17.50"))
-    result = run("ocr", str(pdf), "--text-layer", "only", "--json")
+    result = vl2("ocr", str(pdf), "--text-layer", "only", "--json")
     assert result.exit_code == 0, result.output
     assert "Invoice 42" in json.loads(result.stdout)[0]["answer"]
 
 
 def test_ask_writes_its_answer_and_refuses_prompts_over_the_context(tmp_path):
-    result = run("ask", IMG, "What is the total?", "--out", str(tmp_path))
+    result = vl2("ask", IMG, "What is the total?", "--out", str(tmp_path))
     assert result.exit_code == 0, result.output
-    record = json.loads((tmp_path / "note_300x200.png.ask.json").read_text())
-    assert record["question"] == "What is the total?" and record["pages"] == 1
+    second = vl2("ask", IMG, "Who signed it?", "--out", str(tmp_path))
+    assert second.exit_code == 0, second.output
+    answers = sorted(tmp_path.glob("note_300x200.png.ask-*.json"))
+    assert len(answers) == 2  # a second question never overwrites the first
+    assert {json.loads(p.read_text())["question"] for p in answers} == {"What is the total?", "Who signed it?"}
     copies = []
     for i in range(11):
         copies.append(str(tmp_path / f"c{i}.png"))
         Image.open(IMG).save(copies[-1])
-    too_many = run("ask", *copies, "Compare them all.")  # 11 untiled images: 11 * 421 > 4096 tokens
+    too_many = vl2("ask", *copies, "Compare them all.")  # 11 untiled images: 11 * 421 > 4096 tokens
     assert too_many.exit_code == 2 and "4096-token context" in too_many.stderr
 
 
 def test_batch_ground_with_query_writes_boxes_and_jsonl(tmp_path):
     out = tmp_path / "out"
-    result = runner.invoke(app, ["batch", IMG, "--task", "ground", "--question", "the total", "--out", str(out),
-                                 "--format", "jsonl", "--model", TINY, "--max-new-tokens", "3"])
+    result = vl2("batch", IMG, "--task", "ground", "--question", "the total", "--out", str(out),
+                 "--format", "jsonl", tokens=3)
     assert result.exit_code == 0, result.output
     lines = (out / "results.jsonl").read_text().splitlines()
     assert len(lines) == 1 and json.loads(lines[0])["task"] == "ground"
@@ -164,57 +237,86 @@ def test_revision_and_offline_reach_the_hub_client(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     resolve_model("tiny")
     assert seen["local_files_only"] is True
+    resolve_model("hf:someone/other-vl2", offline=True)
+    assert seen["repo_id"] == "someone/other-vl2"  # an explicit request
+    resolve_model("someone/other-vl2", offline=True, explicit=True)  # `vl2 models download ID`
 
 
-def test_prompt_file_overrides_and_bad_prompt_file_fails_before_loading(tmp_path):
+def test_prompt_file_overrides_and_bad_prompt_files_fail_before_loading(tmp_path):
     custom = tmp_path / "mine.txt"
     custom.write_text("# my wording\nList every number on the page.\n")
-    result = run("ocr", IMG, "--prompt-file", str(custom), "--split", "never", "--json")
+    result = vl2("ocr", IMG, "--prompt-file", str(custom), "--split", "never", "--json")
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)[0]["prompt_tokens"] > 0
-    missing = runner.invoke(app, ["ocr", IMG, "--prompt-file", str(tmp_path / "nope.txt"), "--model", "/nonexistent"])
-    assert missing.exit_code == 2 and "nope.txt: cannot read prompt" in missing.stderr
+    (tmp_path / "bin.txt").write_bytes(b"\x00\x01\xff" * 10)
+    (tmp_path / "huge.txt").write_text("x" * 200_000)
+    (tmp_path / "ocr").write_text("a file named like a task")
+    for name, words in (("nope.txt", "cannot read prompt"), ("bin.txt", "not UTF-8"), ("huge.txt", "at most"),
+                        ("ocr", None)):
+        bad = vl2("ocr", IMG, "--prompt-file", str(tmp_path / name), model="/nonexistent")
+        if words is None:  # a path is a path: no '.txt' appended, no lookup among built-in prompts
+            assert "ocr: cannot read prompt" not in bad.stderr and "/nonexistent" in bad.stderr
+            continue
+        assert bad.exit_code == 2 and f"{name}: " in bad.stderr and words in bad.stderr, bad.stderr
 
 
 def test_text_layer_only_on_a_scan_falls_back_to_the_model_and_says_so():
-    result = run("ocr", IMG, "--text-layer", "only", "--split", "never", "--json")
+    result = vl2("ocr", IMG, "--text-layer", "only", "--split", "never", "--json")
     record = json.loads(result.stdout)[0]
     assert record["finish_reason"] != "text_layer" and "no_text_layer" in record["flags"]
 
 
-@pytest.mark.parametrize("command", ["ocr", "ask", "table", "chart", "ground", "caption", "batch", "models", "trace"])
+def test_no_text_layer_flag_survives_band_splitting():
+    result = vl2("ocr", IMG, "--text-layer", "only", "--split", "2", "--json", tokens=3)
+    [record] = json.loads(result.stdout)
+    assert record["split"]["bands"] == 2 and "no_text_layer" in record["flags"]
 
+
+@pytest.mark.parametrize("command", ["ocr", "ask", "table", "chart", "ground", "caption", "batch", "models",
+                                     "trace"])
 def test_every_command_has_help_with_an_example(command):
-    result = runner.invoke(app, [command, "--help"], env={"COLUMNS": "200"})
-    assert result.exit_code == 0, result.output
-    assert "Example" in result.output or command in ("models", "bench")
+    from typer.testing import CliRunner
+    for flag in ("--help", "-h"):
+        result = CliRunner().invoke(app, [command, flag], env={"COLUMNS": "200"})
+        assert result.exit_code == 0, result.output
+        assert "Example" in result.output or command == "models"
+    if command in ("ocr", "table"):
+        assert "markdown, text, json, jsonl" in result.output or "json, jsonl, csv" in result.output
 
 
-def test_ask_streams_the_same_answer_it_returns(loaded_tiny):
-    from vl2cli.api import Reader, TokenStream
-    from vl2cli.engine.generation import SamplingParams
-    reader = Reader(loaded=loaded_tiny)
+def test_version():
+    from typer.testing import CliRunner
+
+    import vl2cli
+    result = CliRunner().invoke(app, ["--version"])
+    assert result.exit_code == 0 and result.stdout.strip() == f"vl2 {vl2cli.__version__}"
+
+
+def test_ask_streams_the_same_answer_it_returns(reader):
+    from vl2cli.options import ReadOptions
+    from vl2cli.reader import TokenStream
     pieces = []
     stream = TokenStream(reader, pieces.append)
-    answer = reader.ask_images([Image.open(IMG)], "What is written?", SamplingParams(max_new_tokens=12),
-                               on_token=stream)
-    assert "".join(pieces) + answer[len(stream.shown):] == answer and len(pieces) > 1
+    result = reader.ask([Image.open(IMG)], "What is written?", ReadOptions(max_new_tokens=12), on_token=stream)
+    assert "".join(pieces) + result.answer[len(stream.shown):] == result.answer and len(pieces) > 1
 
 
 def test_grounded_answer_becomes_pixel_boxes_and_an_annotated_png(tmp_path):
-    from vl2cli.batch import BatchOptions, write_page
-    from vl2cli.pages import Page
-    from vl2cli.tasks import get_task
-    task = get_task("ground")
-    image = Image.open(Path(__file__).parent.parent / "samples" / "objects.png").convert("RGB")
+    from vl2cli.pages import Page, Source
+    from vl2cli.pipeline import PageItem
+    from vl2cli.results import PageResult
+    from tests.test_pipeline import folder_sink
+    image = Image.open(SAMPLES / "objects.png").convert("RGB")
     answer = "<|ref|>the red circle<|/ref|><|det|>[[94, 166, 343, 500]]<|/det|>"
-    record = {"source": "objects.png", "page": 1, "task": "ground", "status": "ok", "answer": answer,
-              **task.parse(answer, *image.size, "the red circle")}
-    assert record["objects"][0]["box"] == [60, 79, 219, 240]  # 640x480 page: x / 999 * 640, y / 999 * 480
-    outputs = write_page(task, record, Page("objects.png", 1, image), "objects.png.p0001",
-                         BatchOptions(out=tmp_path, fmt="json"))
-    assert outputs == ["objects.png.p0001.json", "objects.png.p0001.boxes.png"]
-    drawn = Image.open(tmp_path / "objects.png.p0001.boxes.png")
+    sink, job = folder_sink(tmp_path, "ground", "json", text="the red circle")
+    fields, flags = job.task.parse(answer, *image.size, "the red circle")
+    assert fields["objects"][0]["box"] == [60, 79, 219, 240]  # 640x480 page: x / 999 * 640, y / 999 * 480
+    result = PageResult("objects.png", 1, "ground", "ok", answer=answer, width=640, height=480, fields=fields)
+    source = Source("objects.png", "objects.png", name="objects.png", digest="d", numbers=[1])
+    sink.emit(PageItem(source, 1, "k" * 32), result, Page("objects.png", 1, image))
+    assert sorted(p.name for p in tmp_path.glob("objects*")) == ["objects.png.p0001.ground.boxes.png",
+                                                                 "objects.png.p0001.ground.json"]
+    drawn = Image.open(tmp_path / "objects.png.p0001.ground.boxes.png")
     assert drawn.size == image.size and drawn.getpixel((60, 160)) != image.getpixel((60, 160))
 
 
@@ -222,10 +324,13 @@ def test_batch_output_inside_the_input_folder_is_not_read_back(tmp_path):
     src = tmp_path / "scans"
     src.mkdir()
     Image.open(IMG).save(src / "a.png")
-    args = ["batch", str(src), "--task", "ground", "--question", "x", "--out", str(src / "results"),
-            "--model", TINY, "--max-new-tokens", "2", "--json"]
     (src / "results").mkdir()
-    Image.open(IMG).save(src / "results" / "a.png.p0001.boxes.png")  # an earlier run's annotated page
-    first = runner.invoke(app, args)
+    Image.open(IMG).save(src / "results" / "a.png.p0001.ground.boxes.png")  # an earlier run's annotated page
+    first = vl2("batch", str(src), "--task", "ground", "--question", "x", "--out", str(src / "results"), "--json",
+                tokens=2)
     assert first.exit_code == 0, first.output
     assert json.loads(first.stdout)["pages_done"] == 1
+    link = tmp_path / "link"
+    link.symlink_to(src / "results")  # --out through a symlink into the input folder: still left out
+    again = vl2("batch", str(src), "--task", "ground", "--question", "x", "--out", str(link), "--json", tokens=2)
+    assert json.loads(again.stdout)["pages_skipped"] == 1 and json.loads(again.stdout)["pages_done"] == 0

@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from tests.conftest import CKPT, make_checkpoint
+from tests.helpers import CKPT, make_checkpoint
 from vl2cli.engine.config import config_from_dict, load_config
 from vl2cli.errors import CheckpointError, ConfigError
 from vl2cli.engine.generation import Engine, SamplingParams

@@ -9,9 +9,10 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from tests.conftest import CKPT
+from tests.helpers import CKPT
 from vl2cli.cli import app
 from vl2cli.errors import UsageError
+from vl2cli.options import PageOptions
 from vl2cli.pages import expand_inputs, iter_pages, normalise_image, parse_page_ranges
 from vl2cli.pdfwrite import text_pdf
 
@@ -21,15 +22,17 @@ TINY = str(CKPT / "tiny")
 def test_page_ranges():
     assert parse_page_ranges("1-3,7") == [(1, 3), (7, 7)]
     assert parse_page_ranges("5-")[0][0] == 5
-    for bad in ("0", "3-1", "x", "1-2-3"):
+    for bad in ("0", "3-1", "x", "1-2-3", "-1", "-3"):
         with pytest.raises(UsageError):
             parse_page_ranges(bad)
+    with pytest.raises(UsageError, match="for the first N pages write 1-N"):
+        parse_page_ranges("-1")
 
 
 def test_pdf_pages_and_text_layer(tmp_path):
     pdf = tmp_path / "d.pdf"
     pdf.write_bytes(text_pdf("hello", pages=5))
-    pages = list(iter_pages(str(pdf), pages="2,4-", dpi=72, text_layer=True))
+    pages = list(iter_pages(str(pdf), PageOptions(pages="2,4-", dpi=72, text_layer=True)))
     assert [p.number for p in pages] == [2, 4, 5]
     assert pages[0].image.size == (612, 792) and "hello p2" in pages[0].text_layer
 
@@ -78,9 +81,12 @@ def test_folders_are_searched_recursively_and_globs_filter(tmp_path):
     Image.new("RGB", (8, 8)).save(tmp_path / "a" / "b" / "x.png")
     (tmp_path / "a" / "note.txt").write_text("skip me")
     (tmp_path / "a" / "y.pdf").write_bytes(text_pdf("y"))
+    Image.new("RGB", (8, 8)).save(tmp_path / "a" / ".hidden.png")
     found = expand_inputs([str(tmp_path / "a")])
-    assert [p.split("/")[-1] for p in found] == ["x.png", "y.pdf"]
-    assert [p.split("/")[-1] for p in expand_inputs([str(tmp_path / "a")], glob="*.pdf")] == ["y.pdf"]
+    assert [p.split("/")[-1] for p in found.files] == ["x.png", "y.pdf"]
+    assert found.hidden_skipped == 1  # left out, and counted so the CLI can say so
+    assert found.names[found.files[0]] == "b/x.png"  # the name under --out: the path inside the given folder
+    assert [p.split("/")[-1] for p in expand_inputs([str(tmp_path / "a")], glob="*.pdf").files] == ["y.pdf"]
 
 
 def test_chat_answers_follow_ups():
@@ -95,8 +101,31 @@ def test_glob_patterns_relative_and_absolute(tmp_path, monkeypatch):
     (tmp_path / "s").mkdir()
     for name in ("a.pdf", "b.pdf", "c.png"):
         (tmp_path / "s" / name).write_bytes(b"x")
-    assert [p.split("/")[-1] for p in expand_inputs([str(tmp_path / "s" / "*.pdf")])] == ["a.pdf", "b.pdf"]
+    assert [p.split("/")[-1] for p in expand_inputs([str(tmp_path / "s" / "*.pdf")]).files] == ["a.pdf", "b.pdf"]
     monkeypatch.chdir(tmp_path)
-    assert expand_inputs(["s/**/*.png"]) == ["s/c.png"]
+    assert expand_inputs(["s/**/*.png"]).files == ["s/c.png"]
     with pytest.raises(UsageError, match="matches no file"):
         expand_inputs(["s/*.tiff"])
+
+
+def test_hidden_files_skipped_are_reported(tmp_path):
+    (tmp_path / "in").mkdir()
+    Image.new("RGB", (64, 48), "white").save(tmp_path / "in" / "a.png")
+    Image.new("RGB", (64, 48), "white").save(tmp_path / "in" / ".b.png")
+    result = CliRunner().invoke(app, ["ocr", str(tmp_path / "in"), "--model", TINY, "--max-new-tokens", "2"])
+    assert result.exit_code == 0 and "1 file(s) with names starting with '.' left out" in result.stderr
+
+
+def test_batch_with_out_equal_to_the_input_folder_says_why(tmp_path):
+    Image.new("RGB", (64, 48), "white").save(tmp_path / "a.png")
+    result = CliRunner().invoke(app, ["batch", str(tmp_path), "--out", str(tmp_path), "--model", TINY])
+    assert result.exit_code == 2 and "is the input folder" in result.stderr and "choose a subfolder" in result.stderr
+
+
+def test_max_pixels_can_admit_pages_above_pillows_own_guard(tmp_path):
+    big = tmp_path / "big.png"
+    Image.new("L", (10000, 9500), 255).save(big)  # 95 Mpx: over Pillow's 89 Mpx guard
+    with pytest.raises(Exception, match="Mpx"):
+        next(iter_pages(str(big)))
+    page = next(iter_pages(str(big), PageOptions(max_pixels=100_000_000)))
+    assert page.image.size == (10000, 9500)

@@ -9,7 +9,7 @@ import sys
 import pytest
 from typer.testing import CliRunner
 
-from tests.conftest import PARITY
+from tests.helpers import PARITY
 from vl2cli.cli import app
 
 CASES = sorted(p for p in PARITY.iterdir() if (p / "case.json").exists())

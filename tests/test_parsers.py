@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from vl2cli.api import merge_band_texts, split_bands
+from vl2cli.bands import merge_band_texts, split_bands
 from vl2cli.engine.config import _all_candidates
 from vl2cli.parsers import find_loop, parse_grounding, parse_tables, scale_box, strip_grounding_tags, trim_loop
 from vl2cli.engine.processor import select_best_resolution
@@ -97,7 +97,8 @@ def test_band_split_covers_page_and_merge_drops_overlap():
 def test_density_estimate_tells_dense_print_from_photos_and_forms():
     from PIL import Image
 
-    from vl2cli.pages import iter_pages, looks_dense
+    from vl2cli.bands import looks_dense
+    from vl2cli.pages import iter_pages
     from vl2cli.pdfwrite import text_pdf
     words = "The committee reviewed the quarterly figures and noted that revenue in the north rose".split()
     lines = [" ".join(words[(i * 3) % 10:] + words[:(i * 3) % 10]) for i in range(55)]
@@ -111,3 +112,28 @@ def test_density_estimate_tells_dense_print_from_photos_and_forms():
     assert not looks_dense(Image.new("RGB", (800, 600), "white"))
     noise = Image.effect_noise((640, 480), 120).convert("RGB")
     assert not looks_dense(noise.resize((64, 48)).resize((640, 480)))  # photo-like blobs
+
+
+def test_degenerate_page_shapes_stay_bounded():
+    from PIL import Image
+
+    from vl2cli.bands import DENSITY_MAX_HEIGHT, band_count, looks_dense, planned_bands, split_bands
+    strip = Image.new("RGB", (2, 20000), "white")  # would be a 2.6-gigapixel intermediate at 512 px wide
+    assert looks_dense(strip) is False
+    tall = Image.new("RGB", (10, 400000 // 10), "black")
+    assert looks_dense(tall) in (True, False)  # bounded: at most 512 x DENSITY_MAX_HEIGHT pixels
+    assert DENSITY_MAX_HEIGHT * 512 < 2_000_000
+    flat = Image.new("RGB", (14400, 2), "white")  # a page 2 px tall: no band of height 0
+    assert band_count(flat, 3) == 1 and split_bands(flat, 3)[0].size == (14400, 2)
+    assert planned_bands("3", flat, None) == (1, None) and planned_bands("auto", flat, None) == (1, None)
+
+
+@given(st.integers(1, 3000), st.integers(1, 3000), st.integers(1, 16))
+@settings(max_examples=80, deadline=None)
+def test_bands_always_cover_the_page_with_real_rows(width, height, n):
+    from PIL import Image
+
+    from vl2cli.bands import split_bands
+    bands = split_bands(Image.new("L", (width, height)), n)
+    assert 1 <= len(bands) <= n and all(b.height >= 1 and b.width == width for b in bands)
+    assert sum(b.height for b in bands) >= height

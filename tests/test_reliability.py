@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from tests.conftest import CKPT, PARITY
+from tests.helpers import CKPT, IMG, PARITY
 from tests.pdf_crypto import encrypted_pdf
 from vl2cli.cli import app
 from vl2cli.pages import display_path
@@ -80,7 +80,23 @@ def make_corpus(folder: Path) -> dict[str, str]:
     odd = os.fsdecode(b"caf\xe9-latin1.png")
     good.save(folder / odd)
     cases[odd] = "ok"
+    Image.new("RGB", (600, 2), "white").save(folder / "flat.png")  # bands of height 0 once crashed the run
+    cases["flat.png"] = "ok"
+    Image.new("RGB", (2, 20000), "white").save(folder / "strip.png")  # once a 2.6-gigapixel density estimate
+    cases["strip.png"] = "ok"
+    (folder / "flat.pdf").write_bytes(_pdf_with_mediabox(14400, 1))
+    cases["flat.pdf"] = "ok"  # 28800 x 2 px at 144 DPI: read, never a crash
+    from PIL import PngImagePlugin
+    info = PngImagePlugin.PngInfo()
+    info.add_text("comment", "x" * 2_000_000, zip=True)  # a compressed text chunk over Pillow's limit
+    good.save(folder / "textchunk.png", pnginfo=info)
+    cases["textchunk.png"] = "not a readable image"
     return cases
+
+
+def _pdf_with_mediabox(width_pt: int, height_pt: int) -> bytes:
+    pdf = text_pdf("x")
+    return pdf.replace(b"/MediaBox [0 0 612 792]", f"/MediaBox [0 0 {width_pt} {height_pt}]".encode())
 
 
 def test_bad_inputs_never_crash_the_batch(tmp_path):
@@ -91,7 +107,7 @@ def test_bad_inputs_never_crash_the_batch(tmp_path):
     assert result.exit_code == 1, result.output  # some failed
     assert "Traceback" not in result.output
     index = [json.loads(line) for line in (out / "index.jsonl").read_text().splitlines()]
-    by_source = {}
+    by_source: dict[str, list] = {}
     for e in index:
         by_source.setdefault(Path(e["source"]).name, []).append(e)
     lost = 0
@@ -111,6 +127,10 @@ def test_bad_inputs_never_crash_the_batch(tmp_path):
             assert len(line) >= 1
     assert len(by_source["good.pdf"]) == 2 and len(by_source["anim.gif"]) == 1
     assert not list(out.rglob("*.part"))
+    rerun = CliRunner().invoke(app, ["batch", str(tmp_path / "in"), "--out", str(out), "--model", TINY,
+                                     "--max-new-tokens", "3", "--split", "never", "--json"])
+    summary = json.loads(rerun.stdout)  # the rerun reads nothing again: done and failed pages are remembered
+    assert summary["pages_done"] == summary["pages_failed"] == summary["files_failed"] == 0, summary
     CORPUS_STATS["files tried"] += len(cases)
     CORPUS_STATS["handled cleanly"] += len(cases)
     CORPUS_STATS["outputs lost"] += lost
@@ -133,13 +153,14 @@ def test_encrypted_pdf_needs_the_right_password(tmp_path):
 def test_thousand_page_pdf_streams_in_flat_memory(tmp_path):
     import psutil
 
+    from vl2cli.options import PageOptions
     from vl2cli.pages import iter_pages
     pdf = tmp_path / "long.pdf"
     pdf.write_bytes(text_pdf("line of a very long report", pages=1000))
     proc = psutil.Process()
     rss = {}
     count = 0
-    for page in iter_pages(str(pdf), dpi=30):
+    for page in iter_pages(str(pdf), PageOptions(dpi=30)):
         count += 1
         if count in (50, 1000):
             rss[count] = proc.memory_info().rss
@@ -184,7 +205,7 @@ def test_full_disk_in_a_batch_fails_pages_not_the_run(tmp_path, monkeypatch):
 def test_folders_and_broken_links_given_as_files(tmp_path):
     (tmp_path / "dir.png").mkdir()
     (tmp_path / "gone.png").symlink_to(tmp_path / "missing.png")
-    for name, code, words in (("dir.png", 2, "the folder holds no PDF or image files"), ("gone.png", 1, "no such file")):
+    for name, code, words in (("dir.png", 2, "the folder holds no PDF or image files"), ("gone.png", 2, "no such file")):
         result = CliRunner().invoke(app, ["ocr", str(tmp_path / name), "--model", TINY])
         assert result.exit_code == code and f"{name}: {words}" in result.stderr
 
@@ -195,61 +216,112 @@ def test_output_folder_that_cannot_be_created_fails_cleanly(tmp_path):
     result = CliRunner().invoke(app, ["ocr", str(PARITY / "images" / "note_300x200.png"), "--model", TINY,
                                       "--out", str(blocker / "sub"), "--max-new-tokens", "2"])
     assert result.exit_code == 1 and "vl2: error:" in result.output and "Traceback" not in result.output
+    assert "Loading" not in result.output  # found before the model loads
 
 
-def test_runaway_loop_is_stopped_retried_and_flagged(loaded_tiny, page_image):
-    from vl2cli.api import LOOP_RETRY_TEMPERATURES, Reader, ReadOptions
-    from vl2cli.engine.generation import SamplingParams
+def test_runaway_loop_is_stopped_retried_and_flagged(reader, page_image):
+    from vl2cli.options import LOOP_RETRY_TEMPERATURES, ReadOptions
     from vl2cli.pages import Page
     from vl2cli.tasks import get_task
-    reader = Reader(loaded=loaded_tiny)
     temps = []
     original = reader._generate
 
-    def spy(prompts, params):
+    def spy(prompts, params, *args, **kwargs):
         temps.append(params.temperature)
-        return original(prompts, params)
+        return original(prompts, params, *args, **kwargs)
     reader._generate = spy
-    record = reader.read(get_task("ocr"), [Page("p.png", 1, page_image)],
-                         ReadOptions(SamplingParams(max_new_tokens=400), split="never"))[0]
-    assert record["generated_tokens"] < 120  # stopped early, not at the 400-token budget
-    assert temps[0] == 0.0 and all(t <= 0.7 for t in temps) and temps[1:] == list(LOOP_RETRY_TEMPERATURES)[:len(temps) - 1]
-    if record["finish_reason"] == "loop":
-        assert "repetition_loop" in record["flags"]
+    result = reader.read(get_task("ocr"), [Page("p.png", 1, page_image)], ReadOptions(max_new_tokens=400,
+                                                                                      split="never"))[0]
+    assert result.generated_tokens < 120  # stopped early, not at the 400-token budget
+    assert temps[0] == 0.0 and all(t <= 0.7 for t in temps)
+    assert temps[1:] == list(LOOP_RETRY_TEMPERATURES)[:len(temps) - 1]
+    if result.finish_reason == "loop":
+        assert "repetition_loop" in result.flags
 
 
-def test_out_of_memory_halves_batch_then_chunks_then_fails_one_page(loaded_tiny, page_image):
-    from vl2cli.api import OutOfMemory, Reader, ReadOptions
-    from vl2cli.engine.generation import SamplingParams
+def _oom_in_moe(monkeypatch, fails_when):
+    """A simulated CUDA out-of-memory inside the model (MoE.forward), where a real one would strike."""
+    import torch
+
+    from vl2cli.engine import moe
+    real = moe.MoE.forward
+
+    def forward(self, x):
+        if fails_when(x):
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(self, x)
+    monkeypatch.setattr(moe.MoE, "forward", forward)
+
+
+def test_out_of_memory_halves_batch_then_chunks_then_fails_one_page(reader, page_image, monkeypatch):
+    from vl2cli.options import ReadOptions
     from vl2cli.pages import Page
     from vl2cli.tasks import get_task
-    reader = Reader(loaded=loaded_tiny)
     seen = []
-
-    def fault(batch):
-        seen.append((batch, reader.engine.prefill_chunk))
-        if batch > 1:
-            raise OutOfMemory("CUDA out of memory")
-    reader.fault_hook = fault
+    _oom_in_moe(monkeypatch, lambda x: seen.append((x.shape[0], reader.engine.prefill_chunk)) or x.shape[0] > 1)
     pages = [Page("a.png", i, page_image) for i in range(1, 5)]
-    records = reader.read(get_task("ocr"), pages, ReadOptions(SamplingParams(max_new_tokens=2), split="never",
-                                                               batch_size=4))
-    assert all(r["status"] == "ok" for r in records)
-    assert seen[0] == (4, None) and (1, None) in seen
+    results = reader.read(get_task("ocr"), pages, ReadOptions(max_new_tokens=2, split="never", batch_size=4))
+    assert all(r.ok for r in results)
+    assert seen[0] == (4, None) and (2, None) in seen and (1, None) in seen
+    _oom_in_moe(monkeypatch, lambda x: True)
+    results = reader.read(get_task("ocr"), pages[:2], ReadOptions(max_new_tokens=2, split="never"))
+    assert [r.status for r in results] == ["failed", "failed"]
+    assert "out of memory even at batch 1 with chunked prefill" in (results[0].error or "")
 
-    def always(batch):
-        raise OutOfMemory("CUDA out of memory")
-    reader.fault_hook = always
-    records = reader.read(get_task("ocr"), pages[:2], ReadOptions(SamplingParams(max_new_tokens=2), split="never"))
-    assert [r["status"] for r in records] == ["failed", "failed"]
-    assert "out of memory" in records[0]["error"]
+
+def test_out_of_memory_frees_the_failed_attempt_before_retrying(reader, page_image, monkeypatch):
+    """The failed attempt's KV cache must be dead before the retry allocates its own (else empty_cache frees
+    nothing and the retry runs out of memory too): the retry happens outside the except block."""
+    import weakref
+
+    from vl2cli.engine import cache as cache_module
+    from vl2cli.options import ReadOptions
+    from vl2cli.pages import Page
+    from vl2cli.tasks import get_task
+    caches: list[weakref.ref] = []
+    alive_at_retry: list[int] = []
+    real_init = cache_module.KVCache.__init__
+
+    def tracking_init(self, cfg, batch, *args, **kwargs):
+        if batch < 4:  # a retry is allocating: how many batch-4 caches are still alive?
+            alive_at_retry.append(sum(1 for ref in caches if ref() is not None))
+        real_init(self, cfg, batch, *args, **kwargs)
+        if batch == 4:
+            caches.append(weakref.ref(self))
+    monkeypatch.setattr(cache_module.KVCache, "__init__", tracking_init)
+    _oom_in_moe(monkeypatch, lambda x: x.shape[0] == 4)
+    pages = [Page("a.png", i, page_image) for i in range(1, 5)]
+    results = reader.read(get_task("ocr"), pages, ReadOptions(max_new_tokens=2, split="never", batch_size=4))
+    assert all(r.ok for r in results) and caches and alive_at_retry
+    assert alive_at_retry == [0] * len(alive_at_retry)
+
+
+def test_any_error_while_generating_fails_only_its_page(reader, page_image, monkeypatch):
+    from vl2cli.engine import vision
+    from vl2cli.options import ReadOptions
+    from vl2cli.pages import Page
+    from vl2cli.tasks import get_task
+    real = vision.VisionTower.forward
+    poisoned = page_image.copy()
+    poisoned.putpixel((0, 0), (1, 2, 3))
+
+    def forward(self, pixels):
+        if pixels.shape[0] > 0 and any(abs(float(t[0, 0, 0]) - (-0.9921568)) < 1e-4 for t in pixels):
+            raise ValueError("a bug only this page triggers")
+        return real(self, pixels)
+    monkeypatch.setattr(vision.VisionTower, "forward", forward)
+    pages = [Page("a.png", 1, page_image), Page("b.png", 1, Image.new("RGB", (400, 300), (1, 2, 3))),
+             Page("c.png", 1, page_image)]
+    results = reader.read(get_task("ocr"), pages, ReadOptions(max_new_tokens=2, split="never", batch_size=3))
+    assert [r.status for r in results] == ["ok", "failed", "ok"]
+    assert "a bug only this page triggers" in (results[1].error or "")
 
 
 def test_output_names_never_escape_out():
-    from vl2cli.batch import output_key
+    from vl2cli.sinks import safe_name
     for source in ["../../etc/passwd", "/abs/../x.pdf", "a/../../b.png", "..", "con:\x00.png"]:
-        key = output_key(source, Path("/nonexistent/root"))
-        assert ".." not in key.split("/") and not key.startswith("/")
+        name = safe_name(source)
+        assert ".." not in name.split("/") and not name.startswith("/")
 
 
 def _batch_cmd(src: Path, out: Path) -> list[str]:
@@ -286,6 +358,7 @@ def _check_resume(src: Path, out: Path, n: int) -> None:
     assert not list(out.rglob("*.part"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_signal_stops_cleanly_and_rerun_resumes(tmp_path, sig, code):
     src, out, n = tmp_path / "in", tmp_path / "out", 12
@@ -297,12 +370,38 @@ def test_signal_stops_cleanly_and_rerun_resumes(tmp_path, sig, code):
     assert proc.returncode == code, stderr
     assert "Traceback" not in stderr
     done = [json.loads(line) for line in (out / "index.jsonl").read_text().splitlines()]
-    assert 2 <= len(done) < n
+    assert 2 <= len(done) < n and all(e["status"] == "ok" for e in done)
     for e in done:
         assert all((out / rel).exists() for rel in e["outputs"])
+    assert "finishing the pages in flight" in stderr
+    assert f"{len(done)} pages finished, {n - len(done)} left; rerun the same command to resume" in stderr
     _check_resume(src, out, n)
 
 
+@pytest.mark.slow
+def test_a_signal_finishes_the_page_in_flight(tmp_path):
+    """The page being generated when SIGTERM arrives is finished and written, not dropped."""
+    src, out, n = tmp_path / "in", tmp_path / "out", 4
+    _corpus_of_pages(src, n)
+    cmd = [*_batch_cmd(src, out), "--max-new-tokens", "400"]  # long answers: the signal lands mid-generation
+    cmd = [c for c in cmd if c != "-q"] + ["-v"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "VL2_DRAIN_SECONDS": "120"})
+    assert proc.stderr is not None
+    seen = []
+    for line in proc.stderr:  # -v says when a batch starts: its page is then in flight
+        seen.append(line)
+        if line.startswith("vl2: reading "):
+            break
+    proc.send_signal(signal.SIGTERM)
+    _, rest = proc.communicate(timeout=300)
+    stderr = "".join(seen) + rest
+    assert proc.returncode == 143, stderr
+    done = [json.loads(line) for line in (out / "index.jsonl").read_text().splitlines()]
+    assert len(done) >= 1 and all(e["status"] == "ok" for e in done), stderr
+
+
+@pytest.mark.slow
 def test_kill_9_mid_run_loses_nothing_finished(tmp_path):
     src, out, n = tmp_path / "in", tmp_path / "out", 12
     _corpus_of_pages(src, n)
@@ -314,7 +413,7 @@ def test_kill_9_mid_run_loses_nothing_finished(tmp_path):
 
 
 def test_index_torn_by_a_kill_is_repaired_before_appending(tmp_path):
-    from vl2cli.batch import Index
+    from vl2cli.sinks import Index
     good = json.dumps({"key": "a.p0001", "status": "ok", "outputs": []})
     (tmp_path / "index.jsonl").write_text(good + "\n" + '{"key": "a.p0002", "sta')
     index = Index(tmp_path)
@@ -335,8 +434,9 @@ def test_unreadable_file_and_read_only_output_are_reported(tmp_path, monkeypatch
             raise PermissionError(13, "Permission denied")
         return real_open(path, *args, **kwargs)
     monkeypatch.setattr(builtins, "open", guarded)
-    result = CliRunner().invoke(app, ["ocr", str(secret), "--model", TINY])
+    result = CliRunner().invoke(app, ["ocr", str(secret), IMG, "--model", TINY, "--max-new-tokens", "2", "--json"])
     assert result.exit_code == 1 and "secret.png: cannot read (Permission denied)" in result.stderr
+    assert [r["status"] for r in json.loads(result.stdout)] == ["failed", "ok"]
     monkeypatch.setattr(builtins, "open", real_open)
     monkeypatch.setattr(os, "access", lambda path, mode: False)
     result = CliRunner().invoke(app, ["batch", str(secret), "--out", str(tmp_path / "ro"), "--model", TINY])

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import DATA, make_checkpoint
+from tests.helpers import DATA, make_checkpoint
 from vl2cli.engine.cache import KVCache
 from vl2cli.engine.loading import load_model
 

@@ -1,124 +1,360 @@
-"""The `vl2` command line: parse arguments, call the library, print. Results to stdout, the rest to stderr."""
+"""The `vl2` command line: parse arguments, call the library, print. Results to stdout, the rest to stderr.
+
+One error boundary (`Vl2Group.invoke`) turns a known error into its one line and exit code, Ctrl-C into
+130, and anything else into one line plus a pointer to -v.
+"""
 
 from __future__ import annotations
 
 import json
+import logging
+import os
+import signal
 import sys
+import time
+import warnings
+from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
+import click
 import typer
+from typer.core import TyperGroup
 
 from vl2cli.errors import UsageError, Vl2Error
+from vl2cli.options import DEFAULT_BATCH_SIZE, DEFAULT_DPI, DEFAULT_MAX_PIXELS, PageOptions, ReadOptions
 
-app = typer.Typer(add_completion=True, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Read documents locally with DeepSeek-VL2: OCR, questions, tables, charts, grounding.")
-models_app = typer.Typer(help="List the DeepSeek-VL2 variants and download them.", invoke_without_command=True)
-app.add_typer(models_app, name="models")
+if TYPE_CHECKING:
+    from vl2cli.pages import Page, Source
+    from vl2cli.pipeline import Job, PageItem, StopFlag, Summary
+    from vl2cli.reader import Reader
+    from vl2cli.results import PageResult
+    from vl2cli.tasks import Task
 
-Model = Annotated[str, typer.Option("--model", "-m", help="Checkpoint folder, hub id, or tiny/small/base.")]
-Quant = Annotated[str, typer.Option(help="auto (nf4 on CUDA, none on CPU), nf4, int8 or none.")]
-Device = Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N.")]
-Dtype = Annotated[str, typer.Option(help="auto, float32, bfloat16, float16.")]
-MaxNew = Annotated[int, typer.Option("--max-new-tokens", help="Answer budget per page.")]
-Temp = Annotated[float, typer.Option(help="0 = greedy; the model card advises <= 0.7.")]
-PromptFile = Annotated[str | None, typer.Option("--prompt-file", help="Use this prompt instead of prompts/TASK.txt.")]
-Out = Annotated[Path | None, typer.Option("--out", "-o", help="Write outputs into this folder.")]
-Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Tracebacks and details on stderr.")]
-Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="Only results and errors.")]
-JsonOut = Annotated[bool, typer.Option("--json", help="Machine-readable JSON on stdout.")]
-Pages = Annotated[str | None, typer.Option(help="Pages to read, e.g. 1-3,7.")]
-Dpi = Annotated[int, typer.Option(help="PDF render resolution (default 144, see README).")]
-Password = Annotated[str | None, typer.Option(help="Password of encrypted PDFs.")]
-Revision = Annotated[str | None, typer.Option(help="Pin a hub revision (commit or tag).")]
-Offline = Annotated[bool, typer.Option("--offline", help="Never touch the network (also HF_HUB_OFFLINE=1).")]
-BatchSize = Annotated[int, typer.Option("--batch-size", help="Pages read together.")]
-Split = Annotated[str, typer.Option(help="auto, never, or N bands for dense pages.")]
-TextLayer = Annotated[str, typer.Option("--text-layer", help="Born-digital PDFs: off, hint or only.")]
-MaxPixels = Annotated[int, typer.Option("--max-pixels", help="Refuse pages above this many pixels.")]
-
-_state = {"verbose": False}
+DRAIN_SECONDS = float(os.environ.get("VL2_DRAIN_SECONDS", "60"))  # how long a signal lets pages in flight finish
+log = logging.getLogger("vl2cli")
 
 
 def err(message: str) -> None:
     typer.echo(message, err=True)
 
 
-def _fail(exc: BaseException) -> typer.Exit:
-    if _state["verbose"]:
+class Vl2Group(TyperGroup):
+    """The one error boundary of the CLI."""
+
+    verbose = False  # -v anywhere on the command line: tracebacks at the boundary
+
+    def main(self, args: Any = None, *rest: Any, **kwargs: Any) -> Any:
+        words = list(args) if args is not None else sys.argv[1:]
+        self.verbose = any(w in ("-v", "--verbose") for w in words)
+        return super().main(args, *rest, **kwargs)
+
+    def invoke(self, ctx: click.Context) -> Any:
+        verbose = self.verbose
+        try:
+            return super().invoke(ctx)
+        except (typer.Exit, click.exceptions.Exit, click.ClickException, click.Abort):
+            raise
+        except Vl2Error as exc:
+            _traceback_if(verbose)
+            err(f"vl2: error: {exc}")
+            raise typer.Exit(exc.exit_code) from None
+        except KeyboardInterrupt:
+            err("vl2: interrupted")
+            raise typer.Exit(130) from None
+        except Exception as exc:
+            _traceback_if(verbose)
+            err(f"vl2: error: {type(exc).__name__}: {str(exc)[:300]}" + ("" if verbose else
+                                                                         " (run with -v for the traceback)"))
+            raise typer.Exit(1) from None
+
+
+def _traceback_if(verbose: bool) -> None:
+    if verbose:
         import traceback
-        traceback.print_exception(exc)
-    code = getattr(exc, "exit_code", 1)
-    message = str(exc) if isinstance(exc, Vl2Error) else f"{type(exc).__name__}: {exc}"
-    err(f"vl2: error: {message}")
-    return typer.Exit(code)
+        traceback.print_exc()
 
 
-def _reader(model, device, dtype, quant, revision=None, offline=False):
-    from vl2cli.api import Reader
-    return Reader(model, device=device, dtype=dtype, quant=quant, revision=revision, offline=offline or None)
-
-
-def _params(max_new_tokens: int, temperature: float):
-    from vl2cli.engine.generation import SamplingParams
-    if temperature < 0:
-        raise UsageError("--temperature must be >= 0")
-    if max_new_tokens < 1:
-        raise UsageError("--max-new-tokens must be >= 1")
-    return SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=0.9 if temperature else 1.0,
-                          seed=0 if temperature else None)
-
-
-def _run_task(task_name: str, inputs: list[str], text: str | None, *, model, quant, device, dtype, max_new_tokens,
-              temperature, prompt_file, out, fmt, verbose, quiet, json_out, pages, dpi, password, revision, offline,
-              batch_size, split, text_layer, max_pixels) -> None:
-    """Shared body of ocr/table/chart/ground: read every page, print results, optionally write files."""
-    _state["verbose"] = verbose
+def _package_version() -> str:
     try:
-        from vl2cli.api import ReadOptions
-        from vl2cli.batch import BatchOptions, run_batch
-        from vl2cli.pages import expand_inputs
-        from vl2cli.tasks import get_task
+        return version("vl2cli")
+    except PackageNotFoundError:  # pragma: no cover - running from a source tree without install
+        return "unknown"
 
-        task = get_task(task_name)
-        if fmt not in task.formats:
-            raise UsageError(f"--format {fmt!r}: {task_name} writes {', '.join(task.formats)}")
-        _check_choice("--split", split, ("auto", "never"), allow_int=True)
-        _check_choice("--text-layer", text_layer, ("off", "hint", "only"))
-        task.prompt(1, text, prompt_file)  # a missing question or unreadable prompt file fails before loading
-        sources = expand_inputs(inputs, exclude=out)
-        if not sources:
-            raise UsageError("no input files")
-        reader = _reader(model, device, dtype, quant, revision, offline)
-        read_opts = ReadOptions(_params(max_new_tokens, temperature), text=text, prompt_file=prompt_file,
-                                split=split, text_layer=text_layer, batch_size=batch_size)
-        if out is not None:
-            with ProgressReporter(quiet) as progress:
-                summary = run_batch(reader, task, sources, read_opts,
-                                    BatchOptions(out=out, fmt=fmt, pages=pages, dpi=dpi, password=password,
-                                                 max_pixels=max_pixels), log=progress.log, progress=progress)
-            _print_summary(summary, quiet, json_out, out)
-            raise typer.Exit(summary.exit_code)
-        failed = _print_pages(reader, task, sources, read_opts, fmt, json_out, pages, dpi, password, max_pixels,
-                              text_layer, quiet)
-        raise typer.Exit(1 if failed else 0)
-    except typer.Exit:
-        raise
-    except KeyboardInterrupt:
-        err("vl2: interrupted")
-        raise typer.Exit(130) from None
-    except Exception as exc:
-        raise _fail(exc) from None
+
+app = typer.Typer(cls=Vl2Group, add_completion=True, no_args_is_help=True, pretty_exceptions_enable=False,
+                  context_settings={"help_option_names": ["-h", "--help"]},
+                  help="Read documents locally with DeepSeek-VL2: OCR, questions, tables, charts, grounding.")
+models_app = typer.Typer(help="List the DeepSeek-VL2 variants and download them.", invoke_without_command=True,
+                         context_settings={"help_option_names": ["-h", "--help"]})
+app.add_typer(models_app, name="models")
+
+
+def _show_version(value: bool) -> None:
+    if value:
+        typer.echo(f"vl2 {_package_version()}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version_flag: Annotated[bool, typer.Option("--version", callback=_show_version, is_eager=True,
+                                                     help="Print the version and exit.")] = False) -> None:
+    """Read documents locally with DeepSeek-VL2: OCR, questions, tables, charts, grounding."""
+
+
+Model = Annotated[str, typer.Option("--model", "-m", help="Checkpoint folder, tiny/small/base, or hf:ORG/NAME.")]
+Quant = Annotated[str, typer.Option(help="auto (nf4 on CUDA, none on CPU), nf4, int8 or none.")]
+Device = Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N.")]
+Dtype = Annotated[str, typer.Option(help="auto, float32, bfloat16, float16.")]
+MaxNew = Annotated[int, typer.Option("--max-new-tokens", help="Answer budget per page.")]
+Temp = Annotated[float, typer.Option(help="0 = greedy; the model card advises <= 0.7.")]
+PromptFile = Annotated[str | None, typer.Option("--prompt-file", help="A prompt file to use instead of the task's.")]
+Out = Annotated[Path | None, typer.Option("--out", "-o", help="Write outputs into this folder (resumable).")]
+Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Model details, tracebacks.")]
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="Only results and errors.")]
+JsonOut = Annotated[bool, typer.Option("--json", help="Machine-readable JSON on stdout (same as -f json).")]
+Pages = Annotated[str | None, typer.Option(help="Pages to read, e.g. 1-3,7,10-.")]
+Dpi = Annotated[int, typer.Option(help="PDF render resolution (see README).")]
+Password = Annotated[str | None, typer.Option(help="Password of encrypted PDFs.")]
+Revision = Annotated[str | None, typer.Option(help="Pin a hub revision (commit or tag).")]
+Offline = Annotated[bool, typer.Option("--offline", help="Never touch the network (also HF_HUB_OFFLINE=1).")]
+BatchSize = Annotated[int, typer.Option("--batch-size", help="Pages read together.")]
+Split = Annotated[str, typer.Option(help="Dense pages: auto, never, or N bands.")]
+TextLayer = Annotated[str, typer.Option("--text-layer", help="Born-digital PDFs: off, hint or only.")]
+MaxPixels = Annotated[int, typer.Option("--max-pixels", help="Refuse pages above this many pixels.")]
+Redo = Annotated[str, typer.Option("--redo", help="With --out: none (resume), failed or all.")]
+
+
+@dataclass(frozen=True)
+class ModelChoice:
+    model: str
+    quant: str
+    device: str
+    dtype: str
+    revision: str | None
+    offline: bool
+
+    def resolve(self) -> Path:
+        from vl2cli.engine.loading import resolve_model
+        return resolve_model(self.model, revision=self.revision, offline=self.offline or None)
+
+    def load(self, folder: Path, verbose: bool) -> Reader:
+        from vl2cli.engine.loading import load_model
+        from vl2cli.reader import Reader
+        loaded = load_model(folder, device=self.device, dtype=self.dtype, quant=self.quant)
+        if verbose:
+            err(f"vl2: model {loaded.folder} on {loaded.device}, {str(loaded.dtype).removeprefix('torch.')}, "
+                f"quantization {loaded.quant}, loaded in {loaded.seconds:.1f} s")
+        return Reader(loaded)
+
+
+def _setup_logging(verbose: bool, quiet: bool) -> None:
+    """The library logs; here we decide what reaches stderr."""
+    logger = logging.getLogger("vl2cli")
+    logger.handlers.clear()
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("vl2: %(message)s"))
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG if verbose else logging.ERROR if quiet else logging.WARNING)
+    warnings.showwarning = lambda message, *a, **k: log.warning("warning: %s", message)
+
+
+# ---------------------------------------------------------------------- the reading commands
+
+
+@dataclass(frozen=True)
+class ReadRequest:
+    task: Task
+    inputs: list[str]
+    text: str | None
+    fmt: str
+    out: Path | None
+    choice: ModelChoice
+    read: ReadOptions
+    pages: PageOptions
+    glob: str | None = None
+    redo: str = "none"
+    named_files: bool = True  # commands on named files: a missing file is a usage error
+    verbose: bool = False
+    quiet: bool = False
+    summary_json: bool = False
+
+
+def _validated(req: ReadRequest) -> tuple[str, list[Source], list[str]]:
+    """Everything checked before the model loads: options, prompt, query, inputs, pages, output folder."""
+    from vl2cli.pages import expand_inputs
+    from vl2cli.pipeline import plan_inputs
+    if req.fmt not in req.task.formats:
+        raise UsageError(f"--format {req.fmt!r}: {req.task.name} writes {', '.join(req.task.formats)}")
+    if req.redo not in ("none", "failed", "all"):
+        raise UsageError(f"--redo {req.redo!r}: expected none, failed or all")
+    template = req.task.template(req.read.prompt_file)
+    req.task.check_text(req.text)
+    if req.text and req.task.needs_text and os.path.exists(req.text.strip()):
+        raise UsageError(f"the {req.task.needs_text} {req.text!r} names an existing file: give the files first and "
+                         f"the {req.task.needs_text} last, in quotes")
+    if req.out is not None:
+        from vl2cli.sinks import check_output_folder
+        check_output_folder(req.out)
+    inputs = expand_inputs(req.inputs, req.glob, exclude=req.out)
+    if not inputs.files:
+        raise UsageError("no input files")
+    sources, notes = plan_inputs(inputs, req.pages, strict=req.named_files)
+    return template, sources, notes
+
+
+def _read(req: ReadRequest) -> None:
+    """The body of ocr, table, chart, ground, caption and batch: one pipeline, a stdout or a folder sink."""
+    from vl2cli.pipeline import Job, Summary, plan_work, run_work
+    _setup_logging(req.verbose, req.quiet)
+    template, sources, notes = _validated(req)
+    for note in notes:
+        log.warning("%s", note)
+    folder = req.choice.resolve()
+    job = Job(req.task, req.read, req.pages, req.fmt, str(folder.resolve()), template)
+    sink: Any = _folder_sink(req, job) if req.out is not None else StdoutSink(job, req.quiet, sources)
+    summary = Summary()
+    try:
+        work = plan_work(job, sources, sink, summary)
+        if work:
+            reader = req.choice.load(folder, req.verbose)
+            with Interrupts(reader) as stop, ProgressReporter(req.quiet or req.out is None) as progress:
+                run_work(reader, job, work, sink, summary, progress, stop)
+    finally:
+        written = sink.close(sources)
+    _report(req, summary, written)
+
+
+def _folder_sink(req: ReadRequest, job: Job) -> Any:
+    from vl2cli.sinks import FolderSink
+    assert req.out is not None
+    return Reported(FolderSink(req.out, job, redo=req.redo), req.quiet)  # type: ignore[arg-type]
+
+
+class Reported:
+    """A folder sink whose failures and flags also reach stderr, one line each."""
+
+    def __init__(self, inner: Any, quiet: bool):
+        self.inner, self.quiet = inner, quiet
+
+    def done(self, item: PageItem) -> bool:
+        return bool(self.inner.done(item))
+
+    def emit(self, item: PageItem, result: PageResult, page: Page | None) -> PageResult:
+        kept: PageResult = self.inner.emit(item, result, page)
+        _say(kept, self.quiet)
+        return kept
+
+    def close(self, sources: list[Source]) -> list[str]:
+        return list(self.inner.close(sources))
+
+
+def _say(result: PageResult, quiet: bool) -> None:
+    if not result.ok:
+        err(f"vl2: {result.error or result.label}")
+    elif not quiet:
+        for flag in result.flags:
+            err(f"vl2: warning: {result.label}: {flag.replace('_', ' ')}")
+
+
+def _report(req: ReadRequest, summary: Summary, written: list[str]) -> None:
+    if summary.interrupted_by:
+        resume = "; rerun the same command to resume" if req.out is not None else ""
+        err(f"vl2: interrupted: {summary.pages_done} pages finished, {summary.pages_left} left{resume}")
+    if req.out is not None:
+        if req.summary_json:
+            typer.echo(json.dumps(summary.to_json(str(req.out)), ensure_ascii=False, indent=1))
+        elif not req.quiet:
+            _print_summary(summary, req.out, written)
+    raise typer.Exit(summary.exit_code)
+
+
+class StdoutSink:
+    """Results to stdout as they are final: text with page separators, JSON as one list, JSON Lines per line."""
+
+    def __init__(self, job: Job, quiet: bool, sources: list[Source]):
+        self.job, self.quiet = job, quiet
+        self.several = len(sources) > 1
+        self.order = {s.label: i for i, s in enumerate(sources)}  # JSON lists follow the inputs' order
+        self.records: list[dict] = []
+        self.printed = 0
+
+    def done(self, item: PageItem) -> bool:
+        return False
+
+    def emit(self, item: PageItem, result: PageResult, page: Page | None) -> PageResult:
+        _say(result, self.quiet)
+        fmt = self.job.fmt
+        if fmt == "json":
+            self.records.append(result.to_json())
+        elif fmt == "jsonl":
+            typer.echo(self.job.task.render(result, "jsonl"))
+        elif result.ok:
+            self._print_text(item, result)
+        return result
+
+    def _print_text(self, item: PageItem, result: PageResult) -> None:
+        several = self.several or len(item.source.numbers) > 1
+        if several and self.job.fmt in ("markdown", "text", "html"):  # separators belong to the document
+            if self.printed:
+                typer.echo("")
+            typer.echo(f"<!-- page {result.page}: {result.source} -->" if self.job.fmt != "text"
+                       else f"--- page {result.page}: {result.source} ---")
+        typer.echo(self.job.task.render(result, self.job.fmt))
+        self.printed += 1
+
+    def close(self, sources: list[Source]) -> list[str]:
+        if self.job.fmt == "json":
+            self.records.sort(key=lambda r: (self.order.get(r["source"], len(self.order)), r["page"]))
+            typer.echo(json.dumps(self.records, ensure_ascii=False, indent=1))
+        return []
+
+
+class Interrupts:
+    """SIGINT/SIGTERM: the first lets the pages in flight finish (at most DRAIN_SECONDS), the second stops now."""
+
+    def __init__(self, reader: Reader):
+        from vl2cli.pipeline import StopFlag
+        self.reader = reader
+        self.flag: StopFlag = StopFlag()
+        self.previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopFlag:
+        if _in_main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self.previous[sig] = signal.signal(sig, self._on_signal)
+        return self.flag
+
+    def _on_signal(self, signum: int, frame: object) -> None:
+        if self.flag.signal:
+            self.reader.stop_within(0)
+            err("vl2: second signal: stopping now")
+            return
+        self.flag.signal = signum
+        self.reader.stop_within(DRAIN_SECONDS)
+        err(f"vl2: {signal.Signals(signum).name} received: finishing the pages in flight (at most "
+            f"{DRAIN_SECONDS:.0f} s; again to stop now), then stopping")
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+def _in_main_thread() -> bool:
+    import threading
+    return threading.current_thread() is threading.main_thread()
 
 
 class ProgressReporter:
     """A Rich progress bar on a terminal; plain stderr lines (every 10 s) when piped or logged."""
 
     def __init__(self, quiet: bool):
-        import time
-        self.quiet, self.clock = quiet, time.monotonic
-        self.start = self.last = self.clock()
-        self.bar = None
+        self.quiet = quiet
+        self.start = self.last = time.monotonic()
+        self.shown = -1  # pages done at the last plain line
+        self.bar: Any = None
+        self.task: Any = None
         if not quiet and sys.stderr.isatty():
             from rich.console import Console
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -126,130 +362,82 @@ class ProgressReporter:
                                 TextColumn("{task.fields[rate]}"), TimeRemainingColumn(), console=Console(stderr=True))
             self.task = self.bar.add_task("pages", total=None, rate="")
 
-    def __enter__(self):
+    def __enter__(self) -> ProgressReporter:
         if self.bar:
             self.bar.start()
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: object) -> None:
         if self.bar:
             self.bar.stop()
-
-    def log(self, message: str) -> None:
-        if self.bar:
-            self.bar.console.print(message, markup=False, highlight=False)
-        else:
-            err(message)
 
     def __call__(self, done: int, total: int, tokens: int) -> None:
         if self.quiet:
             return
-        elapsed = max(self.clock() - self.start, 1e-9)
-        rate = f"{tokens / elapsed:.1f} tok/s"
+        elapsed = max(time.monotonic() - self.start, 1e-9)
+        rate = f"{done / elapsed:.2f} pages/s, {tokens / elapsed:.1f} tok/s"
         if self.bar:
             self.bar.update(self.task, completed=done, total=total or None, rate=rate)
-        elif self.clock() - self.last >= 10 or (total and done >= total):
-            self.last = self.clock()
+        elif done != self.shown and (time.monotonic() - self.last >= 10 or (total and done >= total)):
+            self.last, self.shown = time.monotonic(), done
             eta = (total - done) * elapsed / done if done and total else 0
             err(f"vl2: {done}/{total} pages, {rate}, ETA {int(eta // 60)}:{int(eta % 60):02d}")
 
 
-def _check_choice(flag: str, value: str, choices: tuple[str, ...], allow_int: bool = False) -> None:
-    if value in choices or (allow_int and value.isdigit() and 1 <= int(value) <= 16):
-        return
-    raise UsageError(f"{flag} {value!r}: expected {', '.join(choices)}" + (" or a number 1-16" if allow_int else ""))
-
-
-def _print_pages(reader, task, sources, read_opts, fmt, json_out, pages, dpi, password, max_pixels, text_layer,
-                 quiet) -> int:
-    """Read pages as they are rendered, a batch at a time, printing each result as soon as it is ready."""
-    from vl2cli.errors import InputError
-    from vl2cli.pages import count_pages, iter_pages
-
-    failed = 0
-    records = []
-
-    def flush(batch) -> None:
-        nonlocal failed
-        for record in reader.read(task, batch, read_opts):
-            where = f"{record['source']} p{record['page']}"
-            if record["status"] != "ok":
-                err(f"vl2: {where}: {record.get('error', record['status'])}")
-                failed += 1
-                continue
-            for flag in record.get("flags", []):
-                err(f"vl2: warning: {where}: {flag.replace('_', ' ')}")
-            if json_out:
-                records.append(record)
-                continue
-            if headers and not quiet:
-                err(f"== {record['source']} page {record['page']} ==")
-            typer.echo(task.render(record, fmt))
-
-    headers = len(sources) > 1 or any(count_pages(s, pages, password) > 1 for s in sources if s != "-")
-    for source in sources:
-        batch = []
-        try:
-            for page in iter_pages(source, pages=pages, dpi=dpi, password=password, max_pixels=max_pixels,
-                                   text_layer=text_layer != "off"):
-                batch.append(page)
-                if len(batch) >= read_opts.batch_size:
-                    flush(batch)
-                    batch = []
-        except InputError as exc:
-            err(f"vl2: {exc}")
-            failed += 1
-        if batch:
-            flush(batch)
-    if json_out:
-        typer.echo(json.dumps(records, ensure_ascii=False, indent=1))
-    return failed
-
-
-def _print_summary(summary, quiet: bool, json_out: bool, out: Path) -> None:
-    data = {"pages_done": summary.pages_done, "pages_skipped": summary.pages_skipped,
-            "pages_failed": summary.pages_failed, "files_failed": summary.files_failed,
-            "loops_flagged": summary.loops_flagged, "generated_tokens": summary.generated_tokens,
-            "seconds": round(summary.seconds, 2), "out": str(out),
-            "failures": [{"input": a, "error": b} for a, b in summary.failures]}
-    if json_out:
-        typer.echo(json.dumps(data, ensure_ascii=False, indent=1))
-        return
-    if quiet:
-        return
+def _print_summary(summary: Summary, out: Path, written: list[str]) -> None:
     from rich.console import Console
     from rich.table import Table
-    table = Table(title="vl2 batch summary", show_header=False)
-    for k in ("pages_done", "pages_skipped", "pages_failed", "files_failed", "loops_flagged", "generated_tokens",
-              "seconds"):
+    data = summary.to_json(str(out))
+    table = Table(title="vl2 summary", show_header=False)
+    for k in ("pages_done", "pages_skipped", "pages_failed", "files_failed", "pages_left", "loops_flagged",
+              "generated_tokens", "seconds"):
         table.add_row(k.replace("_", " "), str(data[k]))
     table.add_row("output", str(out))
+    for rel in written:
+        table.add_row("", rel)
     Console(stderr=True).print(table)
 
 
-def _task_command(name: str, help_text: str, needs: str | None = None, default_fmt: str = "markdown"):
+def _request(task_name: str, inputs: list[str], text: str | None, fmt: str, *, out: Path | None, model: str,
+             quant: str, device: str, dtype: str, revision: str | None, offline: bool, max_new_tokens: int,
+             temperature: float, prompt_file: str | None, pages: str | None, dpi: int, password: str | None,
+             batch_size: int, split: str, text_layer: str, max_pixels: int, **rest: Any) -> ReadRequest:
+    from vl2cli.tasks import get_task
+    read = ReadOptions(max_new_tokens=max_new_tokens, temperature=temperature, text=text, prompt_file=prompt_file,
+                       split=split, text_layer=text_layer, batch_size=batch_size)  # type: ignore[arg-type]
+    page_opts = PageOptions(pages=pages, dpi=dpi, password=password, max_pixels=max_pixels,
+                            text_layer=text_layer != "off")
+    return ReadRequest(get_task(task_name), inputs, text, fmt, out,
+                       ModelChoice(model, quant, device, dtype, revision, offline), read, page_opts, **rest)
+
+
+def _task_command(name: str, help_text: str, needs: str | None = None, default_fmt: str = "markdown") -> None:
+    from vl2cli.tasks import get_task
+    formats = ", ".join(get_task(name).formats)
+
     def command(
         inputs: Annotated[list[str], typer.Argument(help="PDFs, images, folders, or - for stdin.")],
         model: Model = "tiny", quant: Quant = "auto", device: Device = "auto", dtype: Dtype = "auto",
         max_new_tokens: MaxNew = 2048, temperature: Temp = 0.0, prompt_file: PromptFile = None, out: Out = None,
-        fmt: Annotated[str, typer.Option("--format", "-f", help="Output format.")] = default_fmt,
+        fmt: str = default_fmt,
         verbose: Verbose = False, quiet: Quiet = False, json_out: JsonOut = False, pages: Pages = None,
-        dpi: Dpi = 144, password: Password = None, revision: Revision = None, offline: Offline = False,
-        batch_size: BatchSize = 4, split: Split = "auto", text_layer: TextLayer = "off",
-        max_pixels: MaxPixels = 64_000_000,
+        dpi: Dpi = DEFAULT_DPI, password: Password = None, revision: Revision = None, offline: Offline = False,
+        batch_size: BatchSize = DEFAULT_BATCH_SIZE, split: Split = "auto", text_layer: TextLayer = "off",
+        max_pixels: MaxPixels = DEFAULT_MAX_PIXELS, redo: Redo = "none",
     ) -> None:
         text = None
         if needs:
             if len(inputs) < 2:
-                raise _fail(UsageError(f"{name}: give the input file(s) and then the {needs}"))
+                raise UsageError(f"{name}: give the input file(s) and then the {needs}")
             *inputs, text = inputs
-        _run_task(name, inputs, text, model=model, quant=quant, device=device, dtype=dtype,
-                  max_new_tokens=max_new_tokens, temperature=temperature, prompt_file=prompt_file, out=out, fmt=fmt,
-                  verbose=verbose, quiet=quiet, json_out=json_out, pages=pages, dpi=dpi, password=password,
-                  revision=revision, offline=offline, batch_size=batch_size, split=split, text_layer=text_layer,
-                  max_pixels=max_pixels)
+        _read(_request(name, inputs, text, "json" if json_out and out is None else fmt, out=out, model=model, quant=quant,
+                       device=device, dtype=dtype, revision=revision, offline=offline, max_new_tokens=max_new_tokens,
+                       temperature=temperature, prompt_file=prompt_file, pages=pages, dpi=dpi, password=password,
+                       batch_size=batch_size, split=split, text_layer=text_layer, max_pixels=max_pixels, redo=redo,
+                       verbose=verbose, quiet=quiet, summary_json=json_out))
 
     command.__doc__ = help_text
+    command.__annotations__["fmt"] = Annotated[str, typer.Option("--format", "-f", help=f"Output format: {formats}.")]
     if needs:  # the query is the last positional word: say so in --help
         help_words = f"PDFs, images, folders, or - for stdin; the {needs} comes last."
         command.__annotations__["inputs"] = Annotated[list[str], typer.Argument(help=help_words)]
@@ -259,79 +447,11 @@ def _task_command(name: str, help_text: str, needs: str | None = None, default_f
 _task_command("ocr", "Page text as markdown or plain text.\n\nExample: vl2 ocr samples/report.pdf --pages 1-2")
 _task_command("table", "Tables as JSON (or csv/markdown/html).\n\nExample: vl2 table samples/invoice.png -f csv",
               default_fmt="json")
-_task_command("chart", "Chart description plus its data table.\n\nExample: vl2 chart samples/report.pdf --pages 2")
+_task_command("chart", "Chart description plus its data table.\n\nExample: vl2 chart samples/report.pdf --pages 3")
 _task_command("ground", "Boxes of the described object, in pixels and 0-999.\n\n"
               'Example: vl2 ground samples/objects.png "the red circle" --out boxes/', needs="query")
 _task_command("caption", "Grounded caption: every object mentioned, with boxes.\n\n"
               "Example: vl2 caption samples/objects.png --out caps/")
-
-
-@app.command()
-def ask(
-    inputs: Annotated[list[str], typer.Argument(help="Image(s) or PDF page(s), then the question.")],
-    model: Model = "tiny", quant: Quant = "auto", device: Device = "auto", dtype: Dtype = "auto",
-    max_new_tokens: MaxNew = 512, temperature: Temp = 0.0, pages: Pages = None, dpi: Dpi = 144,
-    password: Password = None, chat: Annotated[bool, typer.Option("--chat", help="Keep asking follow-ups.")] = False,
-    verbose: Verbose = False, quiet: Quiet = False, json_out: JsonOut = False, out: Out = None,
-    revision: Revision = None, offline: Offline = False,
-) -> None:
-    """Ask a question about one or more images or pages (all go into one prompt).
-
-    Example: vl2 ask samples/invoice.png "What is the total?"
-    """
-    _state["verbose"] = verbose
-    try:
-        from vl2cli.pages import display_path, expand_inputs, iter_pages
-        from vl2cli.engine.processor import Message
-        from vl2cli.tasks import image_marks
-        if len(inputs) < 2:
-            raise UsageError("ask: give the input file(s) and then the question")
-        *files, question = inputs
-        images = [p.image for f in expand_inputs(files) for p in iter_pages(f, pages=pages, dpi=dpi,
-                                                                              password=password)]
-        if not images:
-            raise UsageError("ask: no pages to look at")
-        reader = _reader(model, device, dtype, quant, revision, offline)
-        params = _params(max_new_tokens, temperature)
-
-        answer = _answer(reader, images, question, params, json_out)
-        record = {"inputs": [display_path(f) for f in files], "pages": len(images), "question": question,
-                  "answer": answer}
-        if json_out:
-            typer.echo(json.dumps(record, ensure_ascii=False))
-        if out is not None:
-            from vl2cli.batch import output_key, safe_component
-            from vl2cli.writers import atomic_write_text
-            name = safe_component(output_key(files[0], None)) + ".ask.json"
-            atomic_write_text(out / name, json.dumps(record, ensure_ascii=False, indent=1) + "\n")
-            if not quiet:
-                err(f"vl2: wrote {out / name}")
-        history = [Message("user", image_marks(len(images)) + question, images), Message("assistant", answer)]
-        while chat:
-            try:
-                follow = input("> ").strip()
-            except EOFError:
-                break
-            if follow in ("", "exit", "quit"):
-                break
-            answer = _answer(reader, images, follow, params, json_out, history)
-            if json_out:
-                typer.echo(json.dumps({"question": follow, "answer": answer}, ensure_ascii=False))
-            history += [Message("user", follow), Message("assistant", answer)]
-    except typer.Exit:
-        raise
-    except Exception as exc:
-        raise _fail(exc) from None
-
-
-def _answer(reader, images, question, params, json_out: bool, history=None) -> str:
-    """Ask, streaming the answer to stdout as it is generated (unless the output is JSON)."""
-    from vl2cli.api import TokenStream
-    stream = None if json_out else TokenStream(reader, lambda piece: typer.echo(piece, nl=False))
-    answer = reader.ask_images(images, question, params, history=history, on_token=stream)
-    if stream is not None:
-        typer.echo(answer[len(stream.shown):])  # whatever was held back, then the newline
-    return answer
 
 
 @app.command()
@@ -343,37 +463,117 @@ def batch(
     glob: Annotated[str | None, typer.Option(help="Only files matching this pattern in folders.")] = None,
     model: Model = "tiny", quant: Quant = "auto", device: Device = "auto", dtype: Dtype = "auto",
     max_new_tokens: MaxNew = 2048, temperature: Temp = 0.0, prompt_file: PromptFile = None,
-    fmt: Annotated[str | None, typer.Option("--format", "-f", help="Output format per page.")] = None,
+    fmt: Annotated[str | None, typer.Option("--format", "-f", help="Output format per page (the task's first "
+                                                                   "by default).")] = None,
     verbose: Verbose = False, quiet: Quiet = False, json_out: JsonOut = False, pages: Pages = None,
-    dpi: Dpi = 144, password: Password = None, revision: Revision = None, offline: Offline = False,
-    batch_size: BatchSize = 4, split: Split = "auto", text_layer: TextLayer = "off",
-    max_pixels: MaxPixels = 64_000_000,
+    dpi: Dpi = DEFAULT_DPI, password: Password = None, revision: Revision = None, offline: Offline = False,
+    batch_size: BatchSize = DEFAULT_BATCH_SIZE, split: Split = "auto", text_layer: TextLayer = "off",
+    max_pixels: MaxPixels = DEFAULT_MAX_PIXELS, redo: Redo = "none",
 ) -> None:
     """Read every page of many documents into --out; rerun to resume.
 
     Example: vl2 batch samples/ --task table --out results/
     """
-    from vl2cli.pages import expand_inputs
     from vl2cli.tasks import get_task
-    _state["verbose"] = verbose
-    try:
-        t = get_task(task)
-        files = expand_inputs(inputs, glob, exclude=out)
-        if not files:
-            raise UsageError("batch: no input files found")
-    except Exception as exc:
-        raise _fail(exc) from None
-    _run_task(task, files, question, model=model, quant=quant, device=device, dtype=dtype,
-              max_new_tokens=max_new_tokens, temperature=temperature, prompt_file=prompt_file, out=out,
-              fmt=fmt or t.formats[0], verbose=verbose, quiet=quiet, json_out=json_out, pages=pages, dpi=dpi,
-              password=password, revision=revision, offline=offline, batch_size=batch_size, split=split,
-              text_layer=text_layer, max_pixels=max_pixels)
+    _read(_request(task, inputs, question, fmt or get_task(task).formats[0], out=out, model=model, quant=quant,
+                   device=device, dtype=dtype, revision=revision, offline=offline, max_new_tokens=max_new_tokens,
+                   temperature=temperature, prompt_file=prompt_file, pages=pages, dpi=dpi, password=password,
+                   batch_size=batch_size, split=split, text_layer=text_layer, max_pixels=max_pixels, glob=glob,
+                   redo=redo, named_files=False, verbose=verbose, quiet=quiet, summary_json=json_out))
+
+
+# ---------------------------------------------------------------------- ask
+
+
+@app.command()
+def ask(
+    inputs: Annotated[list[str], typer.Argument(help="Image(s) or PDF page(s), then the question.")],
+    model: Model = "tiny", quant: Quant = "auto", device: Device = "auto", dtype: Dtype = "auto",
+    max_new_tokens: MaxNew = 512, temperature: Temp = 0.0, pages: Pages = None, dpi: Dpi = DEFAULT_DPI,
+    password: Password = None, chat: Annotated[bool, typer.Option("--chat", help="Keep asking follow-ups.")] = False,
+    verbose: Verbose = False, quiet: Quiet = False, json_out: JsonOut = False, out: Out = None,
+    revision: Revision = None, offline: Offline = False, max_pixels: MaxPixels = DEFAULT_MAX_PIXELS,
+) -> None:
+    """Ask a question about one or more images or pages (all go into one prompt).
+
+    Example: vl2 ask samples/invoice.png "What is the total?"
+    """
+    from vl2cli.pages import expand_inputs, render_pages
+    from vl2cli.pipeline import plan_inputs
+    _setup_logging(verbose, quiet)
+    if len(inputs) < 2:
+        raise UsageError("ask: give the input file(s) and then the question")
+    *files, question = inputs
+    if not question.strip():
+        raise UsageError("ask: the question is empty")
+    if os.path.exists(question):
+        raise UsageError(f"the question {question!r} names an existing file: give the files first and the "
+                         "question last, in quotes")
+    opts = ReadOptions(max_new_tokens=max_new_tokens, temperature=temperature, text=question)
+    page_opts = PageOptions(pages=pages, dpi=dpi, password=password, max_pixels=max_pixels)
+    if out is not None:
+        from vl2cli.sinks import check_output_folder
+        check_output_folder(out)
+    sources, notes = plan_inputs(expand_inputs(files), page_opts, strict=True)
+    bad = next((s for s in sources if s.error), None)
+    if bad is not None:
+        raise Vl2Error(bad.error or bad.label)
+    for note in notes:
+        log.warning("%s", note)
+    images = [page.image for source in sources for page in render_pages(source, page_opts)]
+    choice = ModelChoice(model, quant, device, dtype, revision, offline)
+    reader = choice.load(choice.resolve(), verbose)
+    labels = [s.label for s in sources]
+    result = _answer(reader, images, question, opts, [], labels, json_out)
+    if out is not None:
+        _write_answer(out, sources, result.to_json(), quiet)
+    history = [(question, result.answer)]
+    while chat:
+        try:
+            follow = input("> ").strip()
+        except EOFError:
+            break
+        if follow in ("", "exit", "quit"):
+            break
+        result = _answer(reader, images, follow, opts, history, labels, json_out)
+        history.append((follow, result.answer))
+
+
+def _answer(reader: Reader, images: list, question: str, opts: ReadOptions, history: list[tuple[str, str]],
+            labels: list[str], json_out: bool) -> Any:
+    """Ask, streaming the answer to stdout as it is generated (unless the output is JSON)."""
+    from vl2cli.reader import TokenStream
+    stream = None if json_out else TokenStream(reader, lambda piece: typer.echo(piece, nl=False))
+    result = reader.ask(images, question, opts, history=history, inputs=labels, on_token=stream)
+    if stream is not None:
+        typer.echo(result.answer[len(stream.shown):])  # whatever was held back, then the newline
+    else:
+        typer.echo(json.dumps(result.to_json(), ensure_ascii=False))
+    for flag in result.flags:
+        err(f"vl2: warning: {flag.replace('_', ' ')}")
+    return result
+
+
+def _write_answer(out: Path, sources: list[Source], record: dict, quiet: bool) -> None:
+    """`<first input>.ask-<digest of inputs and question>.json`: another question never overwrites this one."""
+    import hashlib
+
+    from vl2cli.sinks import safe_name
+    from vl2cli.writers import atomic_write_text
+    what = json.dumps([[s.digest for s in sources], record["question"]])
+    name = f"{safe_name(sources[0].name or 'input')}.ask-{hashlib.sha256(what.encode()).hexdigest()[:8]}.json"
+    atomic_write_text(out / name, json.dumps(record, ensure_ascii=False, indent=1) + "\n")
+    if not quiet:
+        err(f"vl2: wrote {out / name}")
+
+
+# ---------------------------------------------------------------------- tools
 
 
 @app.command()
 def trace(
     model: Annotated[str, typer.Option("--model", "-m", help="Checkpoint folder.")],
-    prompt: Annotated[str, typer.Option(help="User message; <image> marks each image.")],
+    prompt: Annotated[str, typer.Option(help="User message; <image> marks each image; \\n is a newline.")],
     out: Annotated[str, typer.Option(help="Output prefix: PREFIX.json + PREFIX.npz.")],
     image: Annotated[list[Path] | None, typer.Option("--image", help="Image files, in <image> order.")] = None,
     max_new_tokens: MaxNew = 16, dtype: Dtype = "float32", device: Device = "cpu",
@@ -384,65 +584,59 @@ def trace(
 
     Example: vl2 trace --model ckpt/ --image page.png --prompt "<image>\\nConvert the document to markdown." --out t
     """
-    _state["verbose"] = verbose
-    try:
-        from vl2cli.engine.loading import load_model
-        from vl2cli.engine.trace import load_reference_image, run_trace
-        loaded = load_model(model, device=device, dtype=dtype, quant="none")
-        images = [load_reference_image(p) for p in image or []]
-        prepared = loaded.processor.prepare_prompt(prompt, images)
-        meta = run_trace(loaded, prepared, max_new_tokens, out, all_positions)
-        err(f"prompt tokens {len(meta['input_ids'])}, image spans {meta['image_spans']}, "
-            f"tiles {meta['images_spatial_crop']}, generated {len(meta['generated_ids'])}")
-        typer.echo(f"{out}.json")
-    except Exception as exc:
-        raise _fail(exc) from None
+    from vl2cli.engine.loading import load_model
+    from vl2cli.engine.trace import load_reference_image, run_trace
+    _setup_logging(verbose, False)
+    loaded = load_model(model, device=device, dtype=dtype, quant="none")
+    images = [load_reference_image(p) for p in image or []]
+    prepared = loaded.processor.prepare_prompt(prompt.replace("\\n", "\n"), images)
+    meta = run_trace(loaded, prepared, max_new_tokens, out, all_positions)
+    err(f"prompt tokens {len(meta['input_ids'])}, image spans {meta['image_spans']}, "
+        f"tiles {meta['images_spatial_crop']}, generated {len(meta['generated_ids'])}")
+    typer.echo(f"{out}.json")
 
 
 @models_app.callback()
 def models(ctx: typer.Context, json_out: JsonOut = False) -> None:
-    """The three variants: parameters, estimated VRAM at nf4/bf16, and whether each is downloaded."""
+    """The three variants: parameters, download size, estimated VRAM, and whether each is downloaded."""
     if ctx.invoked_subcommand:
         return
-    from vl2cli.engine.config import PRESETS
     from vl2cli.engine.loading import cached_model_path
-    from vl2cli.engine.memory import estimate_vram
-    rows = []
-    for name, preset in PRESETS.items():
-        est = estimate_vram(name)
-        path = cached_model_path(name)
-        rows.append({"name": name, "hub_id": preset["hub_id"], "total_params_b": preset["total_params"] / 1e9,
-                     "active_params_b": preset["active_params"] / 1e9, "vram_nf4_gib": est["nf4"],
-                     "vram_bf16_gib": est["bf16"], "cached": str(path) if path else None})
+    from vl2cli.engine.memory import variant_table
+    rows = variant_table()
+    for row in rows:
+        path = cached_model_path(row["name"])
+        row["cached"] = str(path) if path else None
     if json_out:
         typer.echo(json.dumps(rows, indent=1))
         return
     from rich.console import Console
     from rich.table import Table
     table = Table(title="DeepSeek-VL2 variants (VRAM: weights + one page, estimated)")
-    for col in ("name", "hub id", "total", "activated", "nf4", "bf16", "local"):
+    for col in ("name", "hub id", "total", "activated", "download", "nf4", "bf16", "local"):
         table.add_column(col)
     for r in rows:
         table.add_row(r["name"], r["hub_id"], f"{r['total_params_b']:.1f}B", f"{r['active_params_b']:.1f}B",
-                      f"{r['vram_nf4_gib']:.1f} GiB", f"{r['vram_bf16_gib']:.1f} GiB", "yes" if r["cached"] else "no")
+                      f"{r['download_gb']:.1f} GB", f"{r['vram_nf4_gib']:.1f} GiB", f"{r['vram_bf16_gib']:.1f} GiB",
+                      "yes" if r["cached"] else "no")
     Console().print(table)
 
 
 @models_app.command("download")
-def models_download(name: Annotated[str, typer.Argument(help="tiny, small, base or a hub id.")],
+def models_download(name: Annotated[str, typer.Argument(help="tiny, small, base or a hub id (ORG/NAME).")],
                     revision: Revision = None) -> None:
-    """Download a variant into the Hugging Face cache (safetensors and configs only)."""
-    try:
-        from vl2cli.engine.loading import resolve_model
-        typer.echo(str(resolve_model(name, revision=revision, offline=False)))
-    except Exception as exc:
-        raise _fail(exc) from None
+    """Download a variant into the Hugging Face cache (safetensors and configs only).
+
+    Example: vl2 models download small
+    """
+    from vl2cli.engine.loading import resolve_model
+    typer.echo(str(resolve_model(name, revision=revision, offline=False, explicit=True)))
 
 
 def main() -> None:
     try:
         app()
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # before a command started (imports): the boundary is not in place yet
         err("vl2: interrupted")
         sys.exit(130)
 

@@ -1,4 +1,5 @@
-"""Known failures: each becomes one line on stderr and a non-zero exit code at the CLI boundary."""
+"""Known failures. Each becomes one line on stderr and a non-zero exit code at the CLI's one error boundary
+(`vl2cli.cli.main`); a page that fails becomes a failed record, never a failed run."""
 
 
 class Vl2Error(Exception):
@@ -8,6 +9,8 @@ class Vl2Error(Exception):
 
 
 class UsageError(Vl2Error):
+    """An option, argument or combination that cannot work; found before any model is loaded where possible."""
+
     exit_code = 2
 
 
@@ -25,3 +28,15 @@ class InputError(Vl2Error):
 
 class OutputError(Vl2Error):
     """An output that cannot be written."""
+
+
+class OutputBusy(OutputError):
+    """Another vl2 run holds the output folder's lock."""
+
+
+class PageFailed(Vl2Error):
+    """One page could not be read (the page's record says why; the run goes on)."""
+
+
+class OutOfMemory(PageFailed):
+    """Out of memory even at batch 1 with chunked prefill."""

@@ -1,70 +1,104 @@
-"""Documents become pages: PDFs through pypdfium2, images through Pillow, folders and globs expanded.
+"""Files become pages: PDFs through pypdfium2, images through Pillow, folders and globs expanded.
 
-Pages are produced lazily, one at a time, so a 1000-page PDF never sits in memory. Every problem
-with an input becomes an InputError naming the file and what is wrong with it.
+`plan_source` looks at a file once, before any model loads: its digest (results are keyed on content),
+its kind and which pages to read; every problem becomes a message naming the file. `render_pages` then
+produces the pages lazily, one at a time, so a 1000-page PDF never sits in memory. PDFium is not
+thread-safe: call both from one thread at a time (the pipeline plans first, then renders in one thread).
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import sys
 import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps
 
 from vl2cli.errors import InputError, UsageError
+from vl2cli.options import PageOptions
 
-# 144 DPI: the largest tiling canvas is 1152 px on a side, which a letter page fills at about
-# 105 DPI; rendering a little above that gives the bicubic downscale clean strokes to work
-# from, and a band cut from the page by --split keeps 144 DPI effective instead of ~105.
-DEFAULT_DPI = 144
-DEFAULT_MAX_PIXELS = 64_000_000  # per page; larger images are refused as likely decompression bombs
+if TYPE_CHECKING:
+    from vl2cli.engine.processor import Tiling
+
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff", ".bmp", ".gif"}
 PDF_SUFFIXES = {".pdf"}
 SUPPORTED = IMAGE_SUFFIXES | PDF_SUFFIXES
+STDIN = "-"
+STDIN_LABEL = "<stdin>"
 
 
 @dataclass
 class Page:
-    source: str  # the path as given (or "-" for stdin)
+    source: str  # the input as given, display-safe ("<stdin>" for standard input)
     number: int  # 1-based page (or frame) number
     image: Image.Image
     text_layer: str | None = None
-    dpi: int | None = None
-    tiling: object | None = None  # processor.Tiling when tiled ahead (in the rendering thread)
+    tiling: Tiling | None = None  # cut ahead in the rendering thread
 
     @property
     def label(self) -> str:
         return f"{self.source} p{self.number}"
 
 
+@dataclass
+class Source:
+    """One input file as planned: what it is, which pages to read, or why it cannot be read."""
+
+    path: str  # as given ("-" for stdin)
+    label: str  # display-safe
+    name: str = ""  # readable output name (pages.output_name)
+    kind: str = ""  # "pdf" | "image"
+    digest: str = ""  # sha256 of the bytes ("" when unreadable)
+    page_count: int = 0
+    numbers: list[int] = field(default_factory=list)  # pages to read
+    error: str | None = None  # the file cannot be read at all
+    missing: bool = False  # no such file (a usage error for commands on named files)
+    note: str | None = None  # e.g. a page range clipped to the document
+    data: bytes | None = None  # stdin's bytes, read once
+
+
 def parse_page_ranges(spec: str | None) -> list[tuple[int, int]] | None:
-    """'1-3,7,10-' -> [(1, 3), (7, 7), (10, inf)]; None means every page."""
+    """'1-3,7,10-' -> [(1, 3), (7, 7), (10, maxsize)]; None means every page. Pages count from 1."""
     if not spec:
         return None
     ranges = []
     for part in spec.split(","):
         part = part.strip()
+        if part.startswith("-"):
+            raise UsageError(f"--pages {spec!r}: page numbers start at 1 (for the first N pages write 1-N)")
         try:
             if "-" in part:
                 a, b = part.split("-", 1)
-                lo, hi = int(a) if a else 1, int(b) if b else sys.maxsize
+                lo, hi = int(a), int(b) if b else sys.maxsize
             else:
                 lo = hi = int(part)
         except ValueError:
-            raise UsageError(f"--pages {spec!r}: expected numbers and ranges like 1-3,7") from None
+            raise UsageError(f"--pages {spec!r}: expected numbers and ranges like 1-3,7,10-") from None
         if lo < 1 or hi < lo:
             raise UsageError(f"--pages {spec!r}: range {part!r} is empty or below 1")
         ranges.append((lo, hi))
     return ranges
 
 
-def _wanted(number: int, ranges) -> bool:
-    return ranges is None or any(lo <= number <= hi for lo, hi in ranges)
+def select_pages(label: str, count: int, ranges: list[tuple[int, int]] | None) -> tuple[list[int], str | None]:
+    """The page numbers of a `count`-page document that the ranges ask for, and a note when they were clipped.
+
+    A range reaching past the end is clipped (with a note); a request wholly past the end is an error."""
+    if ranges is None:
+        return list(range(1, count + 1)), None
+    numbers = sorted({n for lo, hi in ranges for n in range(lo, min(hi, count) + 1)})
+    asked = ",".join(f"{lo}" if lo == hi else f"{lo}-{'' if hi == sys.maxsize else hi}" for lo, hi in ranges)
+    pages = f"{count} page{'s' if count != 1 else ''}"
+    if not numbers:
+        raise UsageError(f"{label}: --pages {asked} asks for pages past the end; it has {pages}")
+    over = [(lo, hi) for lo, hi in ranges if hi > count and hi != sys.maxsize]
+    return numbers, (f"{label} has {pages}: --pages {asked} reads {len(numbers)}" if over else None)
 
 
 def normalise_image(img: Image.Image) -> Image.Image:
@@ -91,79 +125,96 @@ def normalise_image(img: Image.Image) -> Image.Image:
 def _check_size(where: str, size: tuple[int, int], max_pixels: int) -> None:
     w, h = size
     if w < 2 or h < 2:
-        raise InputError(f"{where}: image is {w}x{h} pixels, too small to read")
+        raise InputError(f"{where}: page is {w}x{h} pixels, too small to read")
     if w * h > max_pixels:
-        raise InputError(f"{where}: image is {w}x{h} = {w * h / 1e6:.0f} Mpx, over the {max_pixels / 1e6:.0f} Mpx "
+        raise InputError(f"{where}: page is {w}x{h} = {w * h / 1e6:.0f} Mpx, over the {max_pixels / 1e6:.0f} Mpx "
                          "per-page cap (a possible decompression bomb; raise it with --max-pixels)")
 
 
-def iter_image_pages(where: str, data: io.BytesIO | Path, ranges=None,
-                     max_pixels: int = DEFAULT_MAX_PIXELS, skip=None) -> Iterator[Page]:
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        try:
+class _PillowCap:
+    """Pillow's own bomb guard follows --max-pixels (our check refuses larger pages with a clear message)."""
+
+    def __init__(self, max_pixels: int):
+        self.max_pixels = max_pixels
+
+    def __enter__(self) -> None:
+        self.saved = Image.MAX_IMAGE_PIXELS
+        Image.MAX_IMAGE_PIXELS = self.max_pixels
+        self.filters = warnings.catch_warnings()
+        self.filters.__enter__()
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+
+    def __exit__(self, *exc: object) -> None:
+        self.filters.__exit__(*exc)
+        Image.MAX_IMAGE_PIXELS = self.saved
+
+
+def _open_image(where: str, data: io.BytesIO | Path, max_pixels: int) -> Image.Image:
+    try:
+        with _PillowCap(max_pixels):
             img = Image.open(data)
             img.size  # noqa: B018 - header read
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-            raise InputError(f"{where}: image dimensions are huge (a possible decompression bomb); refused") from None
-        except UnidentifiedImageError as exc:
-            raise InputError(f"{where}: not a readable image ({_short(exc)})") from None
-        except OSError as exc:
-            raise InputError(f"{where}: image data is damaged ({_short(exc)})") from None
-        frames = getattr(img, "n_frames", 1) if img.format == "TIFF" else 1  # GIF/WebP: first frame only
-        for index in range(frames):
-            number = index + 1
-            if not _wanted(number, ranges) or (skip and skip(number)):
-                continue
-            try:
-                img.seek(index)
-                _check_size(where, img.size, max_pixels)
+    except Image.DecompressionBombError:
+        raise InputError(f"{where}: image dimensions are huge (a possible decompression bomb); refused") from None
+    except Exception as exc:  # Pillow raises many types on hostile files (OSError, ValueError, SyntaxError, ...)
+        raise InputError(f"{where}: not a readable image ({_short(exc)})") from None
+    return img
+
+
+def _frames(img: Image.Image) -> int:
+    return getattr(img, "n_frames", 1) if img.format == "TIFF" else 1  # GIF/WebP: first frame only
+
+
+def _image_pages(where: str, data: io.BytesIO | Path, numbers: list[int], max_pixels: int) -> Iterator[Page]:
+    img = _open_image(where, data, max_pixels)
+    for number in numbers:
+        label = where if _frames(img) == 1 else f"{where} frame {number}"
+        try:
+            with _PillowCap(max_pixels):
+                img.seek(number - 1)
+                _check_size(label, img.size, max_pixels)
                 img.load()
                 page = normalise_image(img.copy())
-            except InputError:
-                raise
-            except (OSError, ValueError, SyntaxError, Image.DecompressionBombError,
-                    Image.DecompressionBombWarning) as exc:
-                raise InputError(f"{where}: image data is damaged ({_short(exc)})") from None
-            yield Page(where, number, page)
+        except InputError:
+            raise
+        except Exception as exc:
+            raise InputError(f"{label}: image data is damaged ({_short(exc)})") from None
+        yield Page(where, number, page)
 
 
-def iter_pdf_pages(where: str, data: bytes | Path, ranges=None, dpi: int = DEFAULT_DPI, password: str | None = None,
-                   max_pixels: int = DEFAULT_MAX_PIXELS, text_layer: bool = False, skip=None) -> Iterator[Page]:
-    """Render pages one by one. Call from one thread only: PDFium is not thread-safe."""
+def _open_pdf(where: str, data: bytes | Path, password: str | None):
     import pypdfium2 as pdfium
-
     try:
-        pdf = pdfium.PdfDocument(data if isinstance(data, bytes) else str(data), password=password)
+        return pdfium.PdfDocument(data if isinstance(data, bytes) else str(data), password=password)
     except pdfium.PdfiumError as exc:
-        msg = str(exc).lower()
-        if "password" in msg:
+        if "password" in str(exc).lower():
             why = "the --password is wrong" if password else "the PDF is encrypted; pass --password"
             raise InputError(f"{where}: {why}") from None
         raise InputError(f"{where}: not a readable PDF ({_short(exc)})") from None
+
+
+def _pdf_pages(where: str, data: bytes | Path, numbers: list[int], opts: PageOptions) -> Iterator[Page]:
+    """Render pages one by one. Call from one thread only: PDFium is not thread-safe."""
+    pdf = _open_pdf(where, data, opts.password)
     try:
-        count = len(pdf)
-        if count == 0:
-            raise InputError(f"{where}: PDF has no pages")
-        for index in range(count):
-            number = index + 1
-            if not _wanted(number, ranges) or (skip and skip(number)):
-                continue
+        for number in numbers:
+            label = f"{where} page {number}"
             try:
-                page = pdf[index]
+                page = pdf[number - 1]
                 w_pt, h_pt = page.get_size()
-                size = (int(w_pt * dpi / 72), int(h_pt * dpi / 72))
-                _check_size(f"{where} page {number}", size, max_pixels)
-                image = page.render(scale=dpi / 72).to_pil()
+                _check_size(label, (int(w_pt * opts.dpi / 72), int(h_pt * opts.dpi / 72)), opts.max_pixels)
+                image = page.render(scale=opts.dpi / 72).to_pil()
                 text = None
-                if text_layer:
+                if opts.text_layer:
                     textpage = page.get_textpage()
                     text = textpage.get_text_bounded().replace("\r\n", "\n")
                     textpage.close()
                 page.close()
-            except pdfium.PdfiumError as exc:
-                raise InputError(f"{where} page {number}: cannot render ({_short(exc)})") from None
-            yield Page(where, number, normalise_image(image), text_layer=text, dpi=dpi)
+            except InputError:
+                raise
+            except Exception as exc:
+                raise InputError(f"{label}: cannot render ({_short(exc)})") from None
+            yield Page(where, number, normalise_image(image), text_layer=text)
     finally:
         pdf.close()
 
@@ -178,114 +229,150 @@ def _short(exc: BaseException) -> str:
     return text[:160]
 
 
-def sniff_kind(where: str, head: bytes) -> str:
-    if head.startswith(b"%PDF") or b"%PDF-" in head[:1024]:
-        return "pdf"
-    if not head:
-        raise InputError(f"{where}: file is empty")
-    return "image"
+def sniff_kind(head: bytes) -> str:
+    return "pdf" if head.startswith(b"%PDF") or b"%PDF-" in head[:1024] else "image"
 
 
-def iter_pages(source: str, *, pages: str | None = None, dpi: int = DEFAULT_DPI, password: str | None = None,
-               max_pixels: int = DEFAULT_MAX_PIXELS, text_layer: bool = False, skip=None) -> Iterator[Page]:
-    """Pages of one file ('-' reads stdin). The kind is sniffed from content, not trusted from the name."""
-    ranges = parse_page_ranges(pages)
-    where = display_path(source)
-    if source == "-":
-        data = sys.stdin.buffer.read()
-        kind = sniff_kind("<stdin>", data[:1024])
-        if kind == "pdf":
-            yield from iter_pdf_pages("<stdin>", data, ranges, dpi, password, max_pixels, text_layer, skip)
-        else:
-            yield from iter_image_pages("<stdin>", io.BytesIO(data), ranges, max_pixels, skip)
-        return
-    path = Path(source)
+def _read_bytes(source: Source) -> bytes:
+    if source.path == STDIN:
+        return sys.stdin.buffer.read()
     try:
-        with open(path, "rb") as f:
-            head = f.read(1024)
+        with open(source.path, "rb") as f:
+            return f.read()
     except FileNotFoundError:
-        raise InputError(f"{where}: no such file") from None
+        source.missing = True
+        raise InputError(f"{source.label}: no such file") from None
     except IsADirectoryError:
-        raise InputError(f"{where}: is a folder (use vl2 batch, or pass the files)") from None
+        raise InputError(f"{source.label}: is a folder (use vl2 batch, or pass the files)") from None
     except OSError as exc:
-        raise InputError(f"{where}: cannot read ({exc.strerror or exc})") from None
-    kind = sniff_kind(where, head)
-    if kind == "pdf":
-        yield from iter_pdf_pages(where, path, ranges, dpi, password, max_pixels, text_layer, skip)
-    else:
-        yield from iter_image_pages(where, path, ranges, max_pixels, skip)
+        raise InputError(f"{source.label}: cannot read ({exc.strerror or exc})") from None
 
 
-def looks_dense(image: Image.Image) -> bool:
-    """A quick estimate that a page is packed with small text (a candidate for --split auto).
-
-    At 512 px wide, rows crossing text flip between ink and paper many times; a page where most
-    rows do so (> 45 % of rows, > 90 flips each) is dense print. Photos and forms flip far less.
-    """
-    import numpy as np
-    width = 512
-    height = max(1, round(width * image.height / max(image.width, 1)))
-    gray = np.asarray(image.convert("L").resize((width, height)), dtype=np.uint8)
-    ink = (gray < 160).astype(np.int8)
-    flips = np.abs(np.diff(ink, axis=1)).sum(axis=1)
-    text_rows = flips >= 6
-    return bool(text_rows.mean() > 0.45 and flips[text_rows].mean() > 90)
+def _count(source: Source, data: bytes, opts: PageOptions) -> int:
+    if source.kind == "pdf":
+        pdf = _open_pdf(source.label, data if source.path == STDIN else Path(source.path), opts.password)
+        try:
+            count = len(pdf)
+        finally:
+            pdf.close()
+        if count == 0:
+            raise InputError(f"{source.label}: PDF has no pages")
+        return count
+    return _frames(_open_image(source.label, io.BytesIO(data), opts.max_pixels))
 
 
-def count_pages(source: str, pages: str | None = None, password: str | None = None) -> int:
-    """How many pages a source will yield (for progress totals); 1 for anything unreadable. Never raises."""
+def plan_source(path: str, opts: PageOptions) -> Source:
+    """Read a file once: digest, kind, page count, the pages to read. Input problems land in `error`;
+    a --pages request this document cannot satisfy raises UsageError."""
+    source = Source(path, STDIN_LABEL if path == STDIN else display_path(path))
     try:
-        ranges = parse_page_ranges(pages)
-        with open(source, "rb") as f:
-            head = f.read(1024)
-        if head.startswith(b"%PDF") or b"%PDF-" in head:
-            import pypdfium2 as pdfium
-            pdf = pdfium.PdfDocument(source, password=password)
-            try:
-                n = len(pdf)
-            finally:
-                pdf.close()
-        else:
-            with Image.open(source) as img:
-                n = getattr(img, "n_frames", 1) if img.format == "TIFF" else 1
-        return max(1, sum(1 for i in range(1, n + 1) if _wanted(i, ranges)))
-    except Exception:  # the real read reports the problem; a count only needs to be close
-        return 1
+        data = _read_bytes(source)
+        if not data:
+            raise InputError(f"{source.label}: file is empty")
+        source.digest = hashlib.sha256(data).hexdigest()
+        source.kind = sniff_kind(data[:1024])
+        source.data = data if path == STDIN else None
+        source.page_count = _count(source, data, opts)
+    except InputError as exc:
+        source.error = str(exc)
+        return source
+    except Exception as exc:  # a library bug on a hostile file fails this file only
+        source.error = f"{source.label}: unreadable ({type(exc).__name__}: {_short(exc)})"
+        return source
+    source.numbers, source.note = select_pages(source.label, source.page_count, parse_page_ranges(opts.pages))
+    return source
 
 
-def expand_inputs(inputs: list[str], glob: str | None = None, exclude: str | Path | None = None) -> list[str]:
+def render_pages(source: Source, opts: PageOptions, numbers: list[int] | None = None) -> Iterator[Page]:
+    """The planned pages (or these `numbers`) of a source, rendered one at a time; InputError names the problem."""
+    wanted = source.numbers if numbers is None else numbers
+    if not wanted:
+        return
+    data: bytes | Path = source.data if source.data is not None else Path(source.path)
+    if source.kind == "pdf":
+        yield from _pdf_pages(source.label, data, wanted, opts)
+    else:
+        yield from _image_pages(source.label, io.BytesIO(data) if isinstance(data, bytes) else data, wanted,
+                                opts.max_pixels)
+
+
+def iter_pages(path: str, opts: PageOptions | None = None) -> Iterator[Page]:
+    """Every requested page of one file (the simple library entry point); InputError on an unreadable file."""
+    opts = opts or PageOptions()
+    source = plan_source(path, opts)
+    if source.error:
+        raise InputError(source.error)
+    yield from render_pages(source, opts)
+
+
+@dataclass
+class Inputs:
+    files: list[str]
+    names: dict[str, str] = field(default_factory=dict)  # readable output name of each file (see output_name)
+    hidden_skipped: int = 0  # files whose names start with a dot, left out of folders
+
+
+def output_name(path: str, folder: str | None) -> str:
+    """A file's readable name under --out: its path inside the folder given on the command line, or its file
+    name when given directly. It depends only on how the file itself was named, never on the other inputs."""
+    if path == STDIN:
+        return "stdin"
+    rel = Path(os.path.relpath(path, folder)) if folder else Path(os.path.basename(path))
+    return "/".join(p for p in rel.parts if p not in ("", ".", "..", os.sep)) or "_"
+
+
+def _same_or_inside(path: str, folder: str) -> bool:
+    real, root = os.path.realpath(path), os.path.realpath(folder)
+    return real == root or real.startswith(root.rstrip(os.sep) + os.sep)
+
+
+def _folder_files(folder: Path, glob: str | None, inputs: Inputs) -> list[str]:
+    found = []
+    for p in sorted(folder.rglob(glob or "*")):
+        if not p.is_file() or not (glob or p.suffix.lower() in SUPPORTED):
+            continue
+        if any(part.startswith(".") for part in p.relative_to(folder).parts):
+            inputs.hidden_skipped += 1
+            continue
+        found.append(str(p))
+    if not found:
+        raise UsageError(f"{display_path(str(folder))}: the folder holds no PDF or image files"
+                         + (f" matching {glob!r}" if glob else ""))
+    return found
+
+
+def expand_inputs(items: list[str], glob: str | None = None, exclude: str | Path | None = None) -> Inputs:
     """Files as given; folders searched recursively for supported files (or --glob); sorted, deduplicated.
 
-    Files under `exclude` (the output folder, which may sit inside an input folder) are left out.
+    Files under `exclude` (the output folder, compared by real path so a symlinked --out counts too) are
+    left out. Files and folders whose names start with a dot are left out of folder searches and counted.
     """
+    inputs = Inputs([])
     out: list[str] = []
-    for item in inputs:
-        if item == "-":
-            out.append(item)
-            continue
+    for item in items:
         path = Path(item)
-        if path.is_dir():
-            pattern = glob or "*"
-            found = sorted(p for p in path.rglob(pattern)
-                           if p.is_file() and (glob or p.suffix.lower() in SUPPORTED) and not p.name.startswith("."))
-            if not found:
-                raise UsageError(f"{display_path(item)}: the folder holds no PDF or image files"
-                                 + (f" matching {glob!r}" if glob else ""))
-            out.extend(str(p) for p in found)
+        if item == STDIN:
+            out.append(item)
+            inputs.names[item] = output_name(item, None)
+        elif path.is_dir():
+            if exclude is not None and _same_or_inside(item, str(exclude)):
+                raise UsageError(f"--out {exclude} is the input folder {display_path(item)} itself: outputs would "
+                                 "mix with inputs; choose a subfolder (e.g. --out results)")
+            for found in _folder_files(path, glob, inputs):
+                out.append(found)
+                inputs.names.setdefault(found, output_name(found, item))
         elif any(ch in item for ch in "*?[") and not path.exists():
             import glob as globbing
             found = sorted(p for p in globbing.glob(item, recursive=True) if os.path.isfile(p))
             if not found:
                 raise UsageError(f"{item}: the pattern matches no file")
             out.extend(found)
+            for f in found:
+                inputs.names.setdefault(f, output_name(f, None))
         else:
             out.append(item)
+            inputs.names.setdefault(item, output_name(item, None))
     if exclude is not None:
-        root = os.path.abspath(exclude) + os.sep
-        out = [item for item in out if item == "-" or not os.path.abspath(item).startswith(root)]
-    seen, unique = set(), []
-    for item in out:
-        if item not in seen:
-            seen.add(item)
-            unique.append(item)
-    return unique
+        out = [f for f in out if f == STDIN or not _same_or_inside(f, str(exclude))]
+    inputs.files = list(dict.fromkeys(out))
+    return inputs

@@ -1,13 +1,21 @@
-"""Tasks: a prompt from prompts/, a parser of the model's answer, and the renderings a user can ask for."""
+"""Tasks: a prompt from `vl2cli/prompts/`, a parser of the model's answer, and the renderings a user can ask for.
+
+The user's words (a question, a query) and a PDF's text layer enter the prompt as UserText: data, never
+template (no image marks, no special tokens).
+"""
 
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
+from importlib.resources import files
 from pathlib import Path
+from typing import Any
 
 from PIL import Image, ImageDraw
 
+from vl2cli.engine.processor import UserText
 from vl2cli.errors import UsageError
 from vl2cli.parsers import (
     parse_grounding,
@@ -17,118 +25,151 @@ from vl2cli.parsers import (
     table_to_html,
     table_to_markdown,
 )
+from vl2cli.results import PageResult
+
+MAX_PROMPT_FILE_BYTES = 64 * 1024
+IMAGE_MARK = "<image>"
+FORMAT_EXTENSIONS = {"markdown": ".md", "text": ".txt", "json": ".json", "jsonl": ".jsonl", "csv": ".csv",
+                     "html": ".html"}
 
 
-def _prompts_dir() -> Path:
-    """prompts/ beside the package in a source checkout, else where the wheel installs it (share/vl2/prompts)."""
-    import sys
-    for folder in (Path(__file__).resolve().parent.parent / "prompts", Path(sys.prefix) / "share" / "vl2" / "prompts"):
-        if folder.is_dir():
-            return folder
-    return Path(__file__).resolve().parent.parent / "prompts"
-
-
-PROMPTS_DIR = _prompts_dir()
-
-
-def load_prompt(name_or_path: str) -> str:
-    """A prompt by task name (prompts/NAME.txt) or from a file; '#' lines are comments."""
-    path = Path(name_or_path)
-    if not path.suffix:
-        path = PROMPTS_DIR / f"{name_or_path}.txt"
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise UsageError(f"{path}: cannot read prompt ({exc.strerror or exc})") from None
+def _clean_prompt(text: str, where: str) -> str:
     lines = [line for line in text.splitlines() if not line.lstrip().startswith("#")]
     prompt = "\n".join(lines).strip()
     if not prompt:
-        raise UsageError(f"{path}: the prompt file is empty")
+        raise UsageError(f"{where}: the prompt file is empty")
+    if IMAGE_MARK in prompt:
+        raise UsageError(f"{where}: the prompt holds {IMAGE_MARK}; vl2 places the image marks itself")
     return prompt
+
+
+def builtin_prompt(name: str) -> str:
+    """A task's own prompt (package data, found wherever the package is installed); '#' lines are comments."""
+    return _clean_prompt(files("vl2cli.prompts").joinpath(f"{name}.txt").read_text("utf-8"), f"prompts/{name}.txt")
+
+
+def prompt_file_text(path: str) -> str:
+    """A --prompt-file: a path, read as it is named (small UTF-8 text, checked before any model loads)."""
+    p = Path(path)
+    try:
+        size = p.stat().st_size
+        if size > MAX_PROMPT_FILE_BYTES:
+            raise UsageError(f"{path}: the prompt file is {size} bytes; prompts are at most {MAX_PROMPT_FILE_BYTES}")
+        data = p.read_bytes()
+    except IsADirectoryError:
+        raise UsageError(f"{path}: cannot read prompt (is a folder)") from None
+    except OSError as exc:
+        raise UsageError(f"{path}: cannot read prompt ({exc.strerror or exc})") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise UsageError(f"{path}: the prompt file is not UTF-8 text") from None
+    if "\x00" in text:
+        raise UsageError(f"{path}: the prompt file is binary, not text")
+    return _clean_prompt(text, path)
 
 
 def image_marks(n: int) -> str:
     """One image: '<image>\\n'; several: 'This is image_1: <image>\\n...' as the official multi-image examples."""
     if n == 1:
-        return "<image>\n"
-    return "".join(f"This is image_{i}: <image>\n" for i in range(1, n + 1))
+        return IMAGE_MARK + "\n"
+    return "".join(f"This is image_{i}: {IMAGE_MARK}\n" for i in range(1, n + 1))
 
 
-@dataclass
+def fill(template: str, text: str | None) -> list[str]:
+    """Template pieces with the user's words, as UserText, where {question} / {query} stand."""
+    parts: list[str] = []
+    for piece in re.split(r"(\{question\}|\{query\})", template):
+        if piece in ("{question}", "{query}"):
+            parts.append(UserText((text or "").strip()))
+        elif piece:
+            parts.append(piece)
+    return parts
+
+
+@dataclass(frozen=True)
 class Task:
     name: str
-    prompt_file: str
     formats: tuple[str, ...] = ("markdown", "text", "json", "jsonl")
     splittable: bool = False  # dense pages may be read in bands and merged
     needs_text: str | None = None  # "question" or "query": the user's words fill the prompt
+    whole_document: bool = False  # --out also gets one file per document (pages joined)
 
-    def prompt(self, n_images: int, text: str | None = None, prompt_file: str | None = None) -> str:
-        template = load_prompt(prompt_file or self.prompt_file)
+    def template(self, prompt_file: str | None = None) -> str:
+        return prompt_file_text(prompt_file) if prompt_file else builtin_prompt(self.name)
+
+    def check_text(self, text: str | None) -> None:
         if self.needs_text and not (text or "").strip():
             raise UsageError(f"{self.name}: a {self.needs_text} is required")
-        body = template.replace("{question}", (text or "").strip()).replace("{query}", (text or "").strip())
-        return image_marks(n_images) + body
 
-    def parse(self, answer: str, width: int, height: int, text: str | None = None) -> dict:
-        return {}
+    def prompt(self, n_images: int, template: str, text: str | None = None, hint: str | None = None) -> list[str]:
+        """The user turn: image marks, the template with the user's words, and an optional text-layer hint."""
+        self.check_text(text)
+        parts = [image_marks(n_images), *fill(template, text)]
+        if hint:
+            parts += ["\nThe page's embedded text layer, for reference:\n", UserText(hint[:4000])]
+        return parts
 
-    def render(self, record: dict, fmt: str) -> str:
+    def parse(self, answer: str, width: int, height: int, text: str | None) -> tuple[dict[str, Any], tuple[str, ...]]:
+        """The task's fields from an answer, and flags for what it lacks."""
+        return {}, ()
+
+    def render(self, result: PageResult, fmt: str) -> str:
         if fmt == "json":
-            return json.dumps(record, ensure_ascii=False, indent=1)
+            return json.dumps(result.to_json(), ensure_ascii=False, indent=1)
         if fmt == "jsonl":
-            return json.dumps(record, ensure_ascii=False)
+            return json.dumps(result.to_json(), ensure_ascii=False)
         if fmt == "text":
-            return strip_markdown(record["answer"])
-        return record["answer"]
+            return strip_markdown(result.answer or "")
+        return result.answer or ""
 
     def extension(self, fmt: str) -> str:
-        return {"markdown": ".md", "text": ".txt", "json": ".json", "jsonl": ".jsonl",
-                "csv": ".csv", "html": ".html"}[fmt]
+        return FORMAT_EXTENSIONS[fmt]
 
 
 def strip_markdown(text: str) -> str:
-    import re
     text = re.sub(r"^#{1,6}\s*", "", text, flags=re.M)
-    text = re.sub(r"(\*\*|__)(.*?)\1", r"\2", text)
-    return text
+    return re.sub(r"(\*\*|__)(.*?)\1", r"\2", text)
 
 
 class TableTask(Task):
-    def parse(self, answer, width, height, text=None):
-        return {"tables": parse_tables(answer)}
+    def parse(self, answer, width, height, text):
+        tables = parse_tables(answer)
+        return {"tables": tables}, () if tables else ("no_table",)
 
-    def render(self, record, fmt):
-        tables = record.get("tables") or []
+    def render(self, result, fmt):
+        tables = result.fields.get("tables") or []
         if fmt == "csv":
             return "\n".join(table_to_csv(t) for t in tables)
         if fmt == "html":
             return "\n".join(table_to_html(t) for t in tables)
         if fmt == "markdown":
-            return "\n\n".join(table_to_markdown(t) for t in tables) if tables else record["answer"]
-        return super().render(record, fmt)
+            return "\n\n".join(table_to_markdown(t) for t in tables) if tables else (result.answer or "")
+        return super().render(result, fmt)
 
 
 class ChartTask(Task):
-    def parse(self, answer, width, height, text=None):
+    def parse(self, answer, width, height, text):
         tables = parse_tables(answer)
         description = answer
-        if tables:  # the description is what precedes the first table row
+        if tables:  # the description is what is not a table row
             description = "\n".join(line for line in answer.splitlines() if "|" not in line and "<t" not in line)
-        return {"description": description.strip(), "data": tables[0] if tables else None}
+        return {"description": description.strip(), "data": tables[0] if tables else None}, ()
 
 
 class GroundTask(Task):
-    def parse(self, answer, width, height, text=None):
+    def parse(self, answer, width, height, text):
         objects = parse_grounding(answer, width, height, default_label=(text or "").strip())
-        return {"objects": objects, "caption": strip_grounding_tags(answer)}
+        return {"objects": objects, "caption": strip_grounding_tags(answer)}, () if objects else ("no_boxes",)
 
-    def render(self, record, fmt):
+    def render(self, result, fmt):
         if fmt in ("markdown", "text"):
-            lines = [f"{o['label'] or '?'}: {o['box']} (normalised {o['box_norm']})" for o in record["objects"]]
-            caption = record.get("caption", "")
-            return "\n".join(([caption] if caption and record.get("mode") == "caption" else []) + lines) \
-                or "(no boxes in the answer)"
-        return super().render(record, fmt)
+            objects = result.fields.get("objects") or []
+            lines = [f"{o['label'] or '?'}: {o['box']} (normalised {o['box_norm']})" for o in objects]
+            caption = result.fields.get("caption", "")
+            shown = ([caption] if caption and self.name == "caption" else []) + lines
+            return "\n".join(shown) or "(no boxes in the answer)"
+        return super().render(result, fmt)
 
 
 def annotate(image: Image.Image, objects: list[dict]) -> Image.Image:
@@ -147,12 +188,12 @@ def annotate(image: Image.Image, objects: list[dict]) -> Image.Image:
 
 
 TASKS: dict[str, Task] = {
-    "ocr": Task("ocr", "ocr", splittable=True),
-    "ask": Task("ask", "ask", needs_text="question"),
-    "table": TableTask("table", "table", formats=("json", "jsonl", "csv", "markdown", "html")),
-    "chart": ChartTask("chart", "chart"),
-    "ground": GroundTask("ground", "ground", needs_text="query"),
-    "caption": GroundTask("caption", "caption"),
+    "ocr": Task("ocr", splittable=True, whole_document=True),
+    "ask": Task("ask", needs_text="question"),
+    "table": TableTask("table", formats=("json", "jsonl", "csv", "markdown", "html")),
+    "chart": ChartTask("chart"),
+    "ground": GroundTask("ground", needs_text="query"),
+    "caption": GroundTask("caption"),
 }
 
 

@@ -100,36 +100,47 @@ class Engine:
     @torch.inference_mode()
     def generate(self, prompts: list[Prepared], params: SamplingParams,
                  on_token: Callable[[int, int], None] | None = None,
-                 stop_rule: StopRule | None = None) -> list[Generation]:
-        """Generate for a batch of prompts; each row stops on its own and leaves the batch."""
+                 stop_rule: StopRule | None = None, budgets: list[int] | None = None,
+                 on_finish: Callable[[int], None] | None = None) -> list[Generation]:
+        """Generate for a batch of prompts; each row stops on its own and leaves the batch.
+
+        `budgets` caps each row's answer (default: params.max_new_tokens for every row); `on_finish(row)`
+        is called as each row ends, `on_token(row, token)` for each token.
+        """
+        budgets = budgets or [params.max_new_tokens] * len(prompts)
         results = [Generation(prompt_tokens=len(p.input_ids)) for p in prompts]
-        if params.max_new_tokens <= 0:
+        longest = max(budgets, default=0)
+        if longest <= 0:
             return results
         generator = None
         if params.seed is not None:
             generator = torch.Generator(device=self.model.device).manual_seed(params.seed)
-        logits, cache = self.prefill(prompts, params.max_new_tokens)
+        logits, cache = self.prefill(prompts, longest)
         active = list(range(len(prompts)))  # result index of each cache row
         seen = [torch.tensor([i for i, m in zip(p.input_ids, p.image_mask) if not m], dtype=torch.long,
                              device=self.model.device) for p in prompts]
-        for step in range(params.max_new_tokens):
+        for _ in range(longest):
             logits = apply_repetition_penalty(logits, [seen[i] for i in active], params.repetition_penalty)
             tokens = choose_tokens(logits, params, generator)
             keep = []
             # Host sync, the one a step needs: stop rules and streaming read the sampled tokens on the host.
             for row, token in enumerate(tokens.tolist()):
-                res = results[active[row]]
+                index = active[row]
+                res = results[index]
                 res.ids.append(token)
                 if on_token:
-                    on_token(active[row], token)
+                    on_token(index, token)
                 if params.repetition_penalty != 1.0:
-                    seen[active[row]] = torch.cat([seen[active[row]], tokens[row:row + 1]])
+                    seen[index] = torch.cat([seen[index], tokens[row:row + 1]])
                 if token == self.eos_id:
                     res.finish_reason = "stop"
                 elif stop_rule and (reason := stop_rule(res.ids)):
                     res.finish_reason = reason
-                elif step + 1 < params.max_new_tokens:
+                elif len(res.ids) < budgets[index]:
                     keep.append(row)
+                    continue
+                if on_finish:
+                    on_finish(index)
             if not keep:
                 break
             if len(keep) < len(active):

@@ -1,0 +1,54 @@
+"""vl2: read documents locally with DeepSeek-VL2.
+
+    import vl2cli
+
+    reader = vl2cli.load("tiny")  # an alias, a checkpoint folder, or hf:ORG/NAME
+    for result in vl2cli.read(reader, ["samples/report.pdf"], task="table", pages="2"):
+        print(result.fields["tables"])  # result.to_json() is the documented record
+
+Files -> pages (`pages`) -> tiles and tokens (`engine.processor`) -> model (`engine`) -> answer (`reader`)
+-> parser (`tasks`, `parsers`) -> sink (`pipeline`, `sinks`).
+"""
+
+from __future__ import annotations
+
+from importlib.metadata import PackageNotFoundError, version
+
+from vl2cli.errors import Vl2Error
+from vl2cli.options import PageOptions, ReadOptions
+from vl2cli.reader import Reader
+from vl2cli.results import AskResult, PageResult
+from vl2cli.tasks import get_task
+
+try:
+    __version__ = version("vl2cli")
+except PackageNotFoundError:  # pragma: no cover - a source tree that was never installed
+    __version__ = "0+unknown"
+
+__all__ = ["AskResult", "PageOptions", "PageResult", "ReadOptions", "Reader", "Vl2Error", "__version__", "get_task",
+           "load", "read"]
+
+
+def load(model: str = "tiny", *, device: str | None = None, dtype: str | None = None, quant: str = "auto",
+         revision: str | None = None, offline: bool | None = None) -> Reader:
+    """Load a model once; read with it as often as you like."""
+    return Reader.load(model, device=device, dtype=dtype, quant=quant, revision=revision, offline=offline)
+
+
+def read(reader: Reader, paths: list[str], task: str = "ocr", question: str | None = None, pages: str | None = None,
+         options: ReadOptions | None = None, page_options: PageOptions | None = None) -> list[PageResult]:
+    """Every page of the given files (PDFs, images, folders), through the same pipeline as the CLI."""
+    from dataclasses import replace
+
+    from vl2cli.pages import expand_inputs
+    from vl2cli.pipeline import Job, ListSink, plan_inputs, read_documents
+    the_task = get_task(task)
+    opts = options or ReadOptions()
+    if question is not None:
+        opts = replace(opts, text=question)
+    page_opts = page_options or PageOptions(pages=pages, text_layer=opts.text_layer != "off")
+    sources, _ = plan_inputs(expand_inputs(list(paths)), page_opts, strict=True)
+    job = Job(the_task, opts, page_opts, "json", str(reader.loaded.folder), the_task.template(opts.prompt_file))
+    sink = ListSink()
+    read_documents(reader, job, sources, sink)
+    return sink.results

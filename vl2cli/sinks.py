@@ -1,0 +1,245 @@
+"""The folder sink: one file per page result (written atomically), index.jsonl, results.jsonl, whole documents.
+
+A folder is written by one run at a time: a lock file (`.vl2.lock`, an OS lock that dies with its process,
+kill -9 included) makes a second concurrent run refuse at once. Only under the lock are an earlier run's
+own temp files (`.vl2-*.part`) removed; nothing else in the folder is ever deleted.
+
+Names stay readable: `<input name>.pNNNN.<task>.<ext>`. The index maps each page key (what determines the
+result) to its files; a result asked for differently (another query, model or setting) whose plain name an
+earlier result already holds gets `-<8 hex of its key>` added, so it lands next to the old one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import re
+from dataclasses import replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from vl2cli.errors import OutputBusy, OutputError, UsageError
+from vl2cli.options import Redo
+from vl2cli.results import PageResult
+from vl2cli.tasks import annotate
+from vl2cli.writers import atomic_write_bytes, atomic_write_text, remove_own_temp_files
+
+if TYPE_CHECKING:
+    from vl2cli.pages import Page, Source
+    from vl2cli.pipeline import Job, PageItem
+
+INDEX_NAME, RESULTS_NAME, LOCK_NAME = "index.jsonl", "results.jsonl", ".vl2.lock"
+_SAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+def safe_component(part: str, limit: int = 96) -> str:
+    clean = _SAFE.sub("_", part).strip("._") or "_"
+    if clean != part or len(clean) > limit:  # keep distinct names distinct after cleaning
+        digest = hashlib.sha1(part.encode("utf-8", "surrogateescape")).hexdigest()[:8]
+        clean = f"{clean[:limit - 9]}-{digest}"
+    return clean
+
+
+def safe_name(name: str) -> str:
+    """A relative output path from an input name: every part cleaned, never leaving the folder."""
+    return "/".join(safe_component(p) for p in name.split("/") if p not in ("", ".", "..")) or "_"
+
+
+def check_output_folder(out: Path) -> None:
+    """Before any model loads: --out must be a folder vl2 can create and write."""
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out}: is an existing file, not a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"{out}: cannot create the output folder ({exc.strerror or exc})") from None
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise OutputError(f"{out}: output folder is not writable")
+
+
+class FolderLock:
+    def __init__(self, out: Path):
+        import fcntl
+        self.path = out / LOCK_NAME
+        try:
+            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise OutputError(f"{self.path}: cannot create the lock file ({exc.strerror or exc})") from None
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(self.fd, 32, 0).decode(errors="replace").strip() or "?"
+            os.close(self.fd)
+            raise OutputBusy(f"{out}: another vl2 run (pid {holder}) is writing there; wait for it to finish "
+                             "or choose another --out") from None
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, f"{os.getpid()}\n".encode(), 0)
+
+    def release(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)  # closing drops the lock
+            self.fd = -1
+
+
+class Index:
+    """index.jsonl: one JSON line per page event; the last line for a key wins; torn lines are ignored."""
+
+    def __init__(self, out: Path):
+        self.path = out / INDEX_NAME
+        self.entries: dict[str, dict] = {}
+        if self.path.exists():
+            raw = self.path.read_bytes()
+            if raw and not raw.endswith(b"\n"):  # a line torn by a kill: end it so the next line starts clean
+                with open(self.path, "ab") as f:
+                    f.write(b"\n")
+            for line in raw.decode("utf-8", errors="replace").splitlines():
+                try:
+                    entry = json.loads(line)
+                    self.entries[entry["key"]] = entry
+                except (ValueError, KeyError, TypeError):
+                    continue
+
+    def add(self, entry: dict) -> None:
+        line = (json.dumps(entry, ensure_ascii=False) + "\n").encode("utf-8")
+        try:
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+            try:
+                os.write(fd, line)  # one write per line: a kill leaves at most one torn last line
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            raise OutputError(f"{self.path}: cannot write ({exc.strerror or exc})") from None
+        self.entries[entry["key"]] = entry
+
+
+class FolderSink:
+    def __init__(self, out: Path, job: Job, redo: Redo = "none", boxes_png: bool = True):
+        check_output_folder(out)
+        self.out, self.job, self.redo, self.boxes_png = out, job, redo, boxes_png
+        self.lock = FolderLock(out)
+        remove_own_temp_files(out)
+        self.index = Index(out)
+        self.owner = {e["stem"]: k for k, e in self.index.entries.items() if isinstance(e.get("stem"), str)}
+        self.settings = job.settings_digest()[:16]
+
+    def done(self, item: PageItem) -> bool:
+        entry = self.index.entries.get(item.key)
+        if entry is None or self.redo == "all":
+            return False
+        if entry.get("status") == "failed":
+            return self.redo != "failed"
+        return entry.get("status") == "ok" and all((self.out / o).exists() for o in entry.get("outputs", []))
+
+    def _stem(self, item: PageItem) -> str:
+        name = safe_name(item.source.name or item.source.label)
+        stem = f"{name}.p{item.number:04d}.{self.job.task.name}" if item.number else f"{name}.{self.job.task.name}"
+        if self.owner.get(stem, item.key) != item.key:
+            stem = f"{stem}-{item.key[:8]}"
+        self.owner[stem] = item.key
+        return stem
+
+    def emit(self, item: PageItem, result: PageResult, page: Page | None) -> PageResult:
+        stem = self._stem(item)
+        outputs: list[str] = []
+        if result.ok:
+            try:
+                outputs = self._write(stem, result, page)
+            except OutputError as exc:
+                result = replace(result, status="failed", error=str(exc))
+        self.index.add({"key": item.key, "stem": stem, "source": result.source, "page": result.page,
+                        "task": result.task, "status": result.status, "outputs": outputs, "error": result.error,
+                        "flags": list(result.flags), "seconds": round(result.seconds, 3),
+                        "prompt_tokens": result.prompt_tokens, "generated_tokens": result.generated_tokens,
+                        "split": result.to_json()["split"], "settings": self.settings})
+        return result
+
+    def _write(self, stem: str, result: PageResult, page: Page | None) -> list[str]:
+        """One page's files, atomically; paths relative to --out."""
+        task, fmt = self.job.task, self.job.fmt
+        files: list[tuple[str, bytes]] = []
+        if fmt not in ("json", "jsonl"):
+            body = task.render(result, fmt)
+            if body.strip():  # no table found: no empty .csv, the record says so
+                files.append((stem + task.extension(fmt), (body.rstrip("\n") + "\n").encode()))
+        files.append((stem + ".json", (task.render(result, "json") + "\n").encode()))
+        objects = result.fields.get("objects")
+        if objects and page is not None and self.boxes_png:
+            buf = io.BytesIO()
+            annotate(page.image, objects).save(buf, format="PNG")
+            files.append((stem + ".boxes.png", buf.getvalue()))
+        for rel, data in files:
+            self._check_inside(rel)
+            atomic_write_bytes(self.out / rel, data)
+        return [rel for rel, _ in files]
+
+    def _check_inside(self, rel: str) -> None:
+        target = (self.out / rel).resolve()
+        if not str(target).startswith(str(self.out.resolve()) + os.sep):
+            raise OutputError(f"{rel}: output path would leave {self.out}")
+
+    def close(self, sources: list[Source]) -> list[str]:
+        """Write the files that cover a whole run (results.jsonl, whole documents); release the lock."""
+        written = []
+        try:
+            if self.job.fmt == "jsonl":
+                written.append(self._write_results(sources))
+            if self.job.task.whole_document and self.job.fmt in ("markdown", "text"):
+                written += [self._write_document(s) for s in sources if self._any_done(s)]
+        finally:
+            self.lock.release()
+        return written
+
+    def _any_done(self, source: Source) -> bool:
+        return any((self._entry(source, n) or {}).get("status") == "ok" for n in source.numbers)
+
+    def _entry(self, source: Source, number: int) -> dict[str, Any] | None:
+        return self.index.entries.get(self.job.page_key(source, number))
+
+    def _record(self, entry: dict[str, Any]) -> dict[str, Any] | None:
+        rel = next((o for o in entry.get("outputs", []) if o.endswith(".json")), None)
+        if entry.get("status") != "ok" or rel is None or not (self.out / rel).exists():
+            return None
+        return json.loads((self.out / rel).read_text("utf-8"))
+
+    def _write_results(self, sources: list[Source]) -> str:
+        lines = []
+        for source in sources:
+            for number in source.numbers:
+                entry = self._entry(source, number)
+                record = self._record(entry) if entry else None
+                if record is not None:
+                    lines.append(json.dumps(record, ensure_ascii=False))
+        atomic_write_text(self.out / RESULTS_NAME, "\n".join(lines) + ("\n" if lines else ""))
+        return RESULTS_NAME
+
+    def _write_document(self, source: Source) -> str:
+        """The pages of one document in order, each opened by a `<!-- page N -->` line."""
+        ext = self.job.task.extension(self.job.fmt)
+        parts = []
+        for number in source.numbers:
+            entry = self._entry(source, number)
+            record = self._record(entry) if entry else None
+            if record is None:
+                why = (entry or {}).get("error") or "not read yet"
+                parts.append(f"<!-- page {number}: {why} -->\n")
+                continue
+            text = self.job.task.render(PageResult(**_result_fields(record)), self.job.fmt)
+            parts.append(f"<!-- page {number} -->\n{text.rstrip()}\n")
+        rel = f"{safe_name(source.name or source.label)}.{self.job.task.name}{ext}"
+        self._check_inside(rel)
+        atomic_write_text(self.out / rel, "\n".join(parts))
+        return rel
+
+
+def _result_fields(record: dict[str, Any]) -> dict[str, Any]:
+    """A record read back from disk as PageResult arguments (the text renderings need answer and fields)."""
+    from vl2cli.results import TASK_FIELDS, Split
+    common = {k: record[k] for k in ("source", "page", "task", "status", "question", "width", "height", "answer",
+                                     "finish_reason", "prompt_tokens", "generated_tokens", "retry_temperature",
+                                     "seconds", "error")}
+    split = record.get("split")
+    return {**common, "flags": tuple(record.get("flags", ())), "split": Split(**split) if split else None,
+            "fields": {k: record.get(k) for k in TASK_FIELDS.get(record["task"], {})}}
