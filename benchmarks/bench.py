@@ -195,7 +195,7 @@ def write_random_checkpoint(folder, cfg, shards: int = 1, dtype: torch.dtype = t
         part = {k: state.pop(k).contiguous() for k in names[i::shards]}
         save_file(part, str(folder / fname), metadata={"format": "pt"})
         largest = max(largest, (folder / fname).stat().st_size)
-        weight_map.update({k: fname for k in part})
+        weight_map.update(dict.fromkeys(part, fname))
         del part
     if shards > 1:
         (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
@@ -242,7 +242,7 @@ def copy_configs(folder, cfg) -> None:
     raw = json.loads(open(os.path.join(src, "config.json")).read())
     raw["vision_config"].update(asdict(cfg.vision))
     raw["projector_config"].update(input_dim=cfg.projector.input_dim, n_embed=cfg.projector.n_embed)
-    raw["language_config"] = {k: v for k, v in asdict(cfg.language).items()}
+    raw["language_config"] = dict(asdict(cfg.language).items())
     (folder / "config.json").write_text(json.dumps(raw))
 
 

@@ -22,8 +22,8 @@ from PIL import Image, ImageDraw
 from vl2cli.engine.config import preset_config
 from vl2cli.engine.generation import Engine, SamplingParams
 from vl2cli.engine.loading import random_model
-from vl2cli.options import DEFAULT_DPI
 from vl2cli.engine.processor import Prepared, image_token_count, tile_image
+from vl2cli.options import DEFAULT_DPI
 
 GIB = 1024**3
 
@@ -55,7 +55,7 @@ def timed_generate(engine: Engine, prompts: list[Prepared], new_tokens: int, dev
     """(seconds to the first token, aggregate decode tokens/s after it, total seconds)."""
     stamps: list[float] = []
 
-    def on_token(row: int, token: int) -> None:
+    def on_token(row: int, _token: int) -> None:
         if row == 0:
             _sync(device)
             stamps.append(time.perf_counter())

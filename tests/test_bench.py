@@ -2,9 +2,12 @@
 
 import json
 
+import pytest
+
 from bench import run
 
 
+@pytest.mark.slow
 def test_benchmarks_smoke():
     results = {r["bench"]: r for r in run("all", smoke=True)}
     assert set(results) == {"moe_dispatch", "kv_cache", "batching", "memory", "pages_in", "loading_peak_ram",
@@ -18,6 +21,7 @@ def test_benchmarks_smoke():
     json.dumps(results)
 
 
+@pytest.mark.slow
 def test_gpu_check_dry_runs_on_cpu(tmp_path):
     from gpucheck import main
     results = main(["--dry-run", "--out", str(tmp_path), "--variants", "tiny,base"])

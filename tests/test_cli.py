@@ -128,10 +128,10 @@ def test_models_lists_variants_from_config_arithmetic():
 def test_param_arithmetic_equals_the_built_model():
     import torch
 
+    from tests.helpers import CKPT
     from vl2cli.engine.config import load_config, preset_config
     from vl2cli.engine.memory import param_counts
     from vl2cli.engine.model import DeepseekVL2
-    from tests.helpers import CKPT
     for cfg in (preset_config("tiny"), load_config(CKPT / "small"), load_config(CKPT / "base")):
         with torch.device("meta"):
             model = DeepseekVL2(cfg)
@@ -302,14 +302,14 @@ def test_ask_streams_the_same_answer_it_returns(reader):
 
 
 def test_grounded_answer_becomes_pixel_boxes_and_an_annotated_png(tmp_path):
+    from tests.test_pipeline import folder_sink
     from vl2cli.pages import Page, Source
     from vl2cli.pipeline import PageItem
     from vl2cli.results import PageResult
-    from tests.test_pipeline import folder_sink
     image = Image.open(SAMPLES / "objects.png").convert("RGB")
     answer = "<|ref|>the red circle<|/ref|><|det|>[[94, 166, 343, 500]]<|/det|>"
     sink, job = folder_sink(tmp_path, "ground", "json", text="the red circle")
-    fields, flags = job.task.parse(answer, *image.size, "the red circle")
+    fields, _ = job.task.parse(answer, image.size, "the red circle")
     assert fields["objects"][0]["box"] == [60, 79, 219, 240]  # 640x480 page: x / 999 * 640, y / 999 * 480
     result = PageResult("objects.png", 1, "ground", "ok", answer=answer, width=640, height=480, fields=fields)
     source = Source("objects.png", "objects.png", name="objects.png", digest="d", numbers=[1])

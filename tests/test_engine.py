@@ -10,9 +10,9 @@ from safetensors.torch import save_file
 
 from tests.helpers import CKPT, make_checkpoint
 from vl2cli.engine.config import config_from_dict, load_config
-from vl2cli.errors import CheckpointError, ConfigError
 from vl2cli.engine.generation import Engine, SamplingParams
 from vl2cli.engine.loading import load_model
+from vl2cli.errors import CheckpointError, ConfigError
 
 VARIANTS = {
     "mha": ("tiny", {}),
@@ -48,7 +48,7 @@ def test_cached_decoding_equals_full_recomputation(variant, page_image):
     recomputed = all_logits[0, len(prompt.input_ids) - 1:].argmax(-1).tolist()
     assert recomputed[: len(ids)] == ids
     # step logits themselves: compare the first decode step with the recomputed position
-    logits, cache = engine.prefill([prompt], 4)
+    _logits, cache = engine.prefill([prompt], 4)
     with torch.inference_mode():
         lm = variant.model.language
         step = lm.logits(lm(lm.embed_tokens(torch.tensor([[ids[0]]])), cache, torch.ones(1, 1, dtype=torch.bool)))
@@ -113,7 +113,7 @@ def test_misshaped_tensor_is_named(tmp_path):
 
 def test_unexpected_tensor_is_refused(tmp_path):
     folder = make_checkpoint(tmp_path / "ck", "tiny", extra_tensors={"language.model.layers.9.foo": torch.zeros(2)})
-    with pytest.raises(CheckpointError, match="layers.9.foo"):
+    with pytest.raises(CheckpointError, match=r"layers\.9\.foo"):
         load_model(str(folder), device="cpu", dtype="float32", quant="none")
 
 
@@ -130,7 +130,7 @@ def test_sharded_checkpoint_loads_like_single_file(tmp_path, loaded_tiny):
     weight_map = {}
     for shard, keys in halves.items():
         save_file({k: tensors[k] for k in keys}, str(folder / shard))
-        weight_map.update({k: shard for k in keys})
+        weight_map.update(dict.fromkeys(keys, shard))
     (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
     sharded = load_model(str(folder), device="cpu", dtype="float32", quant="none")
     for (name, a), (_, b) in zip(sharded.model.state_dict().items(), loaded_tiny.model.state_dict().items()):

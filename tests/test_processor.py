@@ -32,7 +32,7 @@ def test_system_prompt_reaches_the_prompt_string_but_never_the_ids(loaded_tiny):
     with_system = proc.prepare_prompt("Hi", [], system_prompt="Be brief.")
     as_message = proc.prepare([Message("system", "Be brief."), Message("user", "Hi")])
     assert with_system.input_ids == plain.input_ids == as_message.input_ids
-    assert plain.input_ids == [tok.bos_id] + tok.encode("<|User|>: Hi\n\n<|Assistant|>:")
+    assert plain.input_ids == [tok.bos_id, *tok.encode("<|User|>: Hi\n\n<|Assistant|>:")]
     assert with_system.prompt == as_message.prompt == "Be brief.\n\n<|User|>: Hi\n\n<|Assistant|>:"
 
 

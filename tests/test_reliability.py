@@ -180,7 +180,7 @@ def test_full_disk_fails_the_write_and_keeps_the_old_file(tmp_path, monkeypatch)
     def no_space(fd):
         raise OSError(errno.ENOSPC, "No space left on device")
     monkeypatch.setattr(os, "fsync", no_space)
-    with pytest.raises(OutputError, match="page.md: cannot write \\(No space left on device\\)"):
+    with pytest.raises(OutputError, match=r"page\.md: cannot write \(No space left on device\)"):
         atomic_write_text(target, "new text")
     assert target.read_text() == "finished page\n"
     assert [p.name for p in tmp_path.iterdir()] == ["page.md"]  # no temp file left behind

@@ -18,9 +18,9 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
-import click
 import typer
 from typer.core import TyperGroup
+from typer.exceptions import TyperException
 
 from vl2cli.errors import UsageError, Vl2Error
 from vl2cli.options import DEFAULT_BATCH_SIZE, DEFAULT_DPI, DEFAULT_MAX_PIXELS, PageOptions, ReadOptions
@@ -50,11 +50,11 @@ class Vl2Group(TyperGroup):
         self.verbose = any(w in ("-v", "--verbose") for w in words)
         return super().main(args, *rest, **kwargs)
 
-    def invoke(self, ctx: click.Context) -> Any:
+    def invoke(self, ctx: Any) -> Any:  # typer's vendored click Context
         verbose = self.verbose
         try:
             return super().invoke(ctx)
-        except (typer.Exit, click.exceptions.Exit, click.ClickException, click.Abort):
+        except (typer.Exit, typer.Abort, TyperException):  # typer's own usage errors and exits print themselves
             raise
         except Vl2Error as exc:
             _traceback_if(verbose)
@@ -157,7 +157,7 @@ def _setup_logging(verbose: bool, quiet: bool) -> None:
     handler.setFormatter(logging.Formatter("vl2: %(message)s"))
     logger.addHandler(handler)
     logger.setLevel(logging.DEBUG if verbose else logging.ERROR if quiet else logging.WARNING)
-    warnings.showwarning = lambda message, *a, **k: log.warning("warning: %s", message)
+    warnings.showwarning = lambda message, *_args, **_kwargs: log.warning("warning: %s", message)
 
 
 # ---------------------------------------------------------------------- the reading commands
@@ -280,10 +280,10 @@ class StdoutSink:
         self.records: list[dict] = []
         self.printed = 0
 
-    def done(self, item: PageItem) -> bool:
-        return False
+    def done(self, _item: PageItem) -> bool:
+        return False  # stdout holds nothing from earlier runs
 
-    def emit(self, item: PageItem, result: PageResult, page: Page | None) -> PageResult:
+    def emit(self, item: PageItem, result: PageResult, _page: Page | None) -> PageResult:
         _say(result, self.quiet)
         fmt = self.job.fmt
         if fmt == "json":
@@ -304,7 +304,7 @@ class StdoutSink:
         typer.echo(self.job.task.render(result, self.job.fmt))
         self.printed += 1
 
-    def close(self, sources: list[Source]) -> list[str]:
+    def close(self, _sources: list[Source]) -> list[str]:
         if self.job.fmt == "json":
             self.records.sort(key=lambda r: (self.order.get(r["source"], len(self.order)), r["page"]))
             typer.echo(json.dumps(self.records, ensure_ascii=False, indent=1))
@@ -326,7 +326,7 @@ class Interrupts:
                 self.previous[sig] = signal.signal(sig, self._on_signal)
         return self.flag
 
-    def _on_signal(self, signum: int, frame: object) -> None:
+    def _on_signal(self, signum: int, _frame: object) -> None:
         if self.flag.signal:
             self.reader.stop_within(0)
             err("vl2: second signal: stopping now")

@@ -14,6 +14,7 @@ import os
 import sys
 import warnings
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -131,27 +132,22 @@ def _check_size(where: str, size: tuple[int, int], max_pixels: int) -> None:
                          "per-page cap (a possible decompression bomb; raise it with --max-pixels)")
 
 
-class _PillowCap:
+@contextmanager
+def _pillow_cap(max_pixels: int) -> Iterator[None]:
     """Pillow's own bomb guard follows --max-pixels (our check refuses larger pages with a clear message)."""
-
-    def __init__(self, max_pixels: int):
-        self.max_pixels = max_pixels
-
-    def __enter__(self) -> None:
-        self.saved = Image.MAX_IMAGE_PIXELS
-        Image.MAX_IMAGE_PIXELS = self.max_pixels
-        self.filters = warnings.catch_warnings()
-        self.filters.__enter__()
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-
-    def __exit__(self, *exc: object) -> None:
-        self.filters.__exit__(*exc)
-        Image.MAX_IMAGE_PIXELS = self.saved
+    saved = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = max_pixels
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = saved
 
 
 def _open_image(where: str, data: io.BytesIO | Path, max_pixels: int) -> Image.Image:
     try:
-        with _PillowCap(max_pixels):
+        with _pillow_cap(max_pixels):
             img = Image.open(data)
             img.size  # noqa: B018 - header read
     except Image.DecompressionBombError:
@@ -170,7 +166,7 @@ def _image_pages(where: str, data: io.BytesIO | Path, numbers: list[int], max_pi
     for number in numbers:
         label = where if _frames(img) == 1 else f"{where} frame {number}"
         try:
-            with _PillowCap(max_pixels):
+            with _pillow_cap(max_pixels):
                 img.seek(number - 1)
                 _check_size(label, img.size, max_pixels)
                 img.load()
@@ -358,17 +354,17 @@ def expand_inputs(items: list[str], glob: str | None = None, exclude: str | Path
             if exclude is not None and _same_or_inside(item, str(exclude)):
                 raise UsageError(f"--out {exclude} is the input folder {display_path(item)} itself: outputs would "
                                  "mix with inputs; choose a subfolder (e.g. --out results)")
-            for found in _folder_files(path, glob, inputs):
-                out.append(found)
-                inputs.names.setdefault(found, output_name(found, item))
+            for file in _folder_files(path, glob, inputs):
+                out.append(file)
+                inputs.names.setdefault(file, output_name(file, item))
         elif any(ch in item for ch in "*?[") and not path.exists():
             import glob as globbing
             found = sorted(p for p in globbing.glob(item, recursive=True) if os.path.isfile(p))
             if not found:
                 raise UsageError(f"{item}: the pattern matches no file")
             out.extend(found)
-            for f in found:
-                inputs.names.setdefault(f, output_name(f, None))
+            for match in found:
+                inputs.names.setdefault(match, output_name(match, None))
         else:
             out.append(item)
             inputs.names.setdefault(item, output_name(item, None))

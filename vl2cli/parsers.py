@@ -34,8 +34,8 @@ def _shape(columns: list[str], rows: list[list[str]]) -> Table:
 
 def parse_markdown_tables(text: str) -> list[Table]:
     tables, block = [], []
-    for line in text.splitlines() + [""]:
-        if line.count("|") >= 1 and line.strip().startswith("|") or line.count("|") >= 2:
+    for line in [*text.splitlines(), ""]:
+        if (line.count("|") >= 1 and line.strip().startswith("|")) or line.count("|") >= 2:
             block.append(line)
             continue
         if block:

@@ -8,8 +8,8 @@ def text_pdf(text: str, pages: int = 1, lines: list[str] | None = None, size: in
     objs = ["<< /Type /Catalog /Pages 2 0 R >>", None, "<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica >>"]
     kids = []
     for i in range(pages):
-        body = lines or [f"{text} p{i + 1}"]
-        ops = " ".join(f"({_escape(line)}) Tj 0 -{size * 1.2:.1f} Td" for line in body)
+        page_lines = lines or [f"{text} p{i + 1}"]
+        ops = " ".join(f"({_escape(line)}) Tj 0 -{size * 1.2:.1f} Td" for line in page_lines)
         stream = f"BT /F1 {size} Tf 72 740 Td {ops} ET".encode("latin-1", "replace")
         objs.append(f"<< /Length {len(stream)} >>\nstream\n{stream.decode('latin-1')}\nendstream")
         content_id = len(objs)

@@ -297,9 +297,9 @@ class ListSink:
     def __init__(self) -> None:
         self.results: list[PageResult] = []
 
-    def done(self, item: PageItem) -> bool:
+    def done(self, _item: PageItem) -> bool:
         return False
 
-    def emit(self, item: PageItem, result: PageResult, page: Page | None) -> PageResult:
+    def emit(self, _item: PageItem, result: PageResult, _page: Page | None) -> PageResult:
         self.results.append(result)
         return result

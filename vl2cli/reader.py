@@ -70,7 +70,7 @@ class TokenStream:
         self.ids: list[int] = []
         self.shown = ""
 
-    def __call__(self, row: int, token: int) -> None:
+    def __call__(self, _row: int, token: int) -> None:
         self.ids.append(token)
         text = self.reader.decode(self.ids)
         if text.endswith("\ufffd") or not text.startswith(self.shown):
@@ -241,8 +241,11 @@ class Reader:
         for begin in range(0, len(whole), opts.batch_size):
             chunk = whole[begin:begin + opts.batch_size]
             start = time.perf_counter()
-            answers = self._answers([p for _, p in chunk], opts,
-                                    None if on_generated is None else (lambda row, c=chunk: on_generated(c[row][0])))
+            done: Callable[[int], None] | None = None
+            if on_generated is not None:
+                def done(row: int, c: list[tuple[int, Prepared]] = chunk) -> None:
+                    on_generated(c[row][0])
+            answers = self._answers([p for _, p in chunk], opts, done)
             seconds = (time.perf_counter() - start) / len(chunk)
             for (i, _), answer in zip(chunk, answers):
                 page = pages[i]
@@ -288,7 +291,7 @@ class Reader:
         if isinstance(answer, PageFailed):
             return failed_page(page.source, page.number, task.name, str(answer), opts.text)
         w, h = page.image.size
-        fields, task_flags = task.parse(answer.text, w, h, opts.text)
+        fields, task_flags = task.parse(answer.text, (w, h), opts.text)
         flags = list(answer.flags) + list(task_flags)
         if opts.text_layer == "only" and answer.finish_reason != "text_layer":
             flags.append("no_text_layer")  # asked for the text layer, but this page has none

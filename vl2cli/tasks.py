@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from PIL import Image, ImageDraw
+from typing_extensions import override
 
 from vl2cli.engine.processor import UserText
 from vl2cli.errors import UsageError
@@ -110,8 +111,9 @@ class Task:
             parts += ["\nThe page's embedded text layer, for reference:\n", UserText(hint[:4000])]
         return parts
 
-    def parse(self, answer: str, width: int, height: int, text: str | None) -> tuple[dict[str, Any], tuple[str, ...]]:
-        """The task's fields from an answer, and flags for what it lacks."""
+    def parse(self, answer: str, size: tuple[int, int], text: str | None) -> tuple[dict[str, Any], tuple[str, ...]]:
+        """The task's fields from an answer (`size`: the page in pixels), and flags for what it lacks."""
+        del answer, size, text  # plain-text tasks have no fields
         return {}, ()
 
     def render(self, result: PageResult, fmt: str) -> str:
@@ -133,11 +135,14 @@ def strip_markdown(text: str) -> str:
 
 
 class TableTask(Task):
-    def parse(self, answer, width, height, text):
+    @override
+    def parse(self, answer: str, size: tuple[int, int], text: str | None) -> tuple[dict[str, Any], tuple[str, ...]]:
+        del size, text
         tables = parse_tables(answer)
         return {"tables": tables}, () if tables else ("no_table",)
 
-    def render(self, result, fmt):
+    @override
+    def render(self, result: PageResult, fmt: str) -> str:
         tables = result.fields.get("tables") or []
         if fmt == "csv":
             return "\n".join(table_to_csv(t) for t in tables)
@@ -149,7 +154,9 @@ class TableTask(Task):
 
 
 class ChartTask(Task):
-    def parse(self, answer, width, height, text):
+    @override
+    def parse(self, answer: str, size: tuple[int, int], text: str | None) -> tuple[dict[str, Any], tuple[str, ...]]:
+        del size, text
         tables = parse_tables(answer)
         description = answer
         if tables:  # the description is what is not a table row
@@ -158,11 +165,13 @@ class ChartTask(Task):
 
 
 class GroundTask(Task):
-    def parse(self, answer, width, height, text):
-        objects = parse_grounding(answer, width, height, default_label=(text or "").strip())
+    @override
+    def parse(self, answer: str, size: tuple[int, int], text: str | None) -> tuple[dict[str, Any], tuple[str, ...]]:
+        objects = parse_grounding(answer, *size, default_label=(text or "").strip())
         return {"objects": objects, "caption": strip_grounding_tags(answer)}, () if objects else ("no_boxes",)
 
-    def render(self, result, fmt):
+    @override
+    def render(self, result: PageResult, fmt: str) -> str:
         if fmt in ("markdown", "text"):
             objects = result.fields.get("objects") or []
             lines = [f"{o['label'] or '?'}: {o['box']} (normalised {o['box_norm']})" for o in objects]

@@ -248,58 +248,72 @@ _NULLABLE = {
 }
 
 
-def _validate_language(lc: LanguageConfig) -> None:
-    def bad(name: str, why: str) -> ConfigError:
-        return ConfigError(f"language_config.{name} = {getattr(lc, name)!r}: {why}")
+def _fail(lc: LanguageConfig, name: str, why: str) -> ConfigError:
+    return ConfigError(f"language_config.{name} = {getattr(lc, name)!r}: {why}")
 
+
+def _validate_language(lc: LanguageConfig) -> None:
     if lc.hidden_act != "silu":
-        raise bad("hidden_act", "only 'silu' is supported")
+        raise _fail(lc, "hidden_act", "only 'silu' is supported")
     if lc.tie_word_embeddings:
-        raise bad("tie_word_embeddings", "DeepSeek-VL2 checkpoints carry their own lm_head; tied embeddings are "
-                  "not supported")
-    if lc.rope_scaling is not None and not isinstance(lc.rope_scaling, dict):
-        raise bad("rope_scaling", "expected an object or null")
+        raise _fail(lc, "tie_word_embeddings", "DeepSeek-VL2 checkpoints carry their own lm_head; tied embeddings "
+                    "are not supported")
     if lc.num_attention_heads <= 0 or lc.hidden_size % lc.num_attention_heads:
-        raise bad("num_attention_heads", "must divide hidden_size")
-    if not lc.use_mla and lc.num_attention_heads % lc.num_key_value_heads:
-        raise bad("num_key_value_heads", "must divide num_attention_heads")
-    if lc.use_mla:
-        if not lc.kv_lora_rank or lc.kv_lora_rank <= 0:
-            raise bad("kv_lora_rank", "MLA (use_mla true) needs a positive kv_lora_rank")
-        if lc.qk_rope_head_dim <= 0 or lc.qk_rope_head_dim % 2:
-            raise bad("qk_rope_head_dim", "must be a positive even number under MLA")
-        if lc.v_head_dim <= 0:
-            raise bad("v_head_dim", "must be positive under MLA")
-        if lc.q_lora_rank is not None and lc.q_lora_rank <= 0:
-            raise bad("q_lora_rank", "must be null or positive")
-    if lc.rope_scaling is not None:
-        kind = lc.rope_scaling.get("type", lc.rope_scaling.get("rope_type"))
-        if kind != "yarn":
-            raise ConfigError(f"language_config.rope_scaling.type = {kind!r}: only YaRN scaling is supported")
-        if not lc.use_mla:
-            raise ConfigError("language_config.rope_scaling: YaRN is only defined for MLA attention (use_mla true)")
-        if "factor" not in lc.rope_scaling:
-            raise ConfigError("language_config.rope_scaling.factor is missing")
-    if lc.n_routed_experts is not None:
-        if lc.topk_method not in TOPK_METHODS:
-            raise bad("topk_method", f"expected one of {', '.join(TOPK_METHODS)}")
-        if lc.scoring_func not in SCORING_FUNCS:
-            raise bad("scoring_func", f"expected one of {', '.join(SCORING_FUNCS)}")
-        if not lc.num_experts_per_tok or not 0 < lc.num_experts_per_tok <= lc.n_routed_experts:
-            raise bad("num_experts_per_tok", "must be between 1 and n_routed_experts")
-        if lc.topk_method != "greedy":
-            if not lc.n_group or lc.n_routed_experts % lc.n_group:
-                raise bad("n_group", f"{lc.topk_method} needs n_group dividing n_routed_experts")
-            if not lc.topk_group or not 0 < lc.topk_group <= lc.n_group:
-                raise bad("topk_group", "must be between 1 and n_group")
-            if lc.topk_method == "noaux_tc" and lc.n_routed_experts // lc.n_group < 2:
-                raise bad("n_group", "noaux_tc scores groups by their two best experts: need >= 2 experts per group")
-        if lc.moe_layer_freq <= 0:
-            raise bad("moe_layer_freq", "must be positive")
-    if lc.use_mla and lc.qk_nope_head_dim + lc.qk_rope_head_dim <= 0:
-        raise bad("qk_nope_head_dim", "MLA heads need a positive width")
+        raise _fail(lc, "num_attention_heads", "must divide hidden_size")
     if lc.bos_token_id >= lc.vocab_size or lc.eos_token_id >= lc.vocab_size:
-        raise bad("eos_token_id", f"begin/end token ids must lie inside vocab_size {lc.vocab_size}")
+        raise _fail(lc, "eos_token_id", f"begin/end token ids must lie inside vocab_size {lc.vocab_size}")
+    if lc.use_mla:
+        _validate_mla(lc)
+    elif lc.num_attention_heads % lc.num_key_value_heads:
+        raise _fail(lc, "num_key_value_heads", "must divide num_attention_heads")
+    _validate_rope_scaling(lc)
+    if lc.n_routed_experts is not None:
+        _validate_moe(lc, lc.n_routed_experts)
+
+
+def _validate_mla(lc: LanguageConfig) -> None:
+    if not lc.kv_lora_rank or lc.kv_lora_rank <= 0:
+        raise _fail(lc, "kv_lora_rank", "MLA (use_mla true) needs a positive kv_lora_rank")
+    if lc.qk_rope_head_dim <= 0 or lc.qk_rope_head_dim % 2:
+        raise _fail(lc, "qk_rope_head_dim", "must be a positive even number under MLA")
+    if lc.v_head_dim <= 0:
+        raise _fail(lc, "v_head_dim", "must be positive under MLA")
+    if lc.q_lora_rank is not None and lc.q_lora_rank <= 0:
+        raise _fail(lc, "q_lora_rank", "must be null or positive")
+
+
+def _validate_rope_scaling(lc: LanguageConfig) -> None:
+    if lc.rope_scaling is None:
+        return
+    if not isinstance(lc.rope_scaling, dict):
+        raise _fail(lc, "rope_scaling", "expected an object or null")
+    kind = lc.rope_scaling.get("type", lc.rope_scaling.get("rope_type"))
+    if kind != "yarn":
+        raise ConfigError(f"language_config.rope_scaling.type = {kind!r}: only YaRN scaling is supported")
+    if not lc.use_mla:
+        raise ConfigError("language_config.rope_scaling: YaRN is only defined for MLA attention (use_mla true)")
+    factor = lc.rope_scaling.get("factor")
+    if not isinstance(factor, (int, float)) or isinstance(factor, bool) or not 0 < factor <= 1024:
+        raise ConfigError(f"language_config.rope_scaling.factor = {factor!r}: expected a number in (0, 1024]")
+
+
+def _validate_moe(lc: LanguageConfig, n_routed: int) -> None:
+    if lc.topk_method not in TOPK_METHODS:
+        raise _fail(lc, "topk_method", f"expected one of {', '.join(TOPK_METHODS)}")
+    if lc.scoring_func not in SCORING_FUNCS:
+        raise _fail(lc, "scoring_func", f"expected one of {', '.join(SCORING_FUNCS)}")
+    if not lc.num_experts_per_tok or not 0 < lc.num_experts_per_tok <= n_routed:
+        raise _fail(lc, "num_experts_per_tok", "must be between 1 and n_routed_experts")
+    if lc.moe_layer_freq <= 0:
+        raise _fail(lc, "moe_layer_freq", "must be positive")
+    if lc.topk_method == "greedy":
+        return
+    if not lc.n_group or n_routed % lc.n_group:
+        raise _fail(lc, "n_group", f"{lc.topk_method} needs n_group dividing n_routed_experts")
+    if not lc.topk_group or not 0 < lc.topk_group <= lc.n_group:
+        raise _fail(lc, "topk_group", "must be between 1 and n_group")
+    if lc.topk_method == "noaux_tc" and n_routed // lc.n_group < 2:
+        raise _fail(lc, "n_group", "noaux_tc scores groups by their two best experts: need >= 2 experts per group")
 
 
 def _candidates(raw: Any, tile: int) -> tuple[tuple[int, int], ...]:
@@ -332,6 +346,24 @@ def _triple(processor: dict[str, Any], key: str, default: tuple[float, float, fl
     return tuple(float(v) for v in value)
 
 
+def _validate_vision_side(vision_raw: dict[str, Any], proj_raw: dict[str, Any], vision: VisionConfig,
+                          projector: ProjectorConfig, language: LanguageConfig) -> None:
+    if vision_raw.get("class_token"):
+        raise ConfigError("vision_config.class_token = true: the SigLIP tower without class token is supported")
+    ptype = proj_raw.get("projector_type", "downsample_mlp_gelu")
+    if ptype != "downsample_mlp_gelu":
+        raise ConfigError(f"projector_config.projector_type = {ptype!r}: only 'downsample_mlp_gelu' is supported")
+    if proj_raw.get("token_pooling"):
+        raise ConfigError("projector_config.token_pooling = true is not supported")
+    if projector.input_dim != vision.width:
+        raise ConfigError(f"projector_config.input_dim = {projector.input_dim} does not match vision width {vision.width}")
+    if projector.n_embed != language.hidden_size:
+        raise ConfigError(f"projector_config.n_embed = {projector.n_embed} does not match hidden_size {language.hidden_size}")
+    if vision.grid < 1 or vision.width % vision.heads:
+        raise ConfigError(f"vision_config: image_size {vision.image_size}, patch_size {vision.patch_size}, width "
+                          f"{vision.width}, heads {vision.heads} do not make a vision tower")
+
+
 def config_from_dict(raw: dict[str, Any], processor: dict[str, Any] | None = None) -> VL2Config:
     """Build a VL2Config from the official config.json (and optional processor_config.json) dicts."""
     if raw.get("model_type") not in (None, "deepseek_vl_v2"):
@@ -344,17 +376,7 @@ def config_from_dict(raw: dict[str, Any], processor: dict[str, Any] | None = Non
     vision = _pick(VisionConfig, vision_raw, "vision_config")
     projector = _pick(ProjectorConfig, proj_raw, "projector_config")
     language = _pick(LanguageConfig, lang_raw, "language_config")
-    if vision_raw.get("class_token"):
-        raise ConfigError("vision_config.class_token = true: the SigLIP tower without class token is supported")
-    ptype = proj_raw.get("projector_type", "downsample_mlp_gelu")
-    if ptype != "downsample_mlp_gelu":
-        raise ConfigError(f"projector_config.projector_type = {ptype!r}: only 'downsample_mlp_gelu' is supported")
-    if proj_raw.get("token_pooling"):
-        raise ConfigError("projector_config.token_pooling = true is not supported")
-    if projector.input_dim != vision.width:
-        raise ConfigError(f"projector_config.input_dim = {projector.input_dim} does not match vision width {vision.width}")
-    if projector.n_embed != language.hidden_size:
-        raise ConfigError(f"projector_config.n_embed = {projector.n_embed} does not match hidden_size {language.hidden_size}")
+    _validate_vision_side(vision_raw, proj_raw, vision, projector, language)
     _validate_language(language)
     tile_tag = raw.get("tile_tag", "2D")
     if tile_tag != "2D":
@@ -368,8 +390,6 @@ def config_from_dict(raw: dict[str, Any], processor: dict[str, Any] | None = Non
     _warn_unknown("", raw, set())
     cands = _candidates(processor.get("candidate_resolutions") or raw.get("candidate_resolutions")
                         or [[vision.image_size] * 2], vision.image_size)
-    if vision.grid < 1:
-        raise ConfigError(f"vision_config.image_size = {vision.image_size} is smaller than one patch")
     for key, size in (("patch_size", vision.patch_size), ("downsample_ratio", projector.downsample_ratio)):
         if key in processor and processor[key] != size:
             raise ConfigError(f"processor_config.{key} = {processor[key]} disagrees with config.json ({size})")
@@ -431,34 +451,34 @@ def _all_candidates(max_tiles: int = 9, tile: int = 384) -> tuple[tuple[int, int
 
 
 _VISION = VisionConfig()
-_LANG_COMMON = dict(
-    first_k_dense_replace=1, n_shared_experts=2, num_experts_per_tok=6, max_position_embeddings=4096,
-    bos_token_id=0, eos_token_id=1,
-)
+_LANG_COMMON: dict[str, Any] = {
+    "first_k_dense_replace": 1, "n_shared_experts": 2, "num_experts_per_tok": 6, "max_position_embeddings": 4096,
+    "bos_token_id": 0, "eos_token_id": 1,
+}
 PRESETS: dict[str, dict[str, Any]] = {
-    "tiny": dict(
-        hub_id="deepseek-ai/deepseek-vl2-tiny", total_params=3.37e9, active_params=1.0e9,
-        language=LanguageConfig(
+    "tiny": {
+        "hub_id": "deepseek-ai/deepseek-vl2-tiny", "total_params": 3.37e9, "active_params": 1.0e9,
+        "language": LanguageConfig(
             vocab_size=129280, hidden_size=1280, intermediate_size=6848, moe_intermediate_size=896,
             num_hidden_layers=12, num_attention_heads=10, num_key_value_heads=10, n_routed_experts=64,
             use_mla=False, kv_lora_rank=None, q_lora_rank=None, qk_rope_head_dim=0, qk_nope_head_dim=0,
             v_head_dim=0, **_LANG_COMMON),
-    ),
-    "small": dict(
-        hub_id="deepseek-ai/deepseek-vl2-small", total_params=16.1e9, active_params=2.8e9,
-        language=LanguageConfig(
+    },
+    "small": {
+        "hub_id": "deepseek-ai/deepseek-vl2-small", "total_params": 16.1e9, "active_params": 2.8e9,
+        "language": LanguageConfig(
             vocab_size=102400, hidden_size=2048, intermediate_size=10944, moe_intermediate_size=1408,
             num_hidden_layers=27, num_attention_heads=16, num_key_value_heads=16, n_routed_experts=64,
             use_mla=True, kv_lora_rank=512, q_lora_rank=None, **_LANG_COMMON),
-    ),
-    "base": dict(
-        hub_id="deepseek-ai/deepseek-vl2", total_params=27.5e9, active_params=4.5e9,
-        language=LanguageConfig(
+    },
+    "base": {
+        "hub_id": "deepseek-ai/deepseek-vl2", "total_params": 27.5e9, "active_params": 4.5e9,
+        "language": LanguageConfig(
             vocab_size=129280, hidden_size=2560, intermediate_size=12288, moe_intermediate_size=1536,
             num_hidden_layers=30, num_attention_heads=32, num_key_value_heads=32, n_routed_experts=72,
             use_mla=True, kv_lora_rank=512, q_lora_rank=None, topk_method="noaux_tc", scoring_func="sigmoid",
             n_group=1, topk_group=1, norm_topk_prob=True, routed_scaling_factor=2.0, **_LANG_COMMON),
-    ),
+    },
 }
 
 

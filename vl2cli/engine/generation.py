@@ -97,6 +97,13 @@ class Engine:
         logits = torch.cat(outputs, dim=1) if all_logits else outputs[-1][:, -1]
         return logits, cache
 
+    def _finish_reason(self, ids: list[int], stop_rule: StopRule | None, budget: int) -> str | None:
+        if ids[-1] == self.eos_id:
+            return "stop"
+        if stop_rule and (reason := stop_rule(ids)):
+            return reason
+        return "length" if len(ids) >= budget else None
+
     @torch.inference_mode()
     def generate(self, prompts: list[Prepared], params: SamplingParams,
                  on_token: Callable[[int, int], None] | None = None,
@@ -126,19 +133,16 @@ class Engine:
             # Host sync, the one a step needs: stop rules and streaming read the sampled tokens on the host.
             for row, token in enumerate(tokens.tolist()):
                 index = active[row]
-                res = results[index]
-                res.ids.append(token)
+                results[index].ids.append(token)
                 if on_token:
                     on_token(index, token)
                 if params.repetition_penalty != 1.0:
                     seen[index] = torch.cat([seen[index], tokens[row:row + 1]])
-                if token == self.eos_id:
-                    res.finish_reason = "stop"
-                elif stop_rule and (reason := stop_rule(res.ids)):
-                    res.finish_reason = reason
-                elif len(res.ids) < budgets[index]:
+                reason = self._finish_reason(results[index].ids, stop_rule, budgets[index])
+                if reason is None:
                     keep.append(row)
                     continue
+                results[index].finish_reason = reason
                 if on_finish:
                     on_finish(index)
             if not keep:

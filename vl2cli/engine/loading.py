@@ -18,10 +18,10 @@ from safetensors import safe_open
 from torch import nn
 
 from vl2cli.engine.config import PRESETS, VL2Config, load_config
-from vl2cli.errors import CheckpointError, UsageError
 from vl2cli.engine.model import DeepseekVL2
 from vl2cli.engine.processor import Processor, VL2Tokenizer
 from vl2cli.engine.quant import quantized_weight, resolve_quant, swap_linear_layers
+from vl2cli.errors import CheckpointError, UsageError
 
 ALIASES = {name: preset["hub_id"] for name, preset in PRESETS.items()}
 HUB_PREFIX = "hf:"  # `--model hf:ORG/NAME`: the user asks for a download of a repository that is not an alias

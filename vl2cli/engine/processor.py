@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -66,17 +67,20 @@ class VL2Tokenizer:
             self._add([cfg.image_token])
         self._add(list(GROUNDING_TOKENS))
         self._add([USER, ASSISTANT])
-        self.pad_id = self.tok.token_to_id(pad)
-        self.image_id = self.tok.token_to_id(cfg.image_token)
         bos = content(special.get("bos_token")) if special.get("bos_token") else None
         eos = content(special.get("eos_token")) if special.get("eos_token") else None
-        self.bos_id = self.tok.token_to_id(bos) if bos else cfg.language.bos_token_id
-        self.eos_id = self.tok.token_to_id(eos) if eos else cfg.language.eos_token_id
-        if self.bos_id is None or self.eos_id is None or self.pad_id is None:
+        pad_id, image_id = self.tok.token_to_id(pad), self.tok.token_to_id(cfg.image_token)
+        bos_id = self.tok.token_to_id(bos) if bos else cfg.language.bos_token_id
+        eos_id = self.tok.token_to_id(eos) if eos else cfg.language.eos_token_id
+        if bos_id is None or eos_id is None or pad_id is None or image_id is None:
             raise CheckpointError(f"{path}: begin/end-of-sentence or pad tokens {bos!r}/{eos!r}/{pad!r} are not in "
                                   "the vocabulary")
-        specials = sorted((t.content for t in self.tok.get_added_tokens_decoder().values() if t.special),
-                          key=len, reverse=True)
+        self.pad_id: int = pad_id
+        self.image_id: int = image_id
+        self.bos_id: int = bos_id
+        self.eos_id: int = eos_id
+        self.special_ids = {t.content: i for i, t in self.tok.get_added_tokens_decoder().items() if t.special}
+        specials = sorted(self.special_ids, key=len, reverse=True)
         self.special_pattern = re.compile("(" + "|".join(re.escape(t) for t in specials) + ")")
         self.plain = Tokenizer.from_str(self.tok.to_str())  # the same vocabulary, special tokens not matched
         self.plain.encode_special_tokens = True
@@ -100,10 +104,10 @@ class VL2Tokenizer:
         for part in parts:
             pieces = [part] if isinstance(part, UserText) else self.special_pattern.split(part)
             for i, piece in enumerate(pieces):
-                if i % 2 == 1:  # a special token of the template
+                if i % 2 == 1:  # a special token of the template (the pattern holds only vocabulary entries)
                     ids += self.encode_plain("".join(run)) if run else []
                     run = []
-                    ids.append(self.tok.token_to_id(piece))
+                    ids.append(self.special_ids[piece])
                 elif piece:
                     run.append(piece)
         return ids + (self.encode_plain("".join(run)) if run else [])
@@ -139,10 +143,10 @@ def _special_tokens(folder: Path) -> dict:
     return special
 
 
-def select_best_resolution(size: tuple[int, int], candidates) -> tuple[int, int]:
+def select_best_resolution(size: tuple[int, int], candidates: Sequence[tuple[int, int]]) -> tuple[int, int]:
     """The candidate that shows the most image pixels; ties go to the least padding, then list order."""
     width, height = size
-    best, best_effective, best_wasted = None, 0, float("inf")
+    best, best_effective, best_wasted = candidates[0], 0, float("inf")
     for cw, ch in candidates:
         scale = min(cw / width, ch / height)
         effective = min(int(width * scale) * int(height * scale), width * height)
@@ -319,7 +323,7 @@ class Processor:
                 if m.images or self.cfg.image_token in content_text(m.content):
                     raise UsageError("assistant turns cannot carry images")
                 text = _strip([m.content] if isinstance(m.content, str) else list(m.content))
-                _add_text(state, self.tokenizer.encode_content(text) + [self.tokenizer.eos_id])
+                _add_text(state, [*self.tokenizer.encode_content(text), self.tokenizer.eos_id])
             elif m.role == "system":
                 raise UsageError("a system message may only open the conversation")
             else:

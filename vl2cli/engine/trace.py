@@ -17,7 +17,7 @@ from vl2cli.writers import atomic_write_bytes, atomic_write_text
 def spans(mask: list[bool]) -> list[list[int]]:
     """[start, end) runs of True."""
     out, start = [], None
-    for i, m in enumerate(list(mask) + [False]):
+    for i, m in enumerate([*list(mask), False]):
         if m and start is None:
             start = i
         elif not m and start is not None:
@@ -63,19 +63,19 @@ def run_trace(loaded: LoadedModel, prepared: Prepared, max_new_tokens: int, pref
     if not crops:  # the reference processor stands in one zero tile and a [0, 0] crop for "no image"
         size = loaded.cfg.vision.image_size
         pixels, crops = np.zeros((1, 3, size, size)), [[0, 0]]
-    meta = dict(
-        prompt=prepared.prompt,
-        input_ids=[int(i) for i in prepared.input_ids],
-        image_spans=spans(prepared.image_mask),
-        images_spatial_crop=crops,
-        pixel_shape=list(pixels.shape),
-        pixel_sum=float(pixels.sum()),
-        pixel_abs_sum=float(np.abs(pixels).sum()),
-        logit_positions=positions,
-        last_top10=[[int(i), float(last[i])] for i in top],
-        generated_ids=gen.ids,
-        generated_text=loaded.processor.tokenizer.decode(gen.ids),
-    )
+    meta = {
+        "prompt": prepared.prompt,
+        "input_ids": [int(i) for i in prepared.input_ids],
+        "image_spans": spans(prepared.image_mask),
+        "images_spatial_crop": crops,
+        "pixel_shape": list(pixels.shape),
+        "pixel_sum": float(pixels.sum()),
+        "pixel_abs_sum": float(np.abs(pixels).sum()),
+        "logit_positions": positions,
+        "last_top10": [[int(i), float(last[i])] for i in top],
+        "generated_ids": gen.ids,
+        "generated_text": loaded.processor.tokenizer.decode(gen.ids),
+    }
     prefix = str(prefix)
     Path(prefix).parent.mkdir(parents=True, exist_ok=True)
     buf = io.BytesIO()

@@ -1,0 +1,110 @@
+"""The package's structure: files as rooms, imports as arrows. At most 7 floors, no circles, no upward imports;
+the library face in vl2cli/__init__.py; the README's Python example runs as written."""
+
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import IMG, TINY
+
+PACKAGE = Path(__file__).parent.parent / "vl2cli"
+README = Path(__file__).parent.parent / "README.md"
+MAX_FLOORS = 7
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _runtime_imports(tree: ast.AST) -> set[str]:
+    """Every vl2cli import, at module level or inside functions, except those under `if TYPE_CHECKING:`
+    (type hints only: no arrow at run time)."""
+    found: set[str] = set()
+
+    def visit(node: ast.AST) -> None:
+        if isinstance(node, ast.If) and getattr(node.test, "id", None) == "TYPE_CHECKING":
+            for child in node.orelse:
+                visit(child)
+            return
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("vl2cli"):
+            found.add(node.module)
+            found.update(f"{node.module}.{a.name}" for a in node.names)
+        elif isinstance(node, ast.Import):
+            found.update(a.name for a in node.names if a.name.startswith("vl2cli"))
+        for child in ast.iter_child_nodes(node):
+            visit(child)
+    visit(tree)
+    return found
+
+
+def import_graph() -> dict[str, set[str]]:
+    modules = {_module_name(p): p for p in PACKAGE.rglob("*.py")}
+    graph = {}
+    for name, path in modules.items():
+        targets = {t for t in _runtime_imports(ast.parse(path.read_text())) if t in modules}
+        graph[name] = {t for t in targets if t != name and not (modules[t].name == "__init__.py"
+                                                                and t != "vl2cli")} - {"vl2cli"}
+    return graph
+
+
+def floors(graph: dict[str, set[str]]) -> dict[str, int]:
+    """1 for a module that imports no other; else one above the highest module it imports."""
+    level: dict[str, int] = {}
+    visiting: set[str] = set()
+
+    def walk(name: str, path: tuple[str, ...]) -> int:
+        if name in level:
+            return level[name]
+        if name in visiting:
+            raise AssertionError("import circle: " + " -> ".join((*path, name)))
+        visiting.add(name)
+        level[name] = 1 + max((walk(t, (*path, name)) for t in graph[name]), default=0)
+        visiting.discard(name)
+        return level[name]
+    for name in graph:
+        walk(name, ())
+    return level
+
+
+def test_the_package_has_at_most_seven_floors_and_no_circles():
+    graph = import_graph()
+    level = floors(graph)
+    drawing = "\n".join(f"{f}: {', '.join(sorted(n for n, x in level.items() if x == f))}"
+                        for f in range(max(level.values()), 0, -1))
+    assert max(level.values()) <= MAX_FLOORS, drawing
+    assert level["vl2cli.cli"] == max(level.values())  # the CLI is the top: nothing imports it
+    assert not any("vl2cli.cli" in targets for targets in graph.values())
+    leaves = {"vl2cli.errors", "vl2cli.writers"}  # utilities with no application logic
+    for name, targets in graph.items():  # the engine never reaches up into the application
+        if name.startswith("vl2cli.engine."):
+            assert all(t.startswith("vl2cli.engine.") or t in leaves for t in targets), (name, targets)
+
+
+def test_the_library_face_has_what_the_readme_promises():
+    import vl2cli
+    for name in ("load", "read", "Reader", "PageResult", "ReadOptions", "PageOptions", "get_task", "__version__"):
+        assert hasattr(vl2cli, name), name
+
+
+def test_the_readme_python_example_runs_as_written(monkeypatch):
+    text = README.read_text()
+    example = re.search(r"## Python API\n.*?```python\n(.*?)```", text, re.S)
+    assert example, "README has no Python API example"
+    code = example.group(1).replace('"tiny"', repr(TINY)).replace('"samples/report.pdf"', repr(IMG))
+    code = code.replace('pages="2"', "pages=None")
+    printed: list = []
+    monkeypatch.setattr("builtins.print", lambda *args, **kwargs: printed.append(args))
+    exec(compile(code, "README.md", "exec"), {})  # the README's own example, on the tiny checkpoint
+    assert printed
+
+
+@pytest.mark.parametrize("path", ["vl2cli/prompts/ocr.txt", "vl2cli/schemas/page-record.schema.json"])
+def test_package_data_is_found_through_importlib_resources(path):
+    from importlib.resources import files
+    package, _, name = path.rpartition("/")
+    assert files(package.replace("/", ".")).joinpath(name).is_file()
