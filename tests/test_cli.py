@@ -334,3 +334,65 @@ def test_batch_output_inside_the_input_folder_is_not_read_back(tmp_path):
     link.symlink_to(src / "results")  # --out through a symlink into the input folder: still left out
     again = vl2("batch", str(src), "--task", "ground", "--question", "x", "--out", str(link), "--json", tokens=2)
     assert json.loads(again.stdout)["pages_skipped"] == 1 and json.loads(again.stdout)["pages_done"] == 0
+
+
+@pytest.mark.parametrize("args,words", [
+    (["--temperature", "nan"], "--temperature nan"),
+    (["--batch-size", "-1"], "--batch-size -1: expected 1..64"),
+    (["--batch-size", "0"], "--batch-size 0: expected 1..64"),
+    (["--dpi", "0"], "--dpi 0: expected 18..1200"),
+    (["--split", "x"], "--split 'x': expected auto, never or a number"),
+    (["--text-layer", "maybe"], "--text-layer 'maybe'"),
+    (["--max-pixels", "99999999999"], "--max-pixels 99999999999"),
+    (["--pages", "-1"], "page numbers start at 1"),
+    (["-f", "csv"], "ocr writes markdown, text, json, jsonl"),
+    (["--redo", "some"], "--redo 'some'"),
+])
+def test_bad_options_are_usage_errors_before_loading(args, words):
+    result = vl2("ocr", IMG, *args, model="/nonexistent/checkpoint")  # loading would fail differently
+    assert result.exit_code == 2, result.output
+    assert words in result.stderr and "Traceback" not in result.output
+
+
+def test_out_naming_an_existing_file_and_a_query_naming_a_file_are_usage_errors(tmp_path):
+    existing = tmp_path / "f.txt"
+    existing.write_text("x")
+    result = vl2("ocr", IMG, "--out", str(existing), model="/nonexistent")
+    assert result.exit_code == 2 and "is an existing file, not a folder" in result.stderr
+    swapped = vl2("ground", IMG, PAGE_IMG, model="/nonexistent")
+    assert swapped.exit_code == 2 and "names an existing file" in swapped.stderr
+
+
+def test_verbose_reports_the_model_and_unexpected_errors_point_to_it(monkeypatch):
+    result = vl2("ocr", IMG, "-v", "--split", "never", tokens=2)
+    assert result.exit_code == 0
+    assert "on cpu, float32, quantization none, loaded in" in result.stderr
+    from vl2cli import reader as reader_module
+    monkeypatch.setattr(reader_module.Reader, "read", lambda *a, **k: 1 / 0)
+    crashed = vl2("ocr", IMG, "--split", "never", tokens=2)
+    assert crashed.exit_code == 1 and crashed.stderr.strip().splitlines()[-1] == (
+        "vl2: error: ZeroDivisionError: division by zero (run with -v for the traceback)")
+
+
+def test_trace_prompt_accepts_backslash_n(tmp_path):
+    escaped = vl2("trace", "--image", IMG, "--prompt", "<image>\\nRead it.", "--out", str(tmp_path / "a"), tokens=2)
+    real = vl2("trace", "--image", IMG, "--prompt", "<image>\nRead it.", "--out", str(tmp_path / "b"), tokens=2)
+    assert escaped.exit_code == real.exit_code == 0, escaped.output
+    a, b = (json.loads((tmp_path / f"{x}.json").read_text()) for x in "ab")
+    assert a["input_ids"] == b["input_ids"] and "\nRead it." in a["prompt"]
+
+
+@pytest.mark.slow
+def test_an_installed_wheel_finds_its_prompts_and_schemas_outside_the_source_tree(tmp_path):
+    """`pip install --user` / `--prefix` / `--target` once lost the prompts: they are package data now."""
+    import subprocess
+    import sys
+    root = Path(__file__).parent.parent
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--target",
+                    str(tmp_path / "site"), str(root)], check=True, capture_output=True)
+    code = ("import vl2cli.tasks as t, vl2cli.results as r; assert 'markdown' in t.builtin_prompt('ocr');"
+            "assert r.load_schema()['title']; print(t.__file__)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
+                         env={"PYTHONPATH": str(tmp_path / "site"), "PATH": "/usr/bin:/bin"})
+    assert out.returncode == 0, out.stderr
+    assert str(tmp_path / "site") in out.stdout  # the installed copy, not the source tree

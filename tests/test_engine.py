@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -227,3 +228,70 @@ def test_cpu_auto_dtype_falls_back_to_bfloat16_when_float32_would_not_fit(monkey
     assert "using bfloat16" in caplog.text  # the library logs; the CLI decides what reaches stderr
     exact = load_model(str(CKPT / "tiny"), device="cpu", dtype="float32", quant="none")
     assert exact.model.language.embed_tokens.weight.dtype == torch.float32
+
+
+def _config_dir(tmp_path: Path, edit) -> Path:
+    """The tiny parity checkpoint's JSON files, edited (weights are never reached: config checks come first)."""
+    import shutil
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    for f in (CKPT / "tiny").glob("*.json"):
+        shutil.copy(f, folder / f.name)
+    raw = json.loads((folder / "config.json").read_text())
+    proc = json.loads((folder / "processor_config.json").read_text())
+    edit(raw, proc, folder)
+    (folder / "config.json").write_text(json.dumps(raw))
+    (folder / "processor_config.json").write_text(json.dumps(proc))
+    return folder
+
+
+def _lang(key, value):
+    return lambda raw, proc, folder: raw["language_config"].__setitem__(key, value)
+
+
+HOSTILE_CONFIGS = {
+    "n_routed_experts": (_lang("n_routed_experts", 50_000_000), "n_routed_experts = 50000000: outside the sane"),
+    "canvas": (lambda raw, proc, folder: proc.__setitem__("candidate_resolutions", [[9984, 9984]]),
+               "[9984, 9984] is over the 6144-pixel"),
+    "hidden_size 0": (_lang("hidden_size", 0), "hidden_size = 0: outside the sane range"),
+    "string": (_lang("num_hidden_layers", "12"), "num_hidden_layers = '12': expected an integer"),
+    "float layers": (_lang("num_hidden_layers", 2.5), "num_hidden_layers = 2.5: expected an integer"),
+    "one number": (lambda raw, proc, folder: proc.__setitem__("candidate_resolutions", [[384]]),
+                   "entry [384]: expected [width, height]"),
+    "image_size 0": (lambda raw, proc, folder: raw["vision_config"].__setitem__("image_size", 0),
+                     "vision_config.image_size = 0"),
+    "image_std": (lambda raw, proc, folder: proc.__setitem__("image_std", [0, 0, 0]),
+                  "image_std = [0, 0, 0]: expected three positive numbers"),
+    "special tokens": (lambda raw, proc, folder: (folder / "special_tokens_map.json").write_text("{not json"),
+                       "special_tokens_map.json: cannot read"),
+    "tied": (_lang("tie_word_embeddings", True), "tied embeddings are not supported"),
+    "vocab": (_lang("vocab_size", "big"), "vocab_size = 'big': expected an integer"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE_CONFIGS))
+def test_hostile_configs_fail_at_once_naming_file_and_field(tmp_path, case):
+    import time
+
+    from vl2cli.engine.loading import load_model
+    edit, words = HOSTILE_CONFIGS[case]
+    folder = _config_dir(tmp_path, edit)
+    start = time.perf_counter()
+    with pytest.raises((ConfigError, CheckpointError)) as caught:
+        load_model(str(folder), device="cpu", dtype="float32", quant="none")
+    assert words in str(caught.value) and str(folder) in str(caught.value)
+    assert time.perf_counter() - start < 5  # refused before building anything
+
+
+def test_unknown_config_keys_are_warned_about_known_ones_are_not(tmp_path):
+    import warnings
+
+    from vl2cli.engine.config import load_config
+    folder = _config_dir(tmp_path, _lang("mystery_switch", 1))
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        load_config(folder)
+    assert [str(w.message) for w in seen] == ["config.json: unknown key(s) language_config.mystery_switch ignored"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_config(CKPT / "tiny")  # the official layout's own extra keys are known
