@@ -14,9 +14,7 @@ def test_benchmarks_smoke():
     assert results["loading_peak_ram"]["within_budget"]
     assert results["kv_cache"]["mla_cache_bytes_per_token_small_bf16"] == (512 + 64) * 27 * 2  # measured cache
     assert results["kv_cache"]["mha_cache_bytes_per_token_tiny_bf16"] == 2 * 10 * 128 * 12 * 2  # K and V
-    assert results["kv_cache"]["mla_ratio"] > 0 and results["batching"]["speedup"] > 0
     assert results["memory"]["nf4_over_bf16_linear_bytes"] <= 0.30
-    assert results["moe_dispatch"]["ratio_64_vs_8"] > 0
     json.dumps(results)
 
 

@@ -23,7 +23,15 @@ from typer.core import TyperGroup
 from typer.exceptions import TyperException
 
 from vl2cli.errors import UsageError, Vl2Error
-from vl2cli.options import DEFAULT_BATCH_SIZE, DEFAULT_DPI, DEFAULT_MAX_PIXELS, PageOptions, ReadOptions
+from vl2cli.options import (
+    DEFAULT_ASK_TOKENS,
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_DPI,
+    DEFAULT_MAX_NEW_TOKENS,
+    DEFAULT_MAX_PIXELS,
+    PageOptions,
+    ReadOptions,
+)
 
 if TYPE_CHECKING:
     from vl2cli.pages import Page, Source
@@ -418,7 +426,7 @@ def _task_command(name: str, help_text: str, needs: str | None = None, default_f
     def command(
         inputs: Annotated[list[str], typer.Argument(help="PDFs, images, folders, or - for stdin.")],
         model: Model = "tiny", quant: Quant = "auto", device: Device = "auto", dtype: Dtype = "auto",
-        max_new_tokens: MaxNew = 2048, temperature: Temp = 0.0, prompt_file: PromptFile = None, out: Out = None,
+        max_new_tokens: MaxNew = DEFAULT_MAX_NEW_TOKENS, temperature: Temp = 0.0, prompt_file: PromptFile = None, out: Out = None,
         fmt: str = default_fmt,
         verbose: Verbose = False, quiet: Quiet = False, json_out: JsonOut = False, pages: Pages = None,
         dpi: Dpi = DEFAULT_DPI, password: Password = None, revision: Revision = None, offline: Offline = False,
@@ -462,7 +470,7 @@ def batch(
     question: Annotated[str | None, typer.Option(help="Question (ask) or object (ground).")] = None,
     glob: Annotated[str | None, typer.Option(help="Only files matching this pattern in folders.")] = None,
     model: Model = "tiny", quant: Quant = "auto", device: Device = "auto", dtype: Dtype = "auto",
-    max_new_tokens: MaxNew = 2048, temperature: Temp = 0.0, prompt_file: PromptFile = None,
+    max_new_tokens: MaxNew = DEFAULT_MAX_NEW_TOKENS, temperature: Temp = 0.0, prompt_file: PromptFile = None,
     fmt: Annotated[str | None, typer.Option("--format", "-f", help="Output format per page (the task's first "
                                                                    "by default).")] = None,
     verbose: Verbose = False, quiet: Quiet = False, json_out: JsonOut = False, pages: Pages = None,
@@ -489,7 +497,7 @@ def batch(
 def ask(
     inputs: Annotated[list[str], typer.Argument(help="Image(s) or PDF page(s), then the question.")],
     model: Model = "tiny", quant: Quant = "auto", device: Device = "auto", dtype: Dtype = "auto",
-    max_new_tokens: MaxNew = 512, temperature: Temp = 0.0, pages: Pages = None, dpi: Dpi = DEFAULT_DPI,
+    max_new_tokens: MaxNew = DEFAULT_ASK_TOKENS, temperature: Temp = 0.0, pages: Pages = None, dpi: Dpi = DEFAULT_DPI,
     password: Password = None, chat: Annotated[bool, typer.Option("--chat", help="Keep asking follow-ups.")] = False,
     verbose: Verbose = False, quiet: Quiet = False, json_out: JsonOut = False, out: Out = None,
     revision: Revision = None, offline: Offline = False, max_pixels: MaxPixels = DEFAULT_MAX_PIXELS,

@@ -20,6 +20,8 @@ MAX_DPI = 1200
 DEFAULT_MAX_PIXELS = 64_000_000  # per page; larger images are refused as likely decompression bombs
 MAX_MAX_PIXELS = 1_000_000_000  # --max-pixels may raise the cap (also above Pillow's own 89 Mpx guard) up to this
 DEFAULT_BATCH_SIZE = 4
+DEFAULT_MAX_NEW_TOKENS = 2048  # per page; the context (4096) leaves less after a tiled page
+DEFAULT_ASK_TOKENS = 512
 MAX_BATCH_SIZE = 64
 MAX_SPLIT_BANDS = 16
 LOOP_RETRY_TEMPERATURES = (0.3, 0.5, 0.7)  # the model card advises temperature <= 0.7
@@ -50,7 +52,7 @@ class PageOptions:
 
 @dataclass(frozen=True)
 class ReadOptions:
-    max_new_tokens: int = 2048
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
     temperature: float = 0.0  # 0 = greedy
     top_p: float | None = None  # None: 0.9 when sampling, else 1.0
     seed: int | None = None  # None: 0 when sampling (runs repeat), unused when greedy

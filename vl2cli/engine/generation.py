@@ -1,4 +1,8 @@
-"""The generation engine: batched prefill (optionally chunked), KV-cached decode, sampling and stop rules."""
+"""The generation engine: batched prefill (optionally chunked), KV-cached decode, sampling and stop rules.
+
+Ours, not the reference's (which goes through transformers' `generate`): greedy decoding matches it token for
+token (the parity goldens); rows are left-padded and leave the batch as they finish.
+"""
 
 from __future__ import annotations
 

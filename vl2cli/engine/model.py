@@ -1,4 +1,8 @@
-"""DeepSeek-VL2: vision tower + projector + image-token layout + the DeepSeek-V2 language model."""
+"""DeepSeek-VL2: vision tower + projector + image-token layout + the DeepSeek-V2 language model.
+
+Follows `DeepseekVLV2ForCausalLM.prepare_inputs_embeds` of deepseek-ai/DeepSeek-VL2
+`deepseek_vl2/models/modeling_deepseek_vl_v2.py` (the "2D" tile tag: global view rows, separator, local grid).
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,9 @@
-"""`vl2 trace`: the prompt, token layout, tiles, logits and greedy tokens of one run, in the parity trace format."""
+"""`vl2 trace`: the prompt, token layout, tiles, logits and greedy tokens of one run, in the parity trace format.
+
+A text-only prompt records what the reference processor stands in for "no image": `images_spatial_crop`
+`[[0, 0]]` and one zero tile (`pixel_shape` `[1, 3, S, S]`, pixel sums 0), with no image spans. The model itself
+sees no tile at all.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,9 @@
-"""SigLIP ViT tower and the downsample-MLP projector that turns 27x27 patches into 14x14 tokens."""
+"""SigLIP ViT tower and the downsample-MLP projector that turns 27x27 patches into 14x14 tokens.
+
+Follows deepseek-ai/DeepSeek-VL2 `deepseek_vl2/models/siglip_vit.py` (commit 9bccb34; timm's VisionTransformer
+without class token, features of the last block) and `MlpProjector` ("downsample_mlp_gelu") of
+`deepseek_vl2/models/modeling_deepseek_vl_v2.py`.
+"""
 
 from __future__ import annotations
 
