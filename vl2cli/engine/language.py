@@ -14,7 +14,7 @@ from torch import nn
 from vl2cli.engine.attention import LatentAttention, MultiHeadAttention
 from vl2cli.engine.config import mla_shape, moe_shape
 from vl2cli.engine.moe import DenseMlp, MoE
-from vl2cli.engine.norm import RMSNorm
+from vl2cli.engine.norm import RMSNorm, fp16_safe
 from vl2cli.engine.rope import rope_cos_sin, rope_inv_freq
 
 if TYPE_CHECKING:
@@ -34,8 +34,10 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache,
                 mask: torch.Tensor) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, mask)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        """`x` is the residual stream: the model dtype, or float32 when the model runs in float16 (see
+        LanguageModel.forward); the sublayers always compute in the model dtype (cos.dtype)."""
+        x = x + fp16_safe(self.self_attn(self.input_layernorm(x).to(cos.dtype), cos, sin, cache, mask))
+        return x + fp16_safe(self.mlp(self.post_attention_layernorm(x).to(cos.dtype)))
 
 
 class LanguageModel(nn.Module):
@@ -63,10 +65,12 @@ class LanguageModel(nn.Module):
         """
         positions, mask = cache.advance(valid)
         cos, sin = rope_cos_sin(*self.rope_table(embeds.device), positions, embeds.dtype)
-        x = embeds
+        # float16 (cards without native bf16, e.g. a T4): DeepSeek-V2's residual stream outgrows 65504, so it is
+        # carried in float32 there; every other dtype runs exactly as the reference.
+        x = embeds.float() if embeds.dtype == torch.float16 else embeds
         for layer in self.layers:
             x = layer(x, cos, sin, cache, mask)
-        return self.norm(x)
+        return self.norm(x).to(embeds.dtype)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()

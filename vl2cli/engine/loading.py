@@ -185,8 +185,10 @@ def pick_device(device: str | None) -> torch.device:
 def pick_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
     if dtype in (None, "auto"):
         if device.type == "cuda":
-            # Native bf16 only: is_bf16_supported() alone also answers True for emulated bf16 (a T4).
-            return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
+            # bf16 only where it is native (Ampere, sm80, and later): is_bf16_supported() also answers True for
+            # emulated bf16 (a T4, sm75), which is slow and makes attention fall back to the math kernel.
+            major, _ = torch.cuda.get_device_capability(device)
+            return torch.bfloat16 if major >= 8 else torch.float16
         return torch.float32
     table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
              "float16": torch.float16, "fp16": torch.float16}

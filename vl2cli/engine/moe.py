@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vl2cli.engine.norm import fp16_safe
+
 if TYPE_CHECKING:
     from vl2cli.engine.config import MoeShape
 
@@ -27,7 +29,8 @@ class DenseMlp(nn.Module):
         self.down_proj = nn.Linear(inner, hidden, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        # float16: the expert products overflow first; clamp them and the projection (no-ops in other dtypes)
+        return fp16_safe(self.down_proj(fp16_safe(F.silu(self.gate_proj(x)) * self.up_proj(x))))
 
 
 class Gate(nn.Module):
@@ -92,8 +95,10 @@ class MoE(nn.Module):
         grouped = torch.cat(outs)
         routed = torch.empty_like(grouped)
         routed[order] = grouped  # back to [token, slot] order
-        y = (routed.view(-1, self.top_k, shape[-1]).float() * weight[..., None]).sum(dim=1).to(x.dtype)
-        y = y.view(shape)
-        if self.shared_experts is not None:
-            y = y + self.shared_experts(x)
-        return y
+        y = (routed.view(-1, self.top_k, shape[-1]).float() * weight[..., None]).sum(dim=1).view(shape)
+        if x.dtype == torch.float16:  # base scales this sum by 2.0: add the shared experts in float32, then clamp
+            if self.shared_experts is not None:
+                y = y + self.shared_experts(x).float()
+            return fp16_safe(y).to(x.dtype)
+        y = y.to(x.dtype)  # the reference's order: weighted sum cast to the model dtype, then the shared experts
+        return y + self.shared_experts(x) if self.shared_experts is not None else y

@@ -1,10 +1,19 @@
 """RMSNorm as DeepSeek-V2 computes it (`DeepseekV2RMSNorm` in deepseek-ai/DeepSeek-VL2
-`deepseek_vl2/models/modeling_deepseek.py`, commit 93bb502): statistics in float32, scale in the input dtype."""
+`deepseek_vl2/models/modeling_deepseek.py`, commit 93bb502): statistics in float32, scale in the input dtype;
+and the float16 guard (DeepSeek-V2's activations overflow float16's 65504: vLLM and others had to patch it)."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+
+
+FP16_MAX = 65504.0
+
+
+def fp16_safe(x: torch.Tensor) -> torch.Tensor:
+    """Clamp a float16 tensor into float16's range (inf becomes +-65504); any other dtype passes untouched."""
+    return x.clamp(-FP16_MAX, FP16_MAX) if x.dtype == torch.float16 else x
 
 
 class RMSNorm(nn.Module):
