@@ -53,3 +53,87 @@ def test_float16_never_overflows_to_inf_or_nan():
 def _greedy(n: int):
     from vl2cli.engine.generation import SamplingParams
     return SamplingParams(max_new_tokens=n)
+
+
+def _fake_card(monkeypatch, free_gib: float, total_gib: float | None = None) -> None:
+    gib = 1024**3
+    monkeypatch.setattr(torch.cuda, "mem_get_info",
+                        lambda device=None: (int(free_gib * gib), int((total_gib or free_gib) * gib)))
+
+
+def test_preflight_says_what_fits_before_reading_any_weight(monkeypatch):
+    from vl2cli.engine.config import preset_config
+    from vl2cli.engine.loading import preflight
+    from vl2cli.errors import DeviceError
+    cuda = torch.device("cuda")
+    _fake_card(monkeypatch, 11.5, 12)  # a 12 GB card with the desktop on it
+    with pytest.raises(DeviceError, match=r"base needs ~1\d\.\d GiB .* has 11\.5 GiB free of 12\.0: use a smaller"):
+        preflight(preset_config("base"), "nf4", cuda, "base")
+    preflight(preset_config("small"), "nf4", cuda, "small")
+    with pytest.raises(DeviceError, match="--quant nf4"):
+        preflight(preset_config("small"), "none", cuda, "small")  # 16-bit small is 30 GiB of weights
+    _fake_card(monkeypatch, 23.5, 24)
+    preflight(preset_config("base"), "nf4", cuda, "base")
+
+
+def test_load_model_runs_the_preflight_before_reading_weights(monkeypatch):
+    from vl2cli.engine import loading
+    from vl2cli.errors import DeviceError
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+    monkeypatch.setattr(loading, "load_weights", lambda *a, **k: pytest.fail("weights read before the preflight"))
+    _fake_card(monkeypatch, 0.1)
+    with pytest.raises(DeviceError, match=r"needs ~0\.5 GiB on the GPU"):
+        loading.load_model(TINY, device="cuda", quant="none")
+
+
+@pytest.mark.parametrize("card,variant,batch", [(12, "small", (1, 2, 3)), (16, "small", (4, 8)),
+                                                (24, "base", (4, 8)), (12, "tiny", (8,))])
+def test_batch_size_follows_free_memory(card, variant, batch):
+    from vl2cli.engine.config import preset_config
+    from vl2cli.engine.memory import GIB, largest_batch
+    assert largest_batch(preset_config(variant), "nf4", card * GIB) in batch
+
+
+def test_auto_batch_size_reads_the_device(monkeypatch, reader):
+    from vl2cli.engine.memory import batch_for_free
+    assert reader.auto_batch_size() == 4  # CPU: the default
+    monkeypatch.setattr(reader.loaded, "device", torch.device("cuda"))
+    _fake_card(monkeypatch, 0.001)
+    assert reader.auto_batch_size() == 1  # never 0: one page is always tried (and the OOM ladder has it)
+    _fake_card(monkeypatch, 64)
+    assert reader.auto_batch_size() == batch_for_free(reader.loaded.cfg, 64 * 1024**3) == 8
+
+
+def test_nf4_bits_per_weight_match_real_bitsandbytes_tensors():
+    pytest.importorskip("bitsandbytes")
+    from torch import nn
+
+    from vl2cli.engine.memory import NF4_BITS
+    from vl2cli.engine.quant import linear_bytes, quantized_weight, swap_linear_layers
+
+    class Holder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            with torch.device("meta"):
+                self.language = nn.Module()
+                self.language.layers = nn.ModuleList([nn.Linear(2048, 1408, bias=False)])
+    holder = Holder()
+    swap_linear_layers(holder, "nf4", torch.bfloat16)
+    layer = holder.language.layers[0]
+    layer.weight = quantized_weight(layer, torch.randn(1408, 2048, dtype=torch.bfloat16), torch.device("cpu"))
+    measured = linear_bytes(holder)["quantizable_linear_bytes"] * 8 / (1408 * 2048)
+    assert abs(measured - NF4_BITS) < 0.01, measured  # 4 bits + 8-bit absmax per 64 + float32 per 256 absmax
+
+
+def test_models_table_and_the_readme_agree():
+    import re
+    from pathlib import Path
+
+    from vl2cli.engine.memory import variant_table
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    for row in variant_table():
+        cards = " | ".join(f"batch {b}" if b else "-" for b in row["nf4_batch_on"].values())
+        line = f"| {row['name']} | {row['vram_nf4_gib']:.1f} GiB | {row['vram_bf16_gib']:.1f} GiB | {cards} |"
+        assert line in readme, line
+    assert re.search(r"\| variant \| NF4, one page \| bf16, one page \| 12 GB \| 16 GB \| 24 GB \|", readme)

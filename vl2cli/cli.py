@@ -13,7 +13,7 @@ import signal
 import sys
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -127,7 +127,8 @@ Dpi = Annotated[int, typer.Option(help="PDF render resolution (see README).")]
 Password = Annotated[str | None, typer.Option(help="Password of encrypted PDFs.")]
 Revision = Annotated[str | None, typer.Option(help="Pin a hub revision (commit or tag).")]
 Offline = Annotated[bool, typer.Option("--offline", help="Never touch the network (also HF_HUB_OFFLINE=1).")]
-BatchSize = Annotated[int, typer.Option("--batch-size", help="Pages read together.")]
+BatchSize = Annotated[int | None, typer.Option("--batch-size", help="Pages read together (default: what the GPU's "
+                                                                  "free memory holds; 4 on CPU).")]
 Split = Annotated[str, typer.Option(help="Dense pages: auto, never, or N bands.")]
 TextLayer = Annotated[str, typer.Option("--text-layer", help="Born-digital PDFs: off, hint or only.")]
 MaxPixels = Annotated[int, typer.Option("--max-pixels", help="Refuse pages above this many pixels.")]
@@ -187,6 +188,7 @@ class ReadRequest:
     verbose: bool = False
     quiet: bool = False
     summary_json: bool = False
+    auto_batch: bool = False  # no --batch-size given: choose from the device's free memory
 
 
 def _validated(req: ReadRequest) -> tuple[str, list[Source], list[str]]:
@@ -227,6 +229,9 @@ def _read(req: ReadRequest) -> None:
         work = plan_work(job, sources, sink, summary)
         if work:
             reader = req.choice.load(folder, req.verbose)
+            if req.auto_batch:
+                job = replace(job, read=replace(job.read, batch_size=reader.auto_batch_size()))
+                log.info("batch size %d", job.read.batch_size)
             with Interrupts(reader) as stop, ProgressReporter(req.quiet or req.out is None) as progress:
                 run_work(reader, job, work, sink, summary, progress, stop)
     finally:
@@ -409,14 +414,16 @@ def _print_summary(summary: Summary, out: Path, written: list[str]) -> None:
 def _request(task_name: str, inputs: list[str], text: str | None, fmt: str, *, out: Path | None, model: str,
              quant: str, device: str, dtype: str, revision: str | None, offline: bool, max_new_tokens: int,
              temperature: float, prompt_file: str | None, pages: str | None, dpi: int, password: str | None,
-             batch_size: int, split: str, text_layer: str, max_pixels: int, **rest: Any) -> ReadRequest:
+             batch_size: int | None, split: str, text_layer: str, max_pixels: int, **rest: Any) -> ReadRequest:
     from vl2cli.tasks import get_task
     read = ReadOptions(max_new_tokens=max_new_tokens, temperature=temperature, text=text, prompt_file=prompt_file,
-                       split=split, text_layer=text_layer, batch_size=batch_size)  # type: ignore[arg-type]
+                       split=split, text_layer=text_layer,  # type: ignore[arg-type]
+                       batch_size=DEFAULT_BATCH_SIZE if batch_size is None else batch_size)
     page_opts = PageOptions(pages=pages, dpi=dpi, password=password, max_pixels=max_pixels,
                             text_layer=text_layer != "off")
     return ReadRequest(get_task(task_name), inputs, text, fmt, out,
-                       ModelChoice(model, quant, device, dtype, revision, offline), read, page_opts, **rest)
+                       ModelChoice(model, quant, device, dtype, revision, offline), read, page_opts,
+                       auto_batch=batch_size is None, **rest)
 
 
 def _task_command(name: str, help_text: str, needs: str | None = None, default_fmt: str = "markdown") -> None:
@@ -430,7 +437,7 @@ def _task_command(name: str, help_text: str, needs: str | None = None, default_f
         fmt: str = default_fmt,
         verbose: Verbose = False, quiet: Quiet = False, json_out: JsonOut = False, pages: Pages = None,
         dpi: Dpi = DEFAULT_DPI, password: Password = None, revision: Revision = None, offline: Offline = False,
-        batch_size: BatchSize = DEFAULT_BATCH_SIZE, split: Split = "auto", text_layer: TextLayer = "off",
+        batch_size: BatchSize = None, split: Split = "auto", text_layer: TextLayer = "off",
         max_pixels: MaxPixels = DEFAULT_MAX_PIXELS, redo: Redo = "none",
     ) -> None:
         text = None
@@ -475,7 +482,7 @@ def batch(
                                                                    "by default).")] = None,
     verbose: Verbose = False, quiet: Quiet = False, json_out: JsonOut = False, pages: Pages = None,
     dpi: Dpi = DEFAULT_DPI, password: Password = None, revision: Revision = None, offline: Offline = False,
-    batch_size: BatchSize = DEFAULT_BATCH_SIZE, split: Split = "auto", text_layer: TextLayer = "off",
+    batch_size: BatchSize = None, split: Split = "auto", text_layer: TextLayer = "off",
     max_pixels: MaxPixels = DEFAULT_MAX_PIXELS, redo: Redo = "none",
 ) -> None:
     """Read every page of many documents into --out; rerun to resume.
@@ -620,13 +627,15 @@ def models(ctx: typer.Context, json_out: JsonOut = False) -> None:
         return
     from rich.console import Console
     from rich.table import Table
-    table = Table(title="DeepSeek-VL2 variants (VRAM: weights + one page, estimated)")
-    for col in ("name", "hub id", "total", "activated", "download", "nf4", "bf16", "local"):
+    table = Table(title="DeepSeek-VL2 variants (VRAM: weights and one page at peak, estimated; cards: largest "
+                        "NF4 batch, - = does not fit)")
+    for col in ("name", "hub id", "total", "activated", "download", "nf4", "bf16", "12 GB", "16 GB", "24 GB", "local"):
         table.add_column(col)
     for r in rows:
+        cards = [f"batch {b}" if b else "-" for b in r["nf4_batch_on"].values()]
         table.add_row(r["name"], r["hub_id"], f"{r['total_params_b']:.1f}B", f"{r['active_params_b']:.1f}B",
                       f"{r['download_gb']:.1f} GB", f"{r['vram_nf4_gib']:.1f} GiB", f"{r['vram_bf16_gib']:.1f} GiB",
-                      "yes" if r["cached"] else "no")
+                      *cards, "yes" if r["cached"] else "no")
     Console().print(table)
 
 

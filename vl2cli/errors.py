@@ -34,6 +34,10 @@ class OutputBusy(OutputError):
     """Another vl2 run holds the output folder's lock."""
 
 
+class DeviceError(Vl2Error):
+    """The device cannot hold what was asked (found before any weight is read)."""
+
+
 class PageFailed(Vl2Error):
     """One page could not be read (the page's record says why; the run goes on)."""
 

@@ -18,9 +18,10 @@ import torch
 
 from vl2cli.bands import merge_band_texts, planned_bands, split_bands
 from vl2cli.engine.generation import Engine, Generation, SamplingParams
+from vl2cli.engine.memory import batch_for_free
 from vl2cli.engine.processor import EOS_TEXT, Message, Prepared, UserText
 from vl2cli.errors import OutOfMemory, PageFailed, UsageError
-from vl2cli.options import LOOP_RETRY_TEMPERATURES, ReadOptions
+from vl2cli.options import DEFAULT_BATCH_SIZE, LOOP_RETRY_TEMPERATURES, ReadOptions
 from vl2cli.parsers import find_loop, trim_loop
 from vl2cli.results import AskResult, PageResult, Split, failed_page
 from vl2cli.tasks import image_marks
@@ -91,6 +92,13 @@ class Reader:
              revision: str | None = None, offline: bool | None = None) -> Reader:
         from vl2cli.engine.loading import load_model
         return cls(load_model(model, device=device, dtype=dtype, quant=quant, revision=revision, offline=offline))
+
+    def auto_batch_size(self) -> int:
+        """Pages per batch for this device: on a GPU, what its free memory holds now that the weights are in."""
+        if self.loaded.device.type != "cuda":
+            return DEFAULT_BATCH_SIZE
+        free, _ = torch.cuda.mem_get_info(self.loaded.device)
+        return batch_for_free(self.loaded.cfg, free)
 
     @property
     def context(self) -> int:

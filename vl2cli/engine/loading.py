@@ -18,10 +18,11 @@ from safetensors import safe_open
 from torch import nn
 
 from vl2cli.engine.config import PRESETS, VL2Config, load_config
+from vl2cli.engine.memory import GIB, need_bytes, weight_bytes
 from vl2cli.engine.model import DeepseekVL2
 from vl2cli.engine.processor import Processor, VL2Tokenizer
 from vl2cli.engine.quant import quantized_weight, resolve_quant, swap_linear_layers
-from vl2cli.errors import CheckpointError, UsageError
+from vl2cli.errors import CheckpointError, DeviceError, UsageError
 
 ALIASES = {name: preset["hub_id"] for name, preset in PRESETS.items()}
 HUB_PREFIX = "hf:"  # `--model hf:ORG/NAME`: the user asks for a download of a repository that is not an alias
@@ -208,6 +209,18 @@ def _cpu_dtype_that_fits(model: nn.Module) -> torch.dtype:
     return torch.bfloat16
 
 
+def preflight(cfg: VL2Config, quant: str, device: torch.device, name: str) -> None:
+    """Before reading any weight: does the device hold the weights and one page? Say what fits if not."""
+    if device.type != "cuda":
+        return
+    free, total = torch.cuda.mem_get_info(device)
+    need = need_bytes(cfg, quant, 1)
+    if need > free:
+        raise DeviceError(f"{name} needs ~{need / GIB:.1f} GiB on the GPU (weights {weight_bytes(cfg, quant) / GIB:.1f} "
+                          f"GiB at {quant}, plus one page); {device} has {free / GIB:.1f} GiB free of "
+                          f"{total / GIB:.1f}: use a smaller variant (see `vl2 models`), --quant nf4, or --device cpu")
+
+
 def build_model(cfg: VL2Config, dtype: torch.dtype, quant: str) -> tuple[DeepseekVL2, set[str]]:
     """The model on `meta` (nothing allocated) with quantizable linears swapped; returns it and the swapped names."""
     with torch.device("meta"):
@@ -225,6 +238,7 @@ def load_model(spec: str | Path = "tiny", device: str | None = None, dtype: str 
     dev = pick_device(device)
     torch_dtype = pick_dtype(dtype, dev)
     mode = resolve_quant(quant, dev)
+    preflight(cfg, mode, dev, str(spec))
     tokenizer = VL2Tokenizer(folder, cfg)
     if len(tokenizer) > cfg.language.vocab_size:
         raise CheckpointError(f"{folder}: tokenizer has {len(tokenizer)} tokens but vocab_size is {cfg.language.vocab_size}")

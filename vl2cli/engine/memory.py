@@ -68,26 +68,76 @@ def kv_bytes_per_token(cfg: VL2Config, dtype_bytes: int = 2) -> int:
     return per_layer * lc.num_hidden_layers * dtype_bytes
 
 
-def estimate_vram(name: str, context: int = 4096) -> dict[str, float]:
-    """GiB of the weights alone, and of weights + KV cache at `context` + ~1 GiB workspace, at nf4 and bf16."""
-    cfg = preset_config(name)
+# What else a CUDA process holds besides the weights and the KV cache (measured figures would replace these):
+CUDA_CONTEXT = 0.5 * GIB  # the CUDA context and cuBLAS/cuDNN workspaces
+FRAGMENTATION = 1.10  # the caching allocator's slack on top of the live tensors
+PAGE_PROMPT_TOKENS = 2100  # a fully tiled page: ~2,050 image tokens plus the prompt
+CONTEXT = 4096
+CARDS_GIB = (12, 16, 24)  # RTX 3060 / 4060 Ti 16 / T4 (16 GB) / 4090-class cards
+MAX_AUTO_BATCH = 8
+
+
+def weight_bytes(cfg: VL2Config, quant: str) -> float:
+    """Weights on the device: NF4/int8 for the quantized language linears, 16-bit for the rest."""
     c = param_counts(cfg)
     other = c["total"] - c["quantizable"]
-    kv = kv_bytes_per_token(cfg) * context
-    weights_nf4 = c["quantizable"] * NF4_BITS / 8 + other * 2
-    weights_bf16 = c["total"] * 2
-    return {"nf4": round((weights_nf4 + kv + GIB) / GIB, 2), "bf16": round((weights_bf16 + kv + GIB) / GIB, 2),
-            "weights_nf4": round(weights_nf4 / GIB, 2), "weights_bf16": round(weights_bf16 / GIB, 2),
-            "params": c["total"]}
+    bits = {"nf4": NF4_BITS, "int8": 8 + 32 / 4096, "none": 16}[quant]  # int8: one float32 scale per row of ~4k
+    return c["quantizable"] * bits / 8 + other * 2
+
+
+def working_bytes(cfg: VL2Config, batch: int, context: int = CONTEXT) -> float:
+    """Everything a batch of pages needs besides the weights, at its peak (the prefill of full-size pages).
+
+    KV cache for the whole context, once more while finished rows leave the batch (selecting rows copies
+    the cache); the MoE prefill's temporaries (tokens gathered per expert, their outputs, the float32
+    weighted sum: ~12 bytes per hidden value per routed slot); MLA's expanded keys and values during prefill;
+    float32 logits over the vocabulary for every row.
+    """
+    lc = cfg.language
+    tokens = batch * PAGE_PROMPT_TOKENS
+    kv = 2 * kv_bytes_per_token(cfg) * context * batch
+    moe = tokens * (lc.num_experts_per_tok or 1) * lc.hidden_size * 12
+    heads = lc.num_attention_heads * (lc.qk_nope_head_dim + lc.v_head_dim + lc.q_head_dim) if lc.use_mla else 0
+    attention = tokens * heads * 2 * 2
+    logits = batch * lc.vocab_size * 4 * 2
+    return kv + moe + attention + logits
+
+
+def need_bytes(cfg: VL2Config, quant: str, batch: int) -> float:
+    return (weight_bytes(cfg, quant) + working_bytes(cfg, batch)) * FRAGMENTATION + CUDA_CONTEXT
+
+
+def largest_batch(cfg: VL2Config, quant: str, free_bytes: float) -> int:
+    """The largest batch (up to MAX_AUTO_BATCH) whose peak fits in `free_bytes`; 0 when not even one page fits."""
+    fitting = [b for b in range(1, MAX_AUTO_BATCH + 1) if need_bytes(cfg, quant, b) <= free_bytes]
+    return max(fitting, default=0)
+
+
+def batch_for_free(cfg: VL2Config, free_after_weights: float) -> int:
+    """With the weights resident: the largest batch whose working set fits what the device has free (at least 1)."""
+    fitting = [b for b in range(1, MAX_AUTO_BATCH + 1) if working_bytes(cfg, b) * FRAGMENTATION <= free_after_weights]
+    return max(fitting, default=1)
+
+
+def estimate_vram(name: str, context: int = CONTEXT) -> dict[str, float]:
+    """GiB of the weights alone, and of everything one page needs, at nf4 and bf16."""
+    cfg = preset_config(name)
+    return {"nf4": round(need_bytes(cfg, "nf4", 1) / GIB, 2), "bf16": round(need_bytes(cfg, "none", 1) / GIB, 2),
+            "weights_nf4": round(weight_bytes(cfg, "nf4") / GIB, 2),
+            "weights_bf16": round(weight_bytes(cfg, "none") / GIB, 2),
+            "params": param_counts(cfg)["total"], "context": context}
 
 
 def variant_table() -> list[dict]:
-    """What `vl2 models` shows: sizes from the config arithmetic (milliseconds, no model built)."""
+    """What `vl2 models` shows: sizes from the config arithmetic (milliseconds, no model built), and what fits
+    on 12, 16 and 24 GB cards at NF4 (the largest batch; 0 = does not fit)."""
     rows = []
     for name, preset in PRESETS.items():
-        counts = param_counts(preset_config(name))
+        cfg = preset_config(name)
+        counts = param_counts(cfg)
         est = estimate_vram(name)
         rows.append({"name": name, "hub_id": preset["hub_id"], "total_params_b": counts["total"] / 1e9,
                      "active_params_b": counts["active"] / 1e9, "download_gb": counts["total"] * 2 / 1e9,
-                     "vram_nf4_gib": est["nf4"], "vram_bf16_gib": est["bf16"]})
+                     "vram_nf4_gib": est["nf4"], "vram_bf16_gib": est["bf16"],
+                     "nf4_batch_on": {f"{gib}GB": largest_batch(cfg, "nf4", gib * GIB) for gib in CARDS_GIB}})
     return rows

@@ -7,7 +7,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-
 FP16_MAX = 65504.0
 
 
