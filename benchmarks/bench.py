@@ -288,8 +288,16 @@ def bench_coldstart(smoke: bool) -> dict:
             "bf16": plain, "nf4": nf4, "quantize_s": nf4["load_s"] - plain["load_s"]}
 
 
+def bench_syncs(smoke: bool) -> dict:
+    """Per decode step at real shapes (on meta): aten ops, 4-bit linear calls, host syncs, host-to-device copies."""
+    from decode_counts import decode_step_counts
+    variants = ("tiny",) if smoke else ("tiny", "small", "base")
+    return {"bench": "decode_step_counts", "variants": [decode_step_counts(v) for v in variants],
+            "target": "host syncs = MoE layers + 1 (the sampled tokens); no host-to-device copies"}
+
+
 BENCHES = {"moe": bench_moe, "kv": bench_kv, "batching": bench_batching, "memory": bench_memory,
-           "pages": bench_pages, "loading": bench_loading, "coldstart": bench_coldstart}
+           "pages": bench_pages, "loading": bench_loading, "coldstart": bench_coldstart, "syncs": bench_syncs}
 
 
 def run(which: str = "all", smoke: bool = False) -> Iterator[dict]:

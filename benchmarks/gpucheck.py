@@ -1,9 +1,13 @@
-"""GPU check: peak VRAM, prefill and decode speed, pages per minute for one letter-size page.
+"""GPU check: does each variant run on the consumer card it is meant for, and how fast?
 
     python benchmarks/gpucheck.py --out benchmarks/gpu            # on a CUDA machine, real-size random weights
     python benchmarks/gpucheck.py --dry-run --out /tmp/gpu        # CPU, toy shapes: checks the script itself
 
-Random weights of the real shapes cost exactly what the real weights cost in time and memory.
+Consumer cards are simulated on a big GPU with torch.cuda.set_per_process_memory_fraction: base under a 24 GiB
+cap, small under 12 and 16, tiny under 8, each at batch 1 and at the batch vl2 would choose, with the loader's
+own dtype choice and NF4 placement (and forced float16, as a T4 gets). Random weights of the real shapes cost
+what the real weights cost in time and memory. One JSON line per variant x cap, written as each finishes, so a
+later run that runs out of memory never loses the earlier ones. Without CUDA it refuses at once.
 """
 
 from __future__ import annotations
@@ -69,8 +73,7 @@ def timed_generate(engine: Engine, prompts: list[Prepared], new_tokens: int, dev
     return stamps[0] - t0, decode, total
 
 
-def check(name: str, quant: str, device: torch.device, dtype: torch.dtype, new_tokens: int, batch: int,
-          dry_run: bool) -> dict:
+def toy_or_real(name: str, dry_run: bool):
     cfg = preset_config(name)
     if dry_run:  # toy shapes so the script itself can be exercised on a CPU in seconds
         cfg = preset_config(name, num_hidden_layers=2, vocab_size=512, n_routed_experts=8, hidden_size=256,
@@ -83,74 +86,90 @@ def check(name: str, quant: str, device: torch.device, dtype: torch.dtype, new_t
         from vl2cli.engine.config import ProjectorConfig, VisionConfig
         cfg = replace(cfg, vision=VisionConfig(width=64, layers=2, heads=4),
                       projector=ProjectorConfig(input_dim=64, n_embed=256))
-    if device.type == "cuda":
+    return cfg
+
+
+# (variant, card GiB, dtype): the cards each variant is meant for; float16 is what a T4 (no native bf16) gets.
+PLAN = [("tiny", 8, "auto"), ("tiny", 8, "float16"), ("small", 12, "auto"), ("small", 16, "auto"),
+        ("small", 16, "float16"), ("base", 24, "auto")]
+
+
+def check(name: str, cap_gib: int, dtype_name: str, device: torch.device, new_tokens: int, dry_run: bool,
+          context_bytes: int) -> dict:
+    """One variant under one card's memory cap: load (preflight, dtype choice, NF4), batch 1, then vl2's batch."""
+    from vl2cli.engine.loading import pick_dtype, preflight
+    from vl2cli.engine.memory import batch_for_free
+    cfg = toy_or_real(name, dry_run)
+    cuda = device.type == "cuda"
+    dtype = pick_dtype(dtype_name, device) if cuda else torch.float32
+    result: dict = {"variant": name, "card_gib": cap_gib, "quant": "nf4", "dtype": str(dtype).removeprefix("torch.")}
+    if cuda:
+        gc.collect()
         torch.cuda.empty_cache()
+        total = torch.cuda.get_device_properties(device).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, (cap_gib * GIB - context_bytes) / total), device)
         torch.cuda.reset_peak_memory_stats()
-    model = random_model(cfg, device=str(device), dtype=dtype, quant=quant)
-    weights = torch.cuda.memory_allocated() if device.type == "cuda" else 0
+        preflight(cfg, "nf4", device, name)  # raises DeviceError when vl2 would refuse this card
+    model = random_model(cfg, device=str(device), dtype=dtype, quant="nf4")
+    result["weights_gib"] = round(torch.cuda.memory_allocated() / GIB, 2) if cuda else 0
     engine = Engine(model, eos_id=-1, pad_id=0)  # -1: never stops early, every run makes all its tokens
     prompt = page_prompt(cfg)
     engine.generate([prompt], SamplingParams(max_new_tokens=2))  # warm-up (kernels, allocator)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    prefill_s, decode_tps_1, page_s = timed_generate(engine, [prompt], new_tokens, device)
-    peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else 0
-    _, decode_tps_b, _ = timed_generate(engine, [prompt] * batch, max(4, new_tokens // 4), device)
-    result = {"variant": name, "quant": quant, "dtype": str(dtype).replace("torch.", ""),
-              "prompt_tokens": len(prompt.input_ids), "new_tokens": new_tokens,
-              "weights_gib": round(weights / GIB, 2), "peak_vram_gib": round(peak / GIB, 2),
-              "prefill_tokens_per_s": round(len(prompt.input_ids) / prefill_s, 1),
-              "decode_tokens_per_s_batch1": round(decode_tps_1, 1),
-              f"decode_tokens_per_s_batch{batch}": round(decode_tps_b, 1),
-              "ocr_pages_per_minute_batch1": round(60 / page_s, 2)}
+    free = (cap_gib * GIB - context_bytes - torch.cuda.memory_reserved()) if cuda else 8 * GIB
+    chosen = batch_for_free(cfg, free)
+    for batch in sorted({1, chosen}):
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        prefill_s, decode_tps, page_s = timed_generate(engine, [prompt] * batch, new_tokens, device)
+        reserved = torch.cuda.max_memory_reserved() if cuda else 0
+        result[f"batch{batch}"] = {"prefill_tokens_per_s": round(batch * len(prompt.input_ids) / prefill_s, 1),
+                                   "decode_tokens_per_s": round(decode_tps, 1),
+                                   "pages_per_minute": round(60 * batch / page_s, 2),
+                                   "peak_reserved_gib": round(reserved / GIB, 2),
+                                   "peak_with_context_gib": round((reserved + context_bytes) / GIB, 2)}
+    result["vl2_batch"] = chosen
+    result["prompt_tokens"] = len(prompt.input_ids)
     del model, engine
     gc.collect()
     return result
 
 
-TARGET_VRAM_GIB = {"tiny": 4, "small": 11, "base": 20}
-
-
 def main(argv: list[str] | None = None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--out", default="benchmarks/gpu")
-    ap.add_argument("--dry-run", action="store_true")
+    ap.add_argument("--dry-run", action="store_true", help="CPU, toy shapes: exercise the script itself")
     ap.add_argument("--variants", default="tiny,small,base")
-    ap.add_argument("--new-tokens", type=int, default=512)
-    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--new-tokens", type=int, default=256)
     args = ap.parse_args(argv)
-    cuda = torch.cuda.is_available() and not args.dry_run
-    device = torch.device("cuda" if cuda else "cpu")
-    new_tokens = 8 if args.dry_run else args.new_tokens
-    runs = [(v, "nf4") for v in args.variants.split(",")]
-    if "tiny" in args.variants:
-        runs.append(("tiny", "none"))
-    results = []
-    for name, quant in runs:
-        dtype = torch.bfloat16 if cuda else torch.float32
-        try:
-            r = check(name, quant, device, dtype, new_tokens, args.batch, args.dry_run)
-        except Exception as exc:  # report and go on: one variant's failure must not hide the others
-            r = {"variant": name, "quant": quant, "error": f"{type(exc).__name__}: {exc}"}
-        if quant == "nf4" and "peak_vram_gib" in r and cuda:
-            r["vram_target_gib"] = TARGET_VRAM_GIB.get(name)
-        results.append(r)
-        print(json.dumps(r), flush=True)
-    bf16 = next((r for r in results if r["variant"] == "tiny" and r["quant"] == "none" and "error" not in r), None)
-    nf4 = next((r for r in results if r["variant"] == "tiny" and r["quant"] == "nf4" and "error" not in r), None)
-    summary = {"date": date.today().isoformat(),
-               "hardware": torch.cuda.get_device_name(0) if cuda else platform.processor() or "cpu",
-               "dry_run": args.dry_run, "results": results,
-               "tiny_nf4_over_bf16_decode": (round(nf4["decode_tokens_per_s_batch1"] /
-                                                   bf16["decode_tokens_per_s_batch1"], 3) if nf4 and bf16 else None)}
+    if not args.dry_run and not torch.cuda.is_available():
+        raise SystemExit("gpu_check: no CUDA device here; this check measures a GPU (use --dry-run to exercise the "
+                         "script on a CPU)")
+    device = torch.device("cpu" if args.dry_run else "cuda")
+    context = 0
+    if device.type == "cuda":  # what the CUDA context itself holds: free memory before and after creating it
+        torch.zeros(1, device=device)
+        free, total = torch.cuda.mem_get_info(device)
+        context = total - free - torch.cuda.memory_reserved()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    lines = out / "gpu_check.jsonl"
+    lines.write_text("")
+    results = []
+    for name, cap, dtype_name in PLAN:
+        if name not in args.variants.split(","):
+            continue
+        try:
+            r = check(name, cap, dtype_name, device, 8 if args.dry_run else args.new_tokens, args.dry_run, context)
+        except Exception as exc:  # OOM or a refusal: recorded, and the next run goes on
+            r = {"variant": name, "card_gib": cap, "dtype": dtype_name, "error": f"{type(exc).__name__}: {exc}"[:400]}
+        results.append(r)
+        with open(lines, "a") as f:  # one line per run as it finishes: a later crash keeps the earlier ones
+            f.write(json.dumps(r) + "\n")
+        print(json.dumps(r), flush=True)
+    summary = {"date": date.today().isoformat(), "dry_run": args.dry_run, "cuda_context_gib": round(context / GIB, 2),
+               "hardware": torch.cuda.get_device_name(0) if device.type == "cuda" else platform.processor() or "cpu",
+               "results": results}
     (out / "gpu_check.json").write_text(json.dumps(summary, indent=1))
-    keys = [k for k in results[0] if k not in ("variant", "quant")] if results else []
-    lines = ["| variant | quant | " + " | ".join(keys) + " |", "|---|---|" + "---|" * len(keys)]
-    for r in results:
-        lines.append(f"| {r['variant']} | {r['quant']} | " + " | ".join(str(r.get(k, "")) for k in keys) + " |")
-    (out / "gpu_check.md").write_text(f"GPU check {summary['date']} on {summary['hardware']}\n\n" + "\n".join(lines) + "\n")
     return results
 
 

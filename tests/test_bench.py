@@ -10,7 +10,7 @@ from bench import run
 def test_benchmarks_smoke():
     results = {r["bench"]: r for r in run("all", smoke=True)}
     assert set(results) == {"moe_dispatch", "kv_cache", "batching", "memory", "pages_in", "loading_peak_ram",
-                            "cold_start"}
+                            "cold_start", "decode_step_counts"}
     assert results["loading_peak_ram"]["within_budget"]
     assert results["kv_cache"]["mla_cache_bytes_per_token_small_bf16"] == (512 + 64) * 27 * 2  # measured cache
     assert results["kv_cache"]["mha_cache_bytes_per_token_tiny_bf16"] == 2 * 10 * 128 * 12 * 2  # K and V
@@ -20,10 +20,22 @@ def test_benchmarks_smoke():
 
 @pytest.mark.slow
 def test_gpu_check_dry_runs_on_cpu(tmp_path):
-    from gpucheck import main
+    from gpucheck import PLAN, main
     results = main(["--dry-run", "--out", str(tmp_path), "--variants", "tiny,base"])
-    assert [(r["variant"], r["quant"]) for r in results] == [("tiny", "nf4"), ("base", "nf4"), ("tiny", "none")]
-    assert all("error" not in r and r["decode_tokens_per_s_batch1"] > 0 for r in results), results
-    summary = json.loads((tmp_path / "gpu_check.json").read_text())
-    assert summary["dry_run"] and summary["tiny_nf4_over_bf16_decode"] > 0
-    assert "| base | nf4 |" in (tmp_path / "gpu_check.md").read_text()
+    assert [(r["variant"], r["card_gib"]) for r in results] == [(v, c) for v, c, _ in PLAN if v in ("tiny", "base")]
+    for r in results:
+        assert "error" not in r, r
+        assert r["batch1"]["decode_tokens_per_s"] > 0 and f"batch{r['vl2_batch']}" in r
+    lines = (tmp_path / "gpu_check.jsonl").read_text().splitlines()
+    assert [json.loads(line)["variant"] for line in lines] == [r["variant"] for r in results]  # one line per run
+
+
+def test_gpu_check_refuses_at_once_without_cuda(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+    script = Path(__file__).parent.parent / "benchmarks" / "gpu_check.sh"
+    done = subprocess.run(["bash", str(script)], capture_output=True, text=True, timeout=60,
+                          env={"OUT": str(tmp_path), "PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin"})
+    assert done.returncode != 0 and "no CUDA device here" in done.stderr
+    assert not (tmp_path / "gpu_check.json").exists()

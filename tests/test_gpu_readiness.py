@@ -137,3 +137,15 @@ def test_models_table_and_the_readme_agree():
         line = f"| {row['name']} | {row['vram_nf4_gib']:.1f} GiB | {row['vram_bf16_gib']:.1f} GiB | {cards} |"
         assert line in readme, line
     assert re.search(r"\| variant \| NF4, one page \| bf16, one page \| 12 GB \| 16 GB \| 24 GB \|", readme)
+
+
+@pytest.mark.parametrize("variant,moe_layers,linear_calls", [("tiny", 11, 282), ("small", 26, 630), ("base", 29, 702)])
+def test_host_syncs_per_decode_step_do_not_grow(variant, moe_layers, linear_calls):
+    """One sync per MoE layer (the expert group sizes) and one for the sampled tokens; nothing copied from the
+    host (the RoPE table lives on the device). Before: tiny 24 syncs, base 60 (RoPE copied every step)."""
+    from decode_counts import decode_step_counts
+    counts = decode_step_counts(variant)
+    assert counts["moe_layers"] == moe_layers and counts["linear_calls_4bit"] == linear_calls
+    assert counts["host_syncs"] == moe_layers + 1
+    assert counts["host_to_device_copies"] == 0
+    assert counts["ops"] <= {"tiny": 1400, "small": 3850, "base": 4800}[variant]  # measured 1373 / 3800 / 4774

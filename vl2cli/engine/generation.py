@@ -156,8 +156,12 @@ class Engine:
                 cache.select(rows)
                 tokens = tokens[rows]
                 active = [active[r] for r in keep]
-            embeds = self.model.language.embed_tokens(tokens[:, None])  # [b, 1, d]
-            valid = torch.ones(len(active), 1, dtype=torch.bool, device=tokens.device)
-            hidden = self.model.language(embeds, cache, valid)
-            logits = self.model.language.logits(hidden[:, -1])
+            logits = self.decode_step(tokens, cache)
         return results
+
+    def decode_step(self, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """One token per row [b] -> next-token logits [b, V]; no host sync of its own beyond the MoE layers'."""
+        embeds = self.model.language.embed_tokens(tokens[:, None])  # [b, 1, d]
+        valid = torch.ones(tokens.shape[0], 1, dtype=torch.bool, device=tokens.device)
+        hidden = self.model.language(embeds, cache, valid)
+        return self.model.language.logits(hidden[:, -1])
