@@ -62,6 +62,8 @@ class ReadOptions:
     text_layer: TextLayer = "off"
     batch_size: int = DEFAULT_BATCH_SIZE
     loop_retries: bool = True
+    schema_json: str | None = None  # extract: the JSON Schema (compact JSON) every answer must satisfy
+    strict: bool = False  # ground: answers constrained to the grounding format
 
     def __post_init__(self) -> None:
         _check(isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 1,
@@ -88,4 +90,4 @@ class ReadOptions:
         """What changes an answer (the page key digests it)."""
         return {"max_new_tokens": self.max_new_tokens, "temperature": self.temperature, "top_p": self.sampling_top_p,
                 "seed": self.sampling_seed, "text": self.text, "split": self.split, "text_layer": self.text_layer,
-                "loop_retries": self.loop_retries}
+                "loop_retries": self.loop_retries, "schema": self.schema_json, "strict": self.strict}

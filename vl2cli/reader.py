@@ -9,18 +9,21 @@ runaway loops are re-read at rising temperatures, and dense pages are read in ba
 from __future__ import annotations
 
 import gc
+import json
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from vl2cli.bands import merge_band_texts, planned_bands, split_bands
 from vl2cli.engine.generation import Engine, Generation, SamplingParams
+from vl2cli.engine.grammar import Grammar, grammar_tokenizer
 from vl2cli.engine.memory import batch_for_free
 from vl2cli.engine.processor import EOS_TEXT, Message, Prepared, UserText
 from vl2cli.errors import OutOfMemory, PageFailed, UsageError
+from vl2cli.extract import describe
 from vl2cli.options import DEFAULT_BATCH_SIZE, LOOP_RETRY_TEMPERATURES, ReadOptions
 from vl2cli.parsers import find_loop, trim_loop
 from vl2cli.results import AskResult, PageResult, Split, failed_page
@@ -61,6 +64,7 @@ class _Answer:
     prompt_tokens: int
     generated_tokens: int
     retry_temperature: float | None = None
+    grammar: Grammar | None = None
 
 
 class TokenStream:
@@ -84,7 +88,8 @@ class Reader:
     def __init__(self, loaded: LoadedModel, prefill_chunk: int | None = None):
         self.loaded = loaded
         tok = loaded.processor.tokenizer
-        self.engine = Engine(loaded.model, tok.eos_id, tok.pad_id, prefill_chunk)
+        self.engine = Engine(loaded.model, tok.eos_id, tok.pad_id, prefill_chunk, self._grammar_tokenizer)
+        self._llg_tokenizer: Any = None
         self.deadline: float | None = None  # time.monotonic() after which generation stops ("interrupted")
 
     @classmethod
@@ -116,25 +121,34 @@ class Reader:
 
     # ------------------------------------------------------------------ generation, wrapped once
 
-    def _stop_rule(self, ids: list[int]) -> str | None:
+    def _grammar_tokenizer(self) -> Any:
+        if self._llg_tokenizer is None:
+            tok = self.loaded.processor.tokenizer
+            self._llg_tokenizer = grammar_tokenizer(tok.tok.to_str(), self.loaded.cfg.language.vocab_size, tok.eos_id)
+        return self._llg_tokenizer
+
+    def _stop_rule(self, ids: list[int], constrained: bool) -> str | None:
         if self.deadline is not None and time.monotonic() >= self.deadline:
             return "interrupted"
-        return "loop" if find_loop(ids) else None
+        # A grammar bounds its answer's length: repetition inside it (identical table rows) is not a runaway.
+        return "loop" if not constrained and find_loop(ids) else None
 
     def _attempt(self, prompts: list[Prepared], params: SamplingParams, budgets: list[int],
                  on_token: Callable[[int, int], None] | None, on_finish: Callable[[int], None] | None,
-                 ) -> list[Generation] | _Failure:
+                 grammars: list[Grammar | None]) -> list[Generation] | _Failure:
         try:
             return self.engine.generate(prompts, params, on_token=on_token, stop_rule=self._stop_rule,
-                                        budgets=budgets, on_finish=on_finish)
+                                        budgets=budgets, on_finish=on_finish, grammars=grammars)
         except Exception as exc:  # KeyboardInterrupt is not caught: it ends the run
             return _Failure(is_oom(exc), f"{type(exc).__name__}: {str(exc)[:200]}")
 
     def _generate(self, prompts: list[Prepared], params: SamplingParams, budgets: list[int],
                   on_token: Callable[[int, int], None] | None = None,
-                  on_finish: Callable[[int], None] | None = None) -> list[Generation | PageFailed]:
+                  on_finish: Callable[[int], None] | None = None,
+                  grammars: list[Grammar | None] | None = None) -> list[Generation | PageFailed]:
         """One outcome per prompt: a Generation, or the PageFailed that this prompt alone ran into."""
-        outcome = self._attempt(prompts, params, budgets, on_token, on_finish)
+        grammars = grammars or [None] * len(prompts)
+        outcome = self._attempt(prompts, params, budgets, on_token, on_finish, grammars)
         if not isinstance(outcome, _Failure):
             return list(outcome)
         # The handler has been left and the exception dropped: collect its cycles before retrying.
@@ -146,15 +160,16 @@ class Reader:
 
             def shifted(offset: int) -> Callable[[int], None] | None:
                 return None if on_finish is None else (lambda row: on_finish(row + offset))
-            return (self._generate(prompts[:half], params, budgets[:half], on_token, shifted(0))
-                    + self._generate(prompts[half:], params, budgets[half:], on_token, shifted(half)))
+            return (self._generate(prompts[:half], params, budgets[:half], on_token, shifted(0), grammars[:half])
+                    + self._generate(prompts[half:], params, budgets[half:], on_token, shifted(half),
+                                     grammars[half:]))
         if not outcome.oom:
             return [PageFailed(f"internal error while generating ({outcome.message}); run with -v for details")]
         if self.engine.prefill_chunk is None or self.engine.prefill_chunk > OOM_PREFILL_CHUNK:
             saved = self.engine.prefill_chunk
             self.engine.prefill_chunk = OOM_PREFILL_CHUNK
             try:
-                return self._generate(prompts, params, budgets, on_token, on_finish)
+                return self._generate(prompts, params, budgets, on_token, on_finish, grammars)
             finally:
                 self.engine.prefill_chunk = saved
         return [OutOfMemory("out of memory even at batch 1 with chunked prefill")]
@@ -163,21 +178,35 @@ class Reader:
         """Each prompt's answer budget: what the user asked for, or what the context leaves (0: no room)."""
         return [max(0, min(wanted, self.context - len(p.input_ids))) for p in prompts]
 
-    def _answers(self, prompts: list[Prepared], opts: ReadOptions,
+    def _answers(self, task: Task, prompts: list[Prepared], opts: ReadOptions,
                  on_finish: Callable[[int], None] | None = None) -> list[_Answer | PageFailed]:
         params = SamplingParams(opts.max_new_tokens, opts.temperature, opts.sampling_top_p, 1.0, opts.sampling_seed)
         budgets = self._budgets(prompts, opts.max_new_tokens)
-        room = [i for i, b in enumerate(budgets) if b > 0]
         outcomes: list[_Answer | PageFailed] = [
             PageFailed(f"the prompt needs {len(p.input_ids)} tokens, more than the model's {self.context}-token "
                        "context") for p in prompts]
+        grammars: list[Grammar | None] = [None] * len(prompts)
+        room = []
+        for i, budget in enumerate(budgets):
+            if budget <= 0:
+                continue
+            try:
+                grammars[i] = task.grammar(opts, budget)
+            except UsageError as exc:  # a schema that cannot fit this page's budget fails this page
+                outcomes[i] = PageFailed(str(exc))
+                continue
+            room.append(i)
         gens = self._generate([prompts[i] for i in room], params, [budgets[i] for i in room],
-                              on_finish=None if on_finish is None else (lambda row: on_finish(room[row])))
+                              on_finish=None if on_finish is None else (lambda row: on_finish(room[row])),
+                              grammars=[grammars[i] for i in room])
         for i, gen in zip(room, gens):
             if isinstance(gen, PageFailed):
                 outcomes[i] = gen
             else:
-                outcomes[i] = self._finish(gen, prompts[i], params, budgets[i], opts)
+                answer = self._finish(gen, prompts[i], params, budgets[i], opts)
+                if isinstance(answer, _Answer):
+                    answer.grammar = grammars[i]
+                outcomes[i] = answer
         return outcomes
 
     def _finish(self, gen: Generation, prompt: Prepared, params: SamplingParams, budget: int,
@@ -220,7 +249,8 @@ class Reader:
 
     def _prompt(self, task: Task, template: str, image: Image.Image | Tiling, opts: ReadOptions,
                 hint: str | None) -> Prepared:
-        return self.loaded.processor.prepare_prompt(task.prompt(1, template, opts.text, hint), [image])
+        schema = describe(json.loads(opts.schema_json)) if opts.schema_json else None
+        return self.loaded.processor.prepare_prompt(task.prompt(1, template, opts.text, hint, schema), [image])
 
     def read(self, task: Task, pages: Sequence[Page], opts: ReadOptions,
              on_generated: Callable[[int], None] | None = None) -> list[PageResult]:
@@ -253,7 +283,7 @@ class Reader:
             if on_generated is not None:
                 def done(row: int, c: list[tuple[int, Prepared]] = chunk) -> None:
                     on_generated(c[row][0])
-            answers = self._answers([p for _, p in chunk], opts, done)
+            answers = self._answers(task, [p for _, p in chunk], opts, done)
             seconds = (time.perf_counter() - start) / len(chunk)
             for (i, _), answer in zip(chunk, answers):
                 page = pages[i]
@@ -282,7 +312,7 @@ class Reader:
             prompts = [self._prompt(task, template, band, opts, None) for band in bands]
         except Exception as exc:
             return failed_page(page.source, page.number, task.name, _describe(exc), opts.text)
-        answers = self._answers(prompts, opts)
+        answers = self._answers(task, prompts, opts)
         failed = next((a for a in answers if isinstance(a, PageFailed)), None)
         if failed is not None:
             return self._result(task, page, opts, failed, 0.0)
@@ -300,6 +330,8 @@ class Reader:
             return failed_page(page.source, page.number, task.name, str(answer), opts.text)
         w, h = page.image.size
         fields, task_flags = task.parse(answer.text, (w, h), opts.text)
+        if task.structured and answer.finish_reason != "stop":  # cut by the budget: never passed off as valid
+            fields, task_flags = {**fields, "data": None}, ("incomplete_json",)
         flags = list(answer.flags) + list(task_flags)
         if opts.text_layer == "only" and answer.finish_reason != "text_layer":
             flags.append("no_text_layer")  # asked for the text layer, but this page has none
@@ -308,7 +340,8 @@ class Reader:
                           question=opts.text, width=w, height=h, answer=answer.text, finish_reason=reason,
                           flags=tuple(dict.fromkeys(flags)), prompt_tokens=answer.prompt_tokens,
                           generated_tokens=answer.generated_tokens, retry_temperature=answer.retry_temperature,
-                          seconds=seconds, fields=fields)
+                          seconds=seconds, fields=fields,
+                          grammar=None if answer.grammar is None else answer.grammar.to_json())
 
     # ------------------------------------------------------------------ questions
 

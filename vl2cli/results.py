@@ -20,6 +20,7 @@ TASK_FIELDS: dict[str, dict[str, Any]] = {
     "chart": {"description": None, "data": None},
     "ground": {"objects": [], "caption": ""},
     "caption": {"objects": [], "caption": ""},
+    "extract": {"data": None},
 }
 SCHEMA_FILES = {"page": "page-record.schema.json", "ask": "ask-record.schema.json"}
 
@@ -48,6 +49,7 @@ class PageResult:
     seconds: float = 0.0
     split: Split | None = None
     error: str | None = None  # why a failed page failed
+    grammar: Mapping[str, Any] | None = None  # the grammar that constrained the answer: {"kind", "schema" | "lark"}
     fields: Mapping[str, Any] = field(default_factory=dict)  # the task's parsed fields (see TASK_FIELDS)
 
     @property
@@ -69,7 +71,7 @@ class PageResult:
             "generated_tokens": self.generated_tokens, "retry_temperature": self.retry_temperature,
             "seconds": round(self.seconds, 3),
             "split": None if self.split is None else {"bands": self.split.bands, "reason": self.split.reason},
-            "error": self.error,
+            "error": self.error, "grammar": None if self.grammar is None else dict(self.grammar),
         }
         for name, default in TASK_FIELDS.get(self.task, {}).items():
             record[name] = self.fields.get(name, default)

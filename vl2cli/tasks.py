@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
+from functools import lru_cache
 from importlib.resources import files
 from pathlib import Path
 from typing import Any
@@ -16,8 +17,11 @@ from typing import Any
 from PIL import Image, ImageDraw
 from typing_extensions import override
 
+from vl2cli.engine.grammar import Grammar, GrammarError
 from vl2cli.engine.processor import UserText
 from vl2cli.errors import UsageError
+from vl2cli.extract import csv_row, schema_grammar
+from vl2cli.options import ReadOptions
 from vl2cli.parsers import (
     parse_grounding,
     parse_tables,
@@ -77,12 +81,14 @@ def image_marks(n: int) -> str:
     return "".join(f"This is image_{i}: {IMAGE_MARK}\n" for i in range(1, n + 1))
 
 
-def fill(template: str, text: str | None) -> list[str]:
-    """Template pieces with the user's words, as UserText, where {question} / {query} stand."""
+def fill(template: str, text: str | None, schema: str | None = None) -> list[str]:
+    """Template pieces with the user's words, as UserText, where {question} / {query} (and {schema}) stand."""
     parts: list[str] = []
-    for piece in re.split(r"(\{question\}|\{query\})", template):
+    for piece in re.split(r"(\{question\}|\{query\}|\{schema\})", template):
         if piece in ("{question}", "{query}"):
             parts.append(UserText((text or "").strip()))
+        elif piece == "{schema}":
+            parts.append(UserText(schema or ""))
         elif piece:
             parts.append(piece)
     return parts
@@ -95,6 +101,7 @@ class Task:
     splittable: bool = False  # dense pages may be read in bands and merged
     needs_text: str | None = None  # "question" or "query": the user's words fill the prompt
     whole_document: bool = False  # --out also gets one file per document (pages joined)
+    structured: bool = False  # the answer is a complete document (JSON) or nothing: a cut answer has no data
 
     def template(self, prompt_file: str | None = None) -> str:
         return prompt_file_text(prompt_file) if prompt_file else builtin_prompt(self.name)
@@ -103,10 +110,11 @@ class Task:
         if self.needs_text and not (text or "").strip():
             raise UsageError(f"{self.name}: a {self.needs_text} is required")
 
-    def prompt(self, n_images: int, template: str, text: str | None = None, hint: str | None = None) -> list[str]:
+    def prompt(self, n_images: int, template: str, text: str | None = None, hint: str | None = None,
+               schema: str | None = None) -> list[str]:
         """The user turn: image marks, the template with the user's words, and an optional text-layer hint."""
         self.check_text(text)
-        parts = [image_marks(n_images), *fill(template, text)]
+        parts = [image_marks(n_images), *fill(template, text, schema)]
         if hint:
             parts += ["\nThe page's embedded text layer, for reference:\n", UserText(hint[:4000])]
         return parts
@@ -127,6 +135,11 @@ class Task:
 
     def extension(self, fmt: str) -> str:
         return FORMAT_EXTENSIONS[fmt]
+
+    def grammar(self, opts: ReadOptions, budget: int) -> Grammar | None:
+        """The grammar every answer must follow at this answer budget, if the task and options ask for one."""
+        del opts, budget
+        return None
 
 
 def strip_markdown(text: str) -> str:
@@ -164,7 +177,29 @@ class ChartTask(Task):
         return {"description": description.strip(), "data": tables[0] if tables else None}, ()
 
 
+GROUND_LABEL_CHARS, GROUND_MAX_BOXES, GROUND_MAX_OBJECTS = 60, 8, 10
+
+
+@lru_cache(maxsize=32)
+def grounding_grammar(budget: int) -> Grammar:
+    """`<|ref|>label<|/ref|><|det|>[[x1, y1, x2, y2], ...]<|/det|>`, repeated, coordinates 0-999: every box parses.
+    Sized to the budget (an object costs at most ~420 tokens: a 60-character label, 8 boxes)."""
+    per_object = 5 + GROUND_LABEL_CHARS * 4 + 2 + GROUND_MAX_BOXES * 21
+    objects = min(GROUND_MAX_OBJECTS, (budget - 1) // per_object)
+    if objects < 1:
+        raise GrammarError(f"a grounded answer can need {per_object} tokens; the answer budget is {budget}")
+    return Grammar.from_lark(f"""start: item{{1,{objects}}}
+item: <|ref|> LABEL <|/ref|> <|det|> "[" box (", " box){{0,{GROUND_MAX_BOXES - 1}}} "]" <|/det|>
+box: "[" N ", " N ", " N ", " N "]"
+N: /[0-9]{{1,3}}/
+LABEL: /[^<>\n]{{1,{GROUND_LABEL_CHARS}}}/""")
+
+
 class GroundTask(Task):
+    @override
+    def grammar(self, opts: ReadOptions, budget: int) -> Grammar | None:
+        return grounding_grammar(budget) if opts.strict and self.name == "ground" else None
+
     @override
     def parse(self, answer: str, size: tuple[int, int], text: str | None) -> tuple[dict[str, Any], tuple[str, ...]]:
         objects = parse_grounding(answer, *size, default_label=(text or "").strip())
@@ -196,6 +231,48 @@ def annotate(image: Image.Image, objects: list[dict]) -> Image.Image:
     return out
 
 
+class ExtractTask(Task):
+    """Fields from a JSON Schema: the answer is constrained to the schema, so `data` always validates."""
+
+    @override
+    def grammar(self, opts: ReadOptions, budget: int) -> Grammar | None:
+        if not opts.schema_json:
+            raise UsageError("extract: give --schema FILE or --fields SPEC")
+        return schema_grammar(opts.schema_json, budget)
+
+    @override
+    def parse(self, answer: str, size: tuple[int, int], text: str | None) -> tuple[dict[str, Any], tuple[str, ...]]:
+        del size, text
+        try:
+            return {"data": json.loads(answer)}, ()
+        except ValueError:
+            return {"data": None}, ("incomplete_json",)
+
+    @override
+    def render(self, result: PageResult, fmt: str) -> str:
+        if fmt == "csv":
+            schema = (result.grammar or {}).get("schema")
+            return self.csv_lines([result], json.dumps(schema) if schema else None)
+        return super().render(result, fmt)
+
+    def columns(self, schema_json: str | None) -> list[str]:
+        schema = json.loads(schema_json) if schema_json else {}
+        return list((schema.get("properties") or {}).keys())
+
+    def csv_lines(self, results: list[PageResult], schema_json: str | None, header: bool = True) -> str:
+        """One row per page (or document): source, page, then the top-level fields; nested values as JSON."""
+        import csv
+        import io
+        columns = self.columns(schema_json)
+        buf = io.StringIO()
+        writer = csv.writer(buf, lineterminator="\n")
+        if header:
+            writer.writerow(["source", "page", *columns])
+        for result in results:
+            writer.writerow([result.source, result.page, *csv_row(result.fields.get("data"), columns)])
+        return buf.getvalue()
+
+
 TASKS: dict[str, Task] = {
     "ocr": Task("ocr", splittable=True, whole_document=True),
     "ask": Task("ask", needs_text="question"),
@@ -203,6 +280,7 @@ TASKS: dict[str, Task] = {
     "chart": ChartTask("chart"),
     "ground": GroundTask("ground", needs_text="query"),
     "caption": GroundTask("caption"),
+    "extract": ExtractTask("extract", formats=("json", "jsonl", "csv"), structured=True),
 }
 
 

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from vl2cli.engine.cache import KVCache
+from vl2cli.engine.grammar import Grammar, RowMasks
 
 if TYPE_CHECKING:
     from vl2cli.engine.model import DeepseekVL2
@@ -35,8 +36,9 @@ class Generation:
     prompt_tokens: int = 0
 
 
-# A stop rule sees one row's generated ids and returns a reason to stop it, or None.
-StopRule = Callable[[list[int]], "str | None"]
+# A stop rule sees one row's generated ids (and whether a grammar constrains the row) and returns a reason to
+# stop it, or None.
+StopRule = Callable[[list[int], bool], "str | None"]
 
 
 def apply_repetition_penalty(logits: torch.Tensor, seen: list[torch.Tensor], penalty: float) -> torch.Tensor:
@@ -63,11 +65,13 @@ def choose_tokens(logits: torch.Tensor, params: SamplingParams, generator: torch
 
 
 class Engine:
-    def __init__(self, model: DeepseekVL2, eos_id: int, pad_id: int, prefill_chunk: int | None = None):
+    def __init__(self, model: DeepseekVL2, eos_id: int, pad_id: int, prefill_chunk: int | None = None,
+                 grammar_tokenizer: Callable[[], Any] | None = None):
         self.model = model
         self.eos_id = eos_id
         self.pad_id = pad_id if pad_id is not None else eos_id
         self.prefill_chunk = prefill_chunk
+        self.grammar_tokenizer = grammar_tokenizer  # llguidance's tokenizer, built on first use
 
     def _batch(self, prompts: list[Prepared]):
         """Left-pad the prompts into one batch: ids, image mask and validity [b, T]."""
@@ -101,10 +105,10 @@ class Engine:
         logits = torch.cat(outputs, dim=1) if all_logits else outputs[-1][:, -1]
         return logits, cache
 
-    def _finish_reason(self, ids: list[int], stop_rule: StopRule | None, budget: int) -> str | None:
+    def _finish_reason(self, ids: list[int], stop_rule: StopRule | None, budget: int, constrained: bool) -> str | None:
         if ids[-1] == self.eos_id:
             return "stop"
-        if stop_rule and (reason := stop_rule(ids)):
+        if stop_rule and (reason := stop_rule(ids, constrained)):
             return reason
         return "length" if len(ids) >= budget else None
 
@@ -112,11 +116,13 @@ class Engine:
     def generate(self, prompts: list[Prepared], params: SamplingParams,
                  on_token: Callable[[int, int], None] | None = None,
                  stop_rule: StopRule | None = None, budgets: list[int] | None = None,
-                 on_finish: Callable[[int], None] | None = None) -> list[Generation]:
+                 on_finish: Callable[[int], None] | None = None,
+                 grammars: list[Grammar | None] | None = None) -> list[Generation]:
         """Generate for a batch of prompts; each row stops on its own and leaves the batch.
 
         `budgets` caps each row's answer (default: params.max_new_tokens for every row); `on_finish(row)`
-        is called as each row ends, `on_token(row, token)` for each token.
+        is called as each row ends, `on_token(row, token)` for each token; `grammars` constrains rows
+        (None for a free row): a constrained row may end only where its grammar is complete.
         """
         budgets = budgets or [params.max_new_tokens] * len(prompts)
         results = [Generation(prompt_tokens=len(p.input_ids)) for p in prompts]
@@ -126,28 +132,25 @@ class Engine:
         generator = None
         if params.seed is not None:
             generator = torch.Generator(device=self.model.device).manual_seed(params.seed)
+        masks = self._masks(grammars)
         logits, cache = self.prefill(prompts, longest)
         active = list(range(len(prompts)))  # result index of each cache row
         seen = [torch.tensor([i for i, m in zip(p.input_ids, p.image_mask) if not m], dtype=torch.long,
                              device=self.model.device) for p in prompts]
         for _ in range(longest):
             logits = apply_repetition_penalty(logits, [seen[i] for i in active], params.repetition_penalty)
+            if masks is not None:
+                masks.apply(logits, active)
             tokens = choose_tokens(logits, params, generator)
             keep = []
             # Host sync, the one a step needs: stop rules and streaming read the sampled tokens on the host.
             for row, token in enumerate(tokens.tolist()):
                 index = active[row]
-                results[index].ids.append(token)
-                if on_token:
-                    on_token(index, token)
                 if params.repetition_penalty != 1.0:
                     seen[index] = torch.cat([seen[index], tokens[row:row + 1]])
-                reason = self._finish_reason(results[index].ids, stop_rule, budgets[index])
-                if reason is None:
+                if self._take(results[index], index, token, budgets[index], masks, stop_rule, on_token):
                     keep.append(row)
-                    continue
-                results[index].finish_reason = reason
-                if on_finish:
+                elif on_finish:
                     on_finish(index)
             if not keep:
                 break
@@ -158,6 +161,27 @@ class Engine:
                 active = [active[r] for r in keep]
             logits = self.decode_step(tokens, cache)
         return results
+
+    def _take(self, result: Generation, index: int, token: int, budget: int, masks: RowMasks | None,
+              stop_rule: StopRule | None, on_token: Callable[[int, int], None] | None) -> bool:
+        """Append a row's token; False (with the finish reason set) when the row ends here."""
+        result.ids.append(token)
+        if on_token:
+            on_token(index, token)
+        constrained = masks is not None and masks.constrained(index)
+        if masks is not None and constrained and token != self.eos_id:
+            masks.consume(index, token)
+        reason = self._finish_reason(result.ids, stop_rule, budget, constrained)
+        if reason is not None:
+            result.finish_reason = reason
+        return reason is None
+
+    def _masks(self, grammars: list[Grammar | None] | None) -> RowMasks | None:
+        if not grammars or all(g is None for g in grammars):
+            return None
+        if self.grammar_tokenizer is None:
+            raise RuntimeError("a grammar was given but the engine has no grammar tokenizer")
+        return RowMasks(self.grammar_tokenizer(), grammars, self.model.cfg.language.vocab_size)
 
     def decode_step(self, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """One token per row [b] -> next-token logits [b, V]; no host sync of its own beyond the MoE layers'."""
