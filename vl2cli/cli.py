@@ -133,6 +133,10 @@ Split = Annotated[str, typer.Option(help="Dense pages: auto, never, or N bands."
 TextLayer = Annotated[str, typer.Option("--text-layer", help="Born-digital PDFs: off, hint or only.")]
 MaxPixels = Annotated[int, typer.Option("--max-pixels", help="Refuse pages above this many pixels.")]
 Redo = Annotated[str, typer.Option("--redo", help="With --out: none (resume), failed or all.")]
+SchemaFile = Annotated[str | None, typer.Option("--schema", help="extract: a JSON Schema file.")]
+Fields = Annotated[str | None, typer.Option("--fields", help='extract: shorthand, e.g. "number, total:number, '
+                                                             'date:date, items:[{name, qty:integer}]".')]
+Per = Annotated[str, typer.Option("--per", help="extract: one object per page, or per document (merged).")]
 
 
 @dataclass(frozen=True)
@@ -189,6 +193,7 @@ class ReadRequest:
     quiet: bool = False
     summary_json: bool = False
     auto_batch: bool = False  # no --batch-size given: choose from the device's free memory
+    per_document: bool = False  # extract: one merged record per document
 
 
 def _validated(req: ReadRequest) -> tuple[str, list[Source], list[str]]:
@@ -223,7 +228,8 @@ def _read(req: ReadRequest) -> None:
         log.warning("%s", note)
     folder = req.choice.resolve()
     job = Job(req.task, req.read, req.pages, req.fmt, str(folder.resolve()), template)
-    sink: Any = _folder_sink(req, job) if req.out is not None else StdoutSink(job, req.quiet, sources)
+    sink: Any = (_folder_sink(req, job) if req.out is not None
+                 else StdoutSink(job, req.quiet, sources, req.per_document))
     summary = Summary()
     try:
         work = plan_work(job, sources, sink, summary)
@@ -242,7 +248,8 @@ def _read(req: ReadRequest) -> None:
 def _folder_sink(req: ReadRequest, job: Job) -> Any:
     from vl2cli.sinks import FolderSink
     assert req.out is not None
-    return Reported(FolderSink(req.out, job, redo=req.redo), req.quiet)  # type: ignore[arg-type]
+    return Reported(FolderSink(req.out, job, redo=req.redo, per_document=req.per_document),  # type: ignore[arg-type]
+                    req.quiet)
 
 
 class Reported:
@@ -284,13 +291,15 @@ def _report(req: ReadRequest, summary: Summary, written: list[str]) -> None:
 
 
 class StdoutSink:
-    """Results to stdout as they are final: text with page separators, JSON as one list, JSON Lines per line."""
+    """Results to stdout as they are final: text with page separators, JSON as one list, JSON Lines per line;
+    extraction CSV as one table; with --per document, one merged record per document at the end."""
 
-    def __init__(self, job: Job, quiet: bool, sources: list[Source]):
-        self.job, self.quiet = job, quiet
+    def __init__(self, job: Job, quiet: bool, sources: list[Source], per_document: bool = False):
+        self.job, self.quiet, self.per_document = job, quiet, per_document
         self.several = len(sources) > 1
-        self.order = {s.label: i for i, s in enumerate(sources)}  # JSON lists follow the inputs' order
-        self.records: list[dict] = []
+        self.order = {s.label: i for i, s in enumerate(sources)}  # collected output follows the inputs' order
+        self.collected: list[PageResult] = []
+        self.collect = job.fmt == "json" or per_document or (job.fmt == "csv" and job.task.structured)
         self.printed = 0
 
     def done(self, _item: PageItem) -> bool:
@@ -299,8 +308,8 @@ class StdoutSink:
     def emit(self, item: PageItem, result: PageResult, _page: Page | None) -> PageResult:
         _say(result, self.quiet)
         fmt = self.job.fmt
-        if fmt == "json":
-            self.records.append(result.to_json())
+        if self.collect:
+            self.collected.append(result)
         elif fmt == "jsonl":
             typer.echo(self.job.task.render(result, "jsonl"))
         elif result.ok:
@@ -317,10 +326,21 @@ class StdoutSink:
         typer.echo(self.job.task.render(result, self.job.fmt))
         self.printed += 1
 
-    def close(self, _sources: list[Source]) -> list[str]:
+    def close(self, sources: list[Source]) -> list[str]:
+        if not self.collect:
+            return []
+        from vl2cli.extract import merged_result
+        results = sorted(self.collected, key=lambda r: (self.order.get(r.source, len(self.order)), r.page))
+        if self.per_document:
+            results = [merged_result([r for r in results if r.source == s.label]) for s in sources
+                       if any(r.source == s.label for r in results)]
         if self.job.fmt == "json":
-            self.records.sort(key=lambda r: (self.order.get(r["source"], len(self.order)), r["page"]))
-            typer.echo(json.dumps(self.records, ensure_ascii=False, indent=1))
+            typer.echo(json.dumps([r.to_json() for r in results], ensure_ascii=False, indent=1))
+        elif self.job.fmt == "csv":
+            typer.echo(self.job.task.csv_lines(results, self.job.read.schema_json), nl=False)  # type: ignore[attr-defined]
+        else:
+            for r in results:
+                typer.echo(self.job.task.render(r, self.job.fmt))
         return []
 
 
@@ -414,16 +434,35 @@ def _print_summary(summary: Summary, out: Path, written: list[str]) -> None:
 def _request(task_name: str, inputs: list[str], text: str | None, fmt: str, *, out: Path | None, model: str,
              quant: str, device: str, dtype: str, revision: str | None, offline: bool, max_new_tokens: int,
              temperature: float, prompt_file: str | None, pages: str | None, dpi: int, password: str | None,
-             batch_size: int | None, split: str, text_layer: str, max_pixels: int, **rest: Any) -> ReadRequest:
+             batch_size: int | None, split: str, text_layer: str, max_pixels: int, schema: str | None = None,
+             fields: str | None = None, per: str = "page", strict: bool = True, **rest: Any) -> ReadRequest:
     from vl2cli.tasks import get_task
+    if per not in ("page", "document"):
+        raise UsageError(f"--per {per!r}: expected page or document")
+    schema_json = _schema_json(schema, fields, max_new_tokens) if task_name == "extract" else None
+    if strict and task_name == "ground":
+        from vl2cli.tasks import grounding_grammar
+        grounding_grammar(max_new_tokens)  # a budget too short for a strict answer is a usage error, now
     read = ReadOptions(max_new_tokens=max_new_tokens, temperature=temperature, text=text, prompt_file=prompt_file,
                        split=split, text_layer=text_layer,  # type: ignore[arg-type]
-                       batch_size=DEFAULT_BATCH_SIZE if batch_size is None else batch_size)
+                       batch_size=DEFAULT_BATCH_SIZE if batch_size is None else batch_size, schema_json=schema_json,
+                       strict=strict and task_name == "ground")
     page_opts = PageOptions(pages=pages, dpi=dpi, password=password, max_pixels=max_pixels,
                             text_layer=text_layer != "off")
     return ReadRequest(get_task(task_name), inputs, text, fmt, out,
                        ModelChoice(model, quant, device, dtype, revision, offline), read, page_opts,
-                       auto_batch=batch_size is None, **rest)
+                       auto_batch=batch_size is None, per_document=per == "document", **rest)
+
+
+def _schema_json(schema: str | None, fields: str | None, max_new_tokens: int) -> str:
+    """The extraction schema as canonical JSON, checked (compiled at the answer budget) before any model loads."""
+    from vl2cli.extract import load_schema_file, schema_from_fields, schema_grammar
+    if (schema is None) == (fields is None):
+        raise UsageError("extract: give either --schema FILE or --fields SPEC")
+    raw = load_schema_file(schema) if schema is not None else schema_from_fields(fields or "")
+    canonical = json.dumps(raw, separators=(",", ":"), ensure_ascii=False)  # the user's field order is kept
+    schema_grammar(canonical, max_new_tokens)
+    return canonical
 
 
 def _task_command(name: str, help_text: str, needs: str | None = None, default_fmt: str = "markdown") -> None:
@@ -438,7 +477,8 @@ def _task_command(name: str, help_text: str, needs: str | None = None, default_f
         verbose: Verbose = False, quiet: Quiet = False, json_out: JsonOut = False, pages: Pages = None,
         dpi: Dpi = DEFAULT_DPI, password: Password = None, revision: Revision = None, offline: Offline = False,
         batch_size: BatchSize = None, split: Split = "auto", text_layer: TextLayer = "off",
-        max_pixels: MaxPixels = DEFAULT_MAX_PIXELS, redo: Redo = "none",
+        max_pixels: MaxPixels = DEFAULT_MAX_PIXELS, redo: Redo = "none", schema: SchemaFile = None,
+        fields: Fields = None, per: Per = "page", strict: bool = True,
     ) -> None:
         text = None
         if needs:
@@ -449,10 +489,19 @@ def _task_command(name: str, help_text: str, needs: str | None = None, default_f
                        device=device, dtype=dtype, revision=revision, offline=offline, max_new_tokens=max_new_tokens,
                        temperature=temperature, prompt_file=prompt_file, pages=pages, dpi=dpi, password=password,
                        batch_size=batch_size, split=split, text_layer=text_layer, max_pixels=max_pixels, redo=redo,
-                       verbose=verbose, quiet=quiet, summary_json=json_out))
+                       verbose=verbose, quiet=quiet, summary_json=json_out, schema=schema, fields=fields, per=per,
+                       strict=strict))
 
     command.__doc__ = help_text
     command.__annotations__["fmt"] = Annotated[str, typer.Option("--format", "-f", help=f"Output format: {formats}.")]
+    command.__annotations__["strict"] = Annotated[bool, typer.Option(
+        "--strict/--no-strict", hidden=name != "ground", help="Constrain answers to the grounding format: every box "
+        "parses.")]
+    if name != "extract":  # the schema options belong to extract alone
+        command.__annotations__.update(
+            schema=Annotated[str | None, typer.Option("--schema", hidden=True)],
+            fields=Annotated[str | None, typer.Option("--fields", hidden=True)],
+            per=Annotated[str, typer.Option("--per", hidden=True)])
     if needs:  # the query is the last positional word: say so in --help
         help_words = f"PDFs, images, folders, or - for stdin; the {needs} comes last."
         command.__annotations__["inputs"] = Annotated[list[str], typer.Argument(help=help_words)]
@@ -467,12 +516,15 @@ _task_command("ground", "Boxes of the described object, in pixels and 0-999.\n\n
               'Example: vl2 ground samples/objects.png "the red circle" --out boxes/', needs="query")
 _task_command("caption", "Grounded caption: every object mentioned, with boxes.\n\n"
               "Example: vl2 caption samples/objects.png --out caps/")
+_task_command("extract", "Fields from a JSON Schema, always valid JSON (constrained decoding).\n\n"
+              'Example: vl2 extract samples/invoice.png --fields "invoice_number, total:number, date:date"',
+              default_fmt="json")
 
 
 @app.command()
 def batch(
     inputs: Annotated[list[str], typer.Argument(help="Folders, files or globs.")],
-    task: Annotated[str, typer.Option(help="ocr, table, chart, ask, ground or caption.")] = "ocr",
+    task: Annotated[str, typer.Option(help="ocr, table, chart, ask, ground, caption or extract.")] = "ocr",
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder (resumable).")] = Path("results"),
     question: Annotated[str | None, typer.Option(help="Question (ask) or object (ground).")] = None,
     glob: Annotated[str | None, typer.Option(help="Only files matching this pattern in folders.")] = None,
@@ -483,7 +535,10 @@ def batch(
     verbose: Verbose = False, quiet: Quiet = False, json_out: JsonOut = False, pages: Pages = None,
     dpi: Dpi = DEFAULT_DPI, password: Password = None, revision: Revision = None, offline: Offline = False,
     batch_size: BatchSize = None, split: Split = "auto", text_layer: TextLayer = "off",
-    max_pixels: MaxPixels = DEFAULT_MAX_PIXELS, redo: Redo = "none",
+    max_pixels: MaxPixels = DEFAULT_MAX_PIXELS, redo: Redo = "none", schema: SchemaFile = None, fields: Fields = None,
+    per: Per = "page",
+    strict: Annotated[bool, typer.Option("--strict/--no-strict", help="ground: constrain to the grounding "
+                                                                      "format.")] = True,
 ) -> None:
     """Read every page of many documents into --out; rerun to resume.
 
@@ -494,7 +549,8 @@ def batch(
                    device=device, dtype=dtype, revision=revision, offline=offline, max_new_tokens=max_new_tokens,
                    temperature=temperature, prompt_file=prompt_file, pages=pages, dpi=dpi, password=password,
                    batch_size=batch_size, split=split, text_layer=text_layer, max_pixels=max_pixels, glob=glob,
-                   redo=redo, named_files=False, verbose=verbose, quiet=quiet, summary_json=json_out))
+                   redo=redo, named_files=False, verbose=verbose, quiet=quiet, summary_json=json_out, schema=schema,
+                   fields=fields, per=per, strict=strict))
 
 
 # ---------------------------------------------------------------------- ask

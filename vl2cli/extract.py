@@ -22,6 +22,7 @@ from typing import Any
 
 from vl2cli.engine.grammar import Grammar, GrammarError
 from vl2cli.errors import UsageError
+from vl2cli.results import PageResult
 
 DEFAULT_STRING_CHARS, MIN_STRING_CHARS = 200, 8
 DEFAULT_ARRAY_ITEMS, MIN_ARRAY_ITEMS = 50, 1
@@ -296,6 +297,21 @@ def _merge(a: Any, b: Any) -> Any:
     if isinstance(a, list) and isinstance(b, list):
         return a + copy.deepcopy(b)
     return a
+
+
+def merged_result(results: list[PageResult]) -> PageResult:
+    """A document's record from its pages' records (page 0 stands for the whole document)."""
+    ok = [r for r in results if r.ok]
+    first = results[0]
+    if not ok:
+        return PageResult(first.source, 0, first.task, "failed", question=first.question,
+                          error="no page of the document could be read: " + "; ".join(r.error or "" for r in results))
+    data = merge_objects([r.fields.get("data") for r in ok if r.fields.get("data") is not None])
+    return PageResult(first.source, 0, first.task, "ok", question=first.question, width=ok[0].width,
+                      height=ok[0].height, answer=json.dumps(data, ensure_ascii=False), finish_reason="stop",
+                      flags=tuple(dict.fromkeys(f for r in ok for f in r.flags)),
+                      prompt_tokens=sum(r.prompt_tokens for r in ok), generated_tokens=sum(r.generated_tokens for r in ok),
+                      seconds=sum(r.seconds for r in ok), grammar=ok[0].grammar, fields={"data": data})
 
 
 def csv_row(data: Any, columns: list[str]) -> list[str]:

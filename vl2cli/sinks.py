@@ -116,9 +116,10 @@ class Index:
 
 
 class FolderSink:
-    def __init__(self, out: Path, job: Job, redo: Redo = "none", boxes_png: bool = True):
+    def __init__(self, out: Path, job: Job, redo: Redo = "none", boxes_png: bool = True, per_document: bool = False):
         check_output_folder(out)
         self.out, self.job, self.redo, self.boxes_png = out, job, redo, boxes_png
+        self.per_document = per_document
         self.lock = FolderLock(out)
         remove_own_temp_files(out)
         self.index = Index(out)
@@ -188,6 +189,8 @@ class FolderSink:
                 written.append(self._write_results(sources))
             if self.job.task.whole_document and self.job.fmt in ("markdown", "text"):
                 written += [self._write_document(s) for s in sources if self._any_done(s)]
+            if self.per_document:
+                written += [self._write_merged(s) for s in sources if self._any_done(s)]
         finally:
             self.lock.release()
         return written
@@ -215,6 +218,20 @@ class FolderSink:
         atomic_write_text(self.out / RESULTS_NAME, "\n".join(lines) + ("\n" if lines else ""))
         return RESULTS_NAME
 
+    def _write_merged(self, source: Source) -> str:
+        """extract --per document: one record for the document, from its pages' records on disk (resumed runs too)."""
+        from vl2cli.extract import merged_result
+        results = []
+        for number in source.numbers:
+            entry = self._entry(source, number)
+            record = self._record(entry) if entry else None
+            if record is not None:
+                results.append(PageResult(**_result_fields(record)))
+        rel = _merged_name(self, source)
+        self._check_inside(rel)
+        atomic_write_text(self.out / rel, self.job.task.render(merged_result(results), "json") + "\n")
+        return rel
+
     def _write_document(self, source: Source) -> str:
         """The pages of one document in order, each opened by a `<!-- page N -->` line."""
         ext = self.job.task.extension(self.job.fmt)
@@ -234,12 +251,16 @@ class FolderSink:
         return rel
 
 
+def _merged_name(sink: FolderSink, source: Source) -> str:
+    return f"{safe_name(source.name or source.label)}.{sink.job.task.name}.json"
+
+
 def _result_fields(record: dict[str, Any]) -> dict[str, Any]:
     """A record read back from disk as PageResult arguments (the text renderings need answer and fields)."""
     from vl2cli.results import TASK_FIELDS, Split
     common = {k: record[k] for k in ("source", "page", "task", "status", "question", "width", "height", "answer",
                                      "finish_reason", "prompt_tokens", "generated_tokens", "retry_temperature",
-                                     "seconds", "error")}
+                                     "seconds", "error", "grammar")}
     split = record.get("split")
     return {**common, "flags": tuple(record.get("flags", ())), "split": Split(**split) if split else None,
             "fields": {k: record.get(k) for k in TASK_FIELDS.get(record["task"], {})}}

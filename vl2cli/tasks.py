@@ -177,22 +177,30 @@ class ChartTask(Task):
         return {"description": description.strip(), "data": tables[0] if tables else None}, ()
 
 
-GROUND_LABEL_CHARS, GROUND_MAX_BOXES, GROUND_MAX_OBJECTS = 60, 8, 10
+GROUND_LABEL_CHARS, GROUND_MAX_BOXES, GROUND_MAX_OBJECTS = 40, 6, 10
+GROUND_BOX_TOKENS = 21  # "[999, 999, 999, 999], " at one byte a token, the worst case
 
 
 @lru_cache(maxsize=32)
 def grounding_grammar(budget: int) -> Grammar:
     """`<|ref|>label<|/ref|><|det|>[[x1, y1, x2, y2], ...]<|/det|>`, repeated, coordinates 0-999: every box parses.
-    Sized to the budget (an object costs at most ~420 tokens: a 60-character label, 8 boxes)."""
-    per_object = 5 + GROUND_LABEL_CHARS * 4 + 2 + GROUND_MAX_BOXES * 21
-    objects = min(GROUND_MAX_OBJECTS, (budget - 1) // per_object)
+
+    Sized to the budget: up to 10 objects of a 40-character label and 6 boxes (~290 tokens each); a short budget
+    gets fewer, smaller objects, down to one object with one box and a 4-character label."""
+    room = budget - 1  # the end token
+    boxes, label = GROUND_MAX_BOXES, GROUND_LABEL_CHARS
+    while 7 + label * 4 + boxes * GROUND_BOX_TOKENS > room and (boxes > 1 or label > 4):
+        boxes, label = max(1, boxes - 1), max(4, label * 3 // 4)
+    per_object = 7 + label * 4 + boxes * GROUND_BOX_TOKENS
+    objects = min(GROUND_MAX_OBJECTS, room // per_object)
     if objects < 1:
-        raise GrammarError(f"a grounded answer can need {per_object} tokens; the answer budget is {budget}")
+        raise GrammarError(f"--strict grounding needs at least {per_object + 1} tokens; the answer budget is {budget} "
+                           "(raise --max-new-tokens, or pass --no-strict)")
     return Grammar.from_lark(f"""start: item{{1,{objects}}}
-item: <|ref|> LABEL <|/ref|> <|det|> "[" box (", " box){{0,{GROUND_MAX_BOXES - 1}}} "]" <|/det|>
+item: <|ref|> LABEL <|/ref|> <|det|> "[" box (", " box){{0,{boxes - 1}}} "]" <|/det|>
 box: "[" N ", " N ", " N ", " N "]"
 N: /[0-9]{{1,3}}/
-LABEL: /[^<>\n]{{1,{GROUND_LABEL_CHARS}}}/""")
+LABEL: /[^<>\\n]{{1,{label}}}/""")
 
 
 class GroundTask(Task):

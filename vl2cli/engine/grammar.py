@@ -41,7 +41,7 @@ class Grammar:
             compiled = llguidance.LLMatcher.grammar_from_json_schema(schema, defaults=cast(Any, JSON_OPTIONS))
         except ValueError as exc:
             raise GrammarError(f"the schema is not a JSON object ({exc})") from None
-        return cls("json_schema", json.dumps(schema, separators=(",", ":"), sort_keys=True), _checked(compiled))
+        return cls("json_schema", json.dumps(schema, separators=(",", ":"), ensure_ascii=False), _checked(compiled))
 
     @classmethod
     def from_lark(cls, text: str) -> Grammar:
