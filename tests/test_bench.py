@@ -10,11 +10,12 @@ from bench import run
 def test_benchmarks_smoke():
     results = {r["bench"]: r for r in run("all", smoke=True)}
     assert set(results) == {"moe_dispatch", "kv_cache", "batching", "memory", "pages_in", "loading_peak_ram",
-                            "cold_start", "decode_step_counts"}
+                            "cold_start", "decode_step_counts", "constrained_decoding"}
     assert results["loading_peak_ram"]["within_budget"]
     assert results["kv_cache"]["mla_cache_bytes_per_token_small_bf16"] == (512 + 64) * 27 * 2  # measured cache
     assert results["kv_cache"]["mha_cache_bytes_per_token_tiny_bf16"] == 2 * 10 * 128 * 12 * 2  # K and V
     assert results["memory"]["nf4_over_bf16_linear_bytes"] <= 0.30
+    assert results["constrained_decoding"]["masked_over_free_step"] <= 1.5  # 1.03 measured on 2 layers
     json.dumps(results)
 
 
