@@ -242,3 +242,18 @@ def test_grammar_is_part_of_the_page_key():
     keys = {Job(get_task("extract"), ReadOptions(schema_json=s), PageOptions(), "json", "m", "t").page_key(source, 1)
             for s in ('{"type":"object"}', '{"type":"array"}')}
     assert len(keys) == 2
+
+
+def test_strict_tables_are_well_formed_markdown_line_by_line():
+    import re
+    result = vl2("table", IMG, "--strict", "-f", "json", "--temperature", "1.0", tokens=600)
+    assert result.exit_code == 0, result.output
+    [record] = json.loads(result.stdout)
+    assert record["grammar"]["kind"] == "lark"
+    answer = record["answer"]
+    lines = answer.split("\n")[:-1] if not answer.endswith("\n") else answer.split("\n")
+    for i, line in enumerate(line for line in lines if line):  # every finished line is a table row
+        pattern = r"\|(:?-{3}:?\|)+" if i == 1 else r"\|([^|\n<>]{1,120}\|)+"
+        assert re.fullmatch(pattern, line), line
+    loose = vl2("table", IMG, "-f", "json", tokens=8)
+    assert json.loads(loose.stdout)[0]["grammar"] is None  # off unless asked

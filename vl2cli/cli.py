@@ -435,21 +435,22 @@ def _request(task_name: str, inputs: list[str], text: str | None, fmt: str, *, o
              quant: str, device: str, dtype: str, revision: str | None, offline: bool, max_new_tokens: int,
              temperature: float, prompt_file: str | None, pages: str | None, dpi: int, password: str | None,
              batch_size: int | None, split: str, text_layer: str, max_pixels: int, schema: str | None = None,
-             fields: str | None = None, per: str = "page", strict: bool = True, **rest: Any) -> ReadRequest:
+             fields: str | None = None, per: str = "page", strict: bool | None = None, **rest: Any) -> ReadRequest:
     from vl2cli.tasks import get_task
     if per not in ("page", "document"):
         raise UsageError(f"--per {per!r}: expected page or document")
     schema_json = _schema_json(schema, fields, max_new_tokens) if task_name == "extract" else None
-    if strict and task_name == "ground":
-        from vl2cli.tasks import grounding_grammar
-        grounding_grammar(max_new_tokens)  # a budget too short for a strict answer is a usage error, now
+    task = get_task(task_name)
+    strict = task.strict_by_default if strict is None else strict
+    if strict:
+        task.check_strict(max_new_tokens)  # a budget too short for a strict answer is a usage error, now
     read = ReadOptions(max_new_tokens=max_new_tokens, temperature=temperature, text=text, prompt_file=prompt_file,
                        split=split, text_layer=text_layer,  # type: ignore[arg-type]
                        batch_size=DEFAULT_BATCH_SIZE if batch_size is None else batch_size, schema_json=schema_json,
-                       strict=strict and task_name == "ground")
+                       strict=strict)
     page_opts = PageOptions(pages=pages, dpi=dpi, password=password, max_pixels=max_pixels,
                             text_layer=text_layer != "off")
-    return ReadRequest(get_task(task_name), inputs, text, fmt, out,
+    return ReadRequest(task, inputs, text, fmt, out,
                        ModelChoice(model, quant, device, dtype, revision, offline), read, page_opts,
                        auto_batch=batch_size is None, per_document=per == "document", **rest)
 
@@ -478,7 +479,7 @@ def _task_command(name: str, help_text: str, needs: str | None = None, default_f
         dpi: Dpi = DEFAULT_DPI, password: Password = None, revision: Revision = None, offline: Offline = False,
         batch_size: BatchSize = None, split: Split = "auto", text_layer: TextLayer = "off",
         max_pixels: MaxPixels = DEFAULT_MAX_PIXELS, redo: Redo = "none", schema: SchemaFile = None,
-        fields: Fields = None, per: Per = "page", strict: bool = True,
+        fields: Fields = None, per: Per = "page", strict: bool | None = None,
     ) -> None:
         text = None
         if needs:
@@ -494,9 +495,10 @@ def _task_command(name: str, help_text: str, needs: str | None = None, default_f
 
     command.__doc__ = help_text
     command.__annotations__["fmt"] = Annotated[str, typer.Option("--format", "-f", help=f"Output format: {formats}.")]
-    command.__annotations__["strict"] = Annotated[bool, typer.Option(
-        "--strict/--no-strict", hidden=name != "ground", help="Constrain answers to the grounding format: every box "
-        "parses.")]
+    command.__annotations__["strict"] = Annotated[bool | None, typer.Option(
+        "--strict/--no-strict", hidden=name not in ("ground", "table"), show_default=False,
+        help="Constrain answers by a grammar: every box parses (ground, on by default) / a well-formed markdown table "
+             "(table, off by default).")]
     if name != "extract":  # the schema options belong to extract alone
         command.__annotations__.update(
             schema=Annotated[str | None, typer.Option("--schema", hidden=True)],
@@ -537,8 +539,9 @@ def batch(
     batch_size: BatchSize = None, split: Split = "auto", text_layer: TextLayer = "off",
     max_pixels: MaxPixels = DEFAULT_MAX_PIXELS, redo: Redo = "none", schema: SchemaFile = None, fields: Fields = None,
     per: Per = "page",
-    strict: Annotated[bool, typer.Option("--strict/--no-strict", help="ground: constrain to the grounding "
-                                                                      "format.")] = True,
+    strict: Annotated[bool | None, typer.Option("--strict/--no-strict", show_default=False,
+                                                help="Grammar-constrained answers: ground (default on), table "
+                                                     "(default off).")] = None,
 ) -> None:
     """Read every page of many documents into --out; rerun to resume.
 

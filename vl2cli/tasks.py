@@ -136,10 +136,17 @@ class Task:
     def extension(self, fmt: str) -> str:
         return FORMAT_EXTENSIONS[fmt]
 
+    strict_by_default: bool = False
+
     def grammar(self, opts: ReadOptions, budget: int) -> Grammar | None:
         """The grammar every answer must follow at this answer budget, if the task and options ask for one."""
         del opts, budget
         return None
+
+    def check_strict(self, budget: int) -> None:
+        """--strict: compile the task's grammar at the user's budget, so a problem is a usage error up front."""
+        del budget
+        raise UsageError(f"{self.name}: --strict applies to ground and table")
 
 
 def strip_markdown(text: str) -> str:
@@ -147,7 +154,29 @@ def strip_markdown(text: str) -> str:
     return re.sub(r"(\*\*|__)(.*?)\1", r"\2", text)
 
 
+TABLE_MAX_COLUMNS, TABLE_MAX_ROWS, TABLE_CELL_CHARS = 24, 500, 120
+@lru_cache(maxsize=1)
+def table_grammar() -> Grammar:
+    """A well-formed markdown table: a header row, the separator, then rows, each ending with a newline. Unlike
+    extraction it is not sized to the budget: a table cut short still parses row by row (flag token_budget_reached)."""
+    return Grammar.from_lark(f"""start: row sep row{{0,{TABLE_MAX_ROWS}}}
+row: "|" CELL ("|" CELL){{0,{TABLE_MAX_COLUMNS - 1}}} "|" "\\n"
+sep: "|" SEP ("|" SEP){{0,{TABLE_MAX_COLUMNS - 1}}} "|" "\\n"
+CELL: /[^|\\n<>]{{1,{TABLE_CELL_CHARS}}}/
+SEP: /:?-{{3}}:?/""")
+
+
 class TableTask(Task):
+    @override
+    def grammar(self, opts: ReadOptions, budget: int) -> Grammar | None:
+        del budget
+        return table_grammar() if opts.strict else None
+
+    @override
+    def check_strict(self, budget: int) -> None:
+        del budget
+        table_grammar()
+
     @override
     def parse(self, answer: str, size: tuple[int, int], text: str | None) -> tuple[dict[str, Any], tuple[str, ...]]:
         del size, text
@@ -207,6 +236,11 @@ class GroundTask(Task):
     @override
     def grammar(self, opts: ReadOptions, budget: int) -> Grammar | None:
         return grounding_grammar(budget) if opts.strict and self.name == "ground" else None
+
+    @override
+    def check_strict(self, budget: int) -> None:
+        if self.name == "ground":
+            grounding_grammar(budget)
 
     @override
     def parse(self, answer: str, size: tuple[int, int], text: str | None) -> tuple[dict[str, Any], tuple[str, ...]]:
@@ -286,7 +320,7 @@ TASKS: dict[str, Task] = {
     "ask": Task("ask", needs_text="question"),
     "table": TableTask("table", formats=("json", "jsonl", "csv", "markdown", "html")),
     "chart": ChartTask("chart"),
-    "ground": GroundTask("ground", needs_text="query"),
+    "ground": GroundTask("ground", needs_text="query", strict_by_default=True),
     "caption": GroundTask("caption"),
     "extract": ExtractTask("extract", formats=("json", "jsonl", "csv"), structured=True),
 }
