@@ -646,26 +646,47 @@ def _write_answer(out: Path, sources: list[Source], record: dict, quiet: bool) -
 
 @app.command()
 def trace(
-    model: Annotated[str, typer.Option("--model", "-m", help="Checkpoint folder.")],
+    model: Annotated[str, typer.Option("--model", "-m", help="Checkpoint folder (DeepSeek-VL2 or DeepSeek-OCR).")],
     prompt: Annotated[str, typer.Option(help="User message; <image> marks each image; \\n is a newline.")],
     out: Annotated[str, typer.Option(help="Output prefix: PREFIX.json + PREFIX.npz.")],
     image: Annotated[list[Path] | None, typer.Option("--image", help="Image files, in <image> order.")] = None,
     max_new_tokens: MaxNew = 16, dtype: Dtype = "float32", device: Device = "cpu",
     all_positions: Annotated[bool, typer.Option(help="Store logits at every prompt position.")] = False,
+    ocr_mode: Annotated[str | None, typer.Option("--ocr-mode", help="DeepSeek-OCR checkpoints: tiny, small, base, "
+                                                                    "large or gundam.")] = None,
     verbose: Verbose = False,
 ) -> None:
     """Write the parity trace of one prompt (tokens, tiles, logits, greedy ids); also a debugging view.
 
     Example: vl2 trace --model ckpt/ --image page.png --prompt "<image>\\nConvert the document to markdown." --out t
     """
+    from vl2cli.engine.config import OCRConfig, load_any_config
+    from vl2cli.engine.loading import resolve_model
+    _setup_logging(verbose, False)
+    text = prompt.replace("\\n", "\n")
+    if isinstance(load_any_config(resolve_model(model)), OCRConfig):
+        _trace_ocr(model, text, out, image or [], max_new_tokens, dtype, device, ocr_mode or "gundam")
+        return
     from vl2cli.engine.loading import load_model
     from vl2cli.engine.trace import load_reference_image, run_trace
-    _setup_logging(verbose, False)
     loaded = load_model(model, device=device, dtype=dtype, quant="none")
     images = [load_reference_image(p) for p in image or []]
-    prepared = loaded.processor.prepare_prompt(prompt.replace("\\n", "\n"), images)
+    prepared = loaded.processor.prepare_prompt(text, images)
     meta = run_trace(loaded, prepared, max_new_tokens, out, all_positions)
     err(f"prompt tokens {len(meta['input_ids'])}, image spans {meta['image_spans']}, "
+        f"tiles {meta['images_spatial_crop']}, generated {len(meta['generated_ids'])}")
+    typer.echo(f"{out}.json")
+
+
+def _trace_ocr(model: str, prompt: str, out: str, images: list[Path], max_new_tokens: int, dtype: str, device: str,
+               mode: str) -> None:
+    from vl2cli.engine.loading import load_ocr_model
+    from vl2cli.engine.ocr_trace import run_ocr_trace
+    if len(images) != 1:
+        raise UsageError("a DeepSeek-OCR trace takes exactly one --image")
+    loaded = load_ocr_model(model, device=device, dtype=dtype, quant="none")
+    meta = run_ocr_trace(loaded, str(images[0]), prompt, mode, max_new_tokens, out)
+    err(f"prompt tokens {meta['num_tokens']}, image tokens {meta['num_image_positions']}, "
         f"tiles {meta['images_spatial_crop']}, generated {len(meta['generated_ids'])}")
     typer.echo(f"{out}.json")
 

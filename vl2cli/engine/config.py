@@ -414,6 +414,50 @@ def _token(processor: dict[str, Any], key: str, default: str) -> str:
     return value
 
 
+OCR_ARCHITECTURE = "DeepseekOCRForCausalLM"
+OCR_MODES: dict[str, tuple[int, int, bool]] = {  # name -> (global view, tile size, cropping): the official modes
+    "tiny": (512, 512, False), "small": (640, 640, False), "base": (1024, 1024, False),
+    "large": (1280, 1280, False), "gundam": (1024, 640, True),
+}
+
+
+@dataclass(frozen=True)
+class OCRConfig:
+    """DeepSeek-OCR: DeepSeek-VL2-tiny's decoder behind DeepEncoder (SAM ViT-B -> CLIP-L -> linear projector).
+
+    The encoder's sizes are fixed by the official code (they are not read from config.json, which describes them
+    only by name); the decoder is read and validated like DeepSeek-VL2's."""
+
+    language: LanguageConfig = field(default_factory=LanguageConfig)
+    projector_input: int = 2048  # CLIP-L 1024 + SAM 1024 channels, concatenated
+    image_token: str = "<image>"
+    pad_token: str = "<｜▁pad▁｜>"
+    image_mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    image_std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    min_crops: int = 2
+    max_crops: int = 6
+
+
+def is_ocr_config(raw: dict[str, Any]) -> bool:
+    return OCR_ARCHITECTURE in (raw.get("architectures") or [])
+
+
+def ocr_config_from_dict(raw: dict[str, Any]) -> OCRConfig:
+    if raw.get("model_type") not in (None, "deepseek_vl_v2"):
+        raise ConfigError(f"model_type = {raw.get('model_type')!r}: not a DeepSeek-OCR checkpoint")
+    language = _pick(LanguageConfig, raw.get("language_config"), "language_config")
+    _validate_language(language)
+    projector = raw.get("projector_config") or {}
+    if not isinstance(projector, dict) or projector.get("projector_type", "linear") != "linear":
+        raise ConfigError(f"projector_config.projector_type = {projector.get('projector_type')!r}: DeepSeek-OCR's "
+                          "projector is 'linear'")
+    if projector.get("input_dim", 2048) != 2048 or projector.get("n_embed", language.hidden_size) != language.hidden_size:
+        raise ConfigError(f"projector_config: input_dim {projector.get('input_dim')} / n_embed "
+                          f"{projector.get('n_embed')}: DeepSeek-OCR projects 2048 channels to hidden_size "
+                          f"{language.hidden_size}")
+    return OCRConfig(language=language)
+
+
 def load_config(folder: str | Path) -> VL2Config:
     folder = Path(folder)
     path = folder / "config.json"
@@ -425,6 +469,8 @@ def load_config(folder: str | Path) -> VL2Config:
         raise ConfigError(f"{path}: cannot read ({exc})") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a JSON object")
+    if is_ocr_config(raw):
+        raise ConfigError(f"{path}: a DeepSeek-OCR checkpoint (load it with load_any_config)")
     proc_path = folder / "processor_config.json"
     processor = None
     if proc_path.exists():
@@ -494,3 +540,18 @@ def preset_config(name: str, **language_overrides: Any) -> VL2Config:
         language=lang,
         candidate_resolutions=_all_candidates(),
     )
+
+
+def load_any_config(folder: str | Path) -> VL2Config | OCRConfig:
+    """A checkpoint folder's config: DeepSeek-VL2 or DeepSeek-OCR (told apart by `architectures`)."""
+    path = Path(folder) / "config.json"
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return load_config(folder)  # the same error, said once
+    if isinstance(raw, dict) and is_ocr_config(raw):
+        try:
+            return ocr_config_from_dict(raw)
+        except ConfigError as exc:
+            raise ConfigError(f"{path}: {exc}") from None
+    return load_config(folder)

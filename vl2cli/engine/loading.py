@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,9 +18,10 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from vl2cli.engine.config import PRESETS, VL2Config, load_config
+from vl2cli.engine.config import PRESETS, OCRConfig, VL2Config, load_any_config, load_config
 from vl2cli.engine.memory import GIB, need_bytes, weight_bytes
 from vl2cli.engine.model import DeepseekVL2
+from vl2cli.engine.ocr import DeepseekOCR
 from vl2cli.engine.processor import Processor, VL2Tokenizer
 from vl2cli.engine.quant import quantized_weight, resolve_quant, swap_linear_layers
 from vl2cli.errors import CheckpointError, DeviceError, UsageError
@@ -37,6 +39,17 @@ def checkpoint_to_model_name(name: str) -> str | None:
         return None
     if name.startswith("language.model."):
         return "language." + name[len("language.model."):]
+    return name
+
+
+def ocr_checkpoint_to_model_name(name: str) -> str | None:
+    """DeepSeek-OCR's layout: the encoder and projector under `model.`, the decoder's layers flat under `model.`."""
+    if name == "lm_head.weight":
+        return "language.lm_head.weight"
+    if name.startswith(("model.embed_tokens.", "model.layers.", "model.norm.")):
+        return "language." + name[len("model."):]
+    if name.startswith("model."):
+        return name[len("model."):]
     return name
 
 
@@ -127,8 +140,8 @@ def _place(model: nn.Module, name: str, tensor: torch.Tensor, quantized_modules:
     setattr(module, attr, param)
 
 
-def load_weights(model: DeepseekVL2, folder: Path, device: torch.device, dtype: torch.dtype,
-                 quantized_modules: set[str]) -> int:
+def load_weights(model: nn.Module, folder: Path, device: torch.device, dtype: torch.dtype,
+                 quantized_modules: set[str], names: Callable[[str], str | None] = checkpoint_to_model_name) -> int:
     """Stream every shard into the model; returns how many tensors were loaded."""
     expected = {name: p.shape for name, p in model.named_parameters()}
     loaded: set[str] = set()
@@ -139,7 +152,7 @@ def load_weights(model: DeepseekVL2, folder: Path, device: torch.device, dtype: 
             raise CheckpointError(f"{shard}: not a readable safetensors file ({exc})") from None
         with handle as f:
             for ck_name in f.keys():
-                name = checkpoint_to_model_name(ck_name)
+                name = names(ck_name)
                 if name is None:
                     continue
                 if name not in expected:
@@ -155,7 +168,9 @@ def load_weights(model: DeepseekVL2, folder: Path, device: torch.device, dtype: 
     missing = sorted(set(expected) - loaded)
     if missing:
         more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
-        raise CheckpointError(f"{folder}: checkpoint lacks tensor {model_to_checkpoint_name(missing[0])}{more}")
+        raise CheckpointError(f"{folder}: checkpoint lacks tensor {missing[0]} (our name){more}"
+                              if names is not checkpoint_to_model_name else
+                              f"{folder}: checkpoint lacks tensor {model_to_checkpoint_name(missing[0])}{more}")
     return len(loaded)
 
 
@@ -234,6 +249,9 @@ def load_model(spec: str | Path = "tiny", device: str | None = None, dtype: str 
     import time
     started = time.perf_counter()
     folder = resolve_model(str(spec), revision=revision, offline=offline)
+    if isinstance(load_any_config(folder), OCRConfig):
+        raise CheckpointError(f"{folder}: a DeepSeek-OCR checkpoint; vl2 reads it with `vl2 trace --ocr-mode` so "
+                              "far (the reading commands follow)")
     cfg = load_config(folder)
     dev = pick_device(device)
     torch_dtype = pick_dtype(dtype, dev)
@@ -248,6 +266,37 @@ def load_model(spec: str | Path = "tiny", device: str | None = None, dtype: str 
     load_weights(model, folder, dev, torch_dtype, swapped)
     return LoadedModel(model, Processor(tokenizer, cfg), cfg, folder, dev, torch_dtype, mode,
                        time.perf_counter() - started)
+
+
+@dataclass
+class LoadedOCR:
+    model: DeepseekOCR
+    tokenizer: VL2Tokenizer
+    cfg: OCRConfig
+    folder: Path
+    device: torch.device
+    dtype: torch.dtype
+    quant: str
+
+
+def load_ocr_model(spec: str | Path, device: str | None = None, dtype: str | None = None,
+                   quant: str = "auto") -> LoadedOCR:
+    """A DeepSeek-OCR checkpoint, strictly: every tensor accounted for, shapes checked, names in the error.
+    NF4 applies to the decoder's linears only; the encoder stays 16-bit."""
+    folder = resolve_model(str(spec))
+    cfg = load_any_config(folder)
+    if not isinstance(cfg, OCRConfig):
+        raise CheckpointError(f"{folder}: not a DeepSeek-OCR checkpoint (architectures lacks DeepseekOCRForCausalLM)")
+    dev = pick_device(device)
+    torch_dtype = pick_dtype(dtype, dev)
+    mode = resolve_quant(quant, dev)
+    tokenizer = VL2Tokenizer(folder, cfg)  # type: ignore[arg-type]  # the same token handling as DeepSeek-VL2
+    with torch.device("meta"):
+        model = DeepseekOCR(cfg)
+    swapped = set(swap_linear_layers(model, mode, torch_dtype))
+    model.eval().requires_grad_(False)
+    load_weights(model, folder, dev, torch_dtype, swapped, ocr_checkpoint_to_model_name)
+    return LoadedOCR(model, tokenizer, cfg, folder, dev, torch_dtype, mode)
 
 
 def random_model(cfg: VL2Config, device: str = "cpu", dtype: torch.dtype = torch.float32, quant: str = "none",

@@ -1,0 +1,178 @@
+"""DeepSeek-OCR: DeepEncoder (SAM ViT-B -> CLIP-L -> linear projector) in front of DeepSeek-VL2-tiny's decoder,
+its resolution modes and tiling, and the order its image embeddings take in the prompt.
+
+Follows deepseek-ai/DeepSeek-OCR (commit e4ac34e) `DeepSeek-OCR-master/DeepSeek-OCR-vllm/deepseek_ocr.py` and
+`process/image_process.py`; the behaviour is written in shared/parity-ocr/README.md sec. 5.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+from torch import nn
+
+from vl2cli.engine.clip import ClipEncoder
+from vl2cli.engine.config import OCR_MODES, OCRConfig
+from vl2cli.engine.language import LanguageModel
+from vl2cli.engine.processor import Content, UserText, _lookup, _normalise
+from vl2cli.engine.sam import SamEncoder
+from vl2cli.errors import UsageError
+
+if TYPE_CHECKING:
+    from vl2cli.engine.processor import VL2Tokenizer
+
+OCR_TILE = 640
+
+
+class LinearProjector(nn.Module):
+    def __init__(self, inputs: int, outputs: int):
+        super().__init__()
+        self.layers = nn.Linear(inputs, outputs)  # the checkpoint names it `projector.layers`
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(x)
+
+
+@dataclass
+class ViewFeatures:
+    """One set of views (the global view, or the local tiles) through the encoder: each stage, tokens as rows."""
+
+    sam: torch.Tensor  # [n, 1024, g, g]
+    clip: torch.Tensor  # [n, 1 + g*g, 1024]
+    projected: torch.Tensor  # [n, g*g, hidden]
+
+
+class DeepseekOCR(nn.Module):
+    def __init__(self, cfg: OCRConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.sam_model = SamEncoder()
+        self.vision_model = ClipEncoder()
+        self.projector = LinearProjector(cfg.projector_input, cfg.language.hidden_size)
+        self.image_newline = nn.Parameter(torch.zeros(cfg.language.hidden_size))
+        self.view_seperator = nn.Parameter(torch.zeros(cfg.language.hidden_size))  # sic: the checkpoint's spelling
+        self.language = LanguageModel(cfg.language)
+
+    @property
+    def device(self) -> torch.device:
+        return self.language.embed_tokens.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.language.embed_tokens.weight.dtype
+
+    def encode_views(self, pixels: torch.Tensor) -> ViewFeatures:
+        """[n, 3, S, S] -> SAM [n, 1024, S/64, S/64], CLIP [n, 1 + (S/64)^2, 1024], projected [n, (S/64)^2, d]."""
+        dtype = self.sam_model.pos_embed.dtype
+        sam = self.sam_model(pixels.to(self.sam_model.pos_embed.device, dtype))
+        clip = self.vision_model(sam)
+        # The projector sees CLIP's patch outputs (class token dropped) beside SAM's own features.
+        joined = torch.cat([clip[:, 1:], sam.flatten(2).permute(0, 2, 1)], dim=-1)
+        return ViewFeatures(sam, clip, self.projector(joined).to(self.dtype))
+
+    def image_sequence(self, global_view: torch.Tensor, local: torch.Tensor | None, tiles_wide: int,
+                       tiles_high: int) -> torch.Tensor:
+        """Embeddings in prompt order: local grid rows + newline, global rows + newline, then the separator."""
+        d = global_view.shape[-1]
+        g = int(global_view.shape[1] ** 0.5)
+        newline = self.image_newline.to(global_view.dtype)
+        glob = torch.cat([global_view[0].view(g, g, d), newline.expand(g, 1, d)], dim=1).view(-1, d)
+        parts = [glob, self.view_seperator.to(global_view.dtype)[None]]
+        if local is not None:
+            t = int(local.shape[1] ** 0.5)
+            grid = local.view(tiles_high, tiles_wide, t, t, d).permute(0, 2, 1, 3, 4)
+            grid = grid.reshape(tiles_high * t, tiles_wide * t, d)
+            parts.insert(0, torch.cat([grid, newline.expand(tiles_high * t, 1, d)], dim=1).view(-1, d))
+        return torch.cat(parts)
+
+
+# ---------------------------------------------------------------------------------------------- processing
+
+
+@dataclass
+class OcrViews:
+    global_pixels: np.ndarray  # [1, 3, B, B] float32, normalised
+    local_pixels: np.ndarray | None  # [n, 3, 640, 640], tiles row by row; None when the page is not tiled
+    tiles_wide: int
+    tiles_high: int
+
+
+def closest_ratio(width: int, height: int, min_crops: int, max_crops: int) -> tuple[int, int]:
+    """The tile grid (columns, rows) whose aspect ratio is nearest the image's; on an exact tie the later ratio
+    wins when the image has more than half its pixels (the reference's find_closest_aspect_ratio)."""
+    ratios = {(i, j) for n in range(min_crops, max_crops + 1) for i in range(1, n + 1) for j in range(1, n + 1)
+              if min_crops <= i * j <= max_crops}
+    aspect, area = width / height, width * height
+    best, best_diff = (1, 1), float("inf")
+    for ratio in sorted(ratios, key=lambda r: r[0] * r[1]):  # equal products keep the set's iteration order
+        diff = abs(aspect - ratio[0] / ratio[1])
+        if diff < best_diff:
+            best, best_diff = ratio, diff
+        elif diff == best_diff and area > 0.5 * OCR_TILE * OCR_TILE * ratio[0] * ratio[1]:
+            best = ratio
+    return best
+
+
+def ocr_views(image: Image.Image, mode: str, cfg: OCRConfig) -> OcrViews:
+    if mode not in OCR_MODES:
+        raise UsageError(f"--ocr-mode {mode!r}: expected one of {', '.join(OCR_MODES)}")
+    base, _, cropping = OCR_MODES[mode]
+    table = _lookup(cfg.image_mean, cfg.image_std)
+    fill = tuple(int(m * 255) for m in cfg.image_mean)
+    image = image.convert("RGB")
+    local = None
+    tiles_wide = tiles_high = 1
+    if cropping and (image.width > OCR_TILE or image.height > OCR_TILE):
+        tiles_wide, tiles_high = closest_ratio(image.width, image.height, cfg.min_crops, cfg.max_crops)
+        canvas = image.resize((OCR_TILE * tiles_wide, OCR_TILE * tiles_high))  # no padding: the aspect is distorted
+        local = np.stack([_normalise(canvas.crop((c * OCR_TILE, r * OCR_TILE, (c + 1) * OCR_TILE, (r + 1) * OCR_TILE)),
+                                     table) for r in range(tiles_high) for c in range(tiles_wide)])
+    view = image.resize((base, base)) if not cropping and base <= OCR_TILE else image
+    global_pixels = _normalise(ImageOps.pad(view, (base, base), color=fill), table)[None]
+    return OcrViews(global_pixels, local, tiles_wide, tiles_high)
+
+
+def ocr_token_count(mode: str, tiles_wide: int, tiles_high: int, tiled: bool) -> int:
+    """Global view g*(g+1) + 1 separator (g = base/64), plus (10*rows)*(10*columns + 1) for 640-pixel tiles."""
+    base = OCR_MODES[mode][0]
+    g = base // 16 // 4
+    count = g * (g + 1) + 1
+    if tiled:
+        t = OCR_TILE // 16 // 4
+        count += (t * tiles_high) * (t * tiles_wide + 1)
+    return count
+
+
+@dataclass
+class OcrPrompt:
+    input_ids: list[int]
+    image_mask: list[bool]
+    views: OcrViews
+    mode: str
+
+
+def prepare_ocr_prompt(tokenizer: VL2Tokenizer, cfg: OCRConfig, prompt: Content, image: Image.Image,
+                       mode: str) -> OcrPrompt:
+    """The raw prompt, no chat template: [bos] + text before <image> + image ids + text after (one image)."""
+    parts = [prompt] if isinstance(prompt, str) else list(prompt)
+    before: list[str] = []
+    after: list[str] = []
+    marks = 0
+    for part in parts:
+        pieces = [part] if isinstance(part, UserText) else part.split(cfg.image_token)
+        for i, piece in enumerate(pieces):
+            if i:
+                marks += 1
+            (after if marks else before).append(type(part)(piece) if isinstance(part, UserText) else piece)
+    if marks != 1:
+        raise UsageError(f"a DeepSeek-OCR prompt holds exactly one {cfg.image_token} mark, not {marks}")
+    views = ocr_views(image, mode, cfg)
+    n = ocr_token_count(mode, views.tiles_wide, views.tiles_high, views.local_pixels is not None)
+    head, tail = tokenizer.encode_content(before), tokenizer.encode_content(after)
+    ids = [tokenizer.bos_id, *head, *[tokenizer.image_id] * n, *tail]
+    mask = [False] * (1 + len(head)) + [True] * n + [False] * len(tail)
+    return OcrPrompt(ids, mask, views, mode)
