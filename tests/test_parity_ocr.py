@@ -66,7 +66,74 @@ def test_closest_ratio_tie_rule():
     assert closest_ratio(1300, 1300, 2, 6) == (2, 2)
 
 
-def test_a_vl2_reading_command_says_what_an_ocr_checkpoint_supports_so_far(ocr_ckpt):
-    from tests.helpers import IMG, vl2
-    result = vl2("ocr", IMG, model=str(ocr_ckpt), tokens=2)
-    assert result.exit_code == 1 and "DeepSeek-OCR checkpoint" in result.stderr
+@pytest.mark.slow
+def test_every_command_runs_on_deepseek_ocr(ocr_ckpt, tmp_path):
+    """The flow on random weights: records validate, DeepSeek-OCR's own prompt forms are used, forms it does not
+    know are refused before loading, modes and resume work."""
+    from tests.helpers import IMG, assert_valid_record, index_entries, vl2
+    model = str(ocr_ckpt)
+    for args in (["ocr", IMG, "-f", "json", "--ocr-mode", "base"], ["ocr", IMG, "-f", "json", "--ocr-mode", "tiny"],
+                 ["ground", IMG, "the total", "--json", "--ocr-mode", "small"],
+                 ["caption", IMG, "--json", "--ocr-mode", "tiny"], ["chart", IMG, "--json", "--ocr-mode", "tiny"],
+                 ["extract", IMG, "--fields", "title", "-f", "json", "--ocr-mode", "tiny"]):
+        tokens = 60 if args[0] in ("ground", "extract") else 4
+        result = vl2(*args, "--split", "never", model=model, tokens=tokens)
+        assert result.exit_code == 0, (args, result.output)
+        for record in json.loads(result.stdout):
+            assert_valid_record(record)
+    ground = json.loads(vl2("ground", IMG, "the total", "--json", "--ocr-mode", "tiny", "--split", "never",
+                            model=model, tokens=60).stdout)[0]
+    assert ground["objects"] and ground["grammar"]["kind"] == "lark"
+    assert vl2("ocr", IMG, "-f", "text", "--ocr-mode", "tiny", "--out", str(tmp_path / "p"), model=model,
+               tokens=2).exit_code == 0
+    plain = json.loads(next((tmp_path / "p").glob("*.p0001.ocr.json")).read_text())
+    rich = json.loads(vl2("ocr", IMG, "-f", "json", "--ocr-mode", "tiny", model=model, tokens=2).stdout)[0]
+    assert plain["prompt_tokens"] < rich["prompt_tokens"]  # "Free OCR." for text, the grounding prompt otherwise
+    refused = vl2("table", IMG, model=model, tokens=2)
+    assert refused.exit_code == 2 and "DeepSeek-OCR has no known prompt for table" in refused.stderr
+    out = tmp_path / "out"
+    first = vl2("batch", IMG, "--out", str(out), "--ocr-mode", "tiny", "--json", model=model, tokens=2)
+    again = vl2("batch", IMG, "--out", str(out), "--ocr-mode", "tiny", "--json", model=model, tokens=2)
+    assert json.loads(first.stdout)["pages_done"] == 1 and json.loads(again.stdout)["pages_skipped"] == 1
+    other_mode = vl2("batch", IMG, "--out", str(out), "--ocr-mode", "base", "--json", model=model, tokens=2)
+    assert json.loads(other_mode.stdout)["pages_done"] == 1  # the mode is part of the page key
+    assert len(index_entries(out)) == 2
+
+
+def test_layout_tags_become_blocks_clean_markdown_and_figure_files(tmp_path):
+    from PIL import Image
+
+    from tests.helpers import assert_valid_record
+    from tests.test_pipeline import folder_sink
+    from vl2cli.pages import Page, Source
+    from vl2cli.pipeline import PageItem
+    from vl2cli.results import PageResult
+    from vl2cli.tasks import get_task
+    answer = ("<|ref|>title<|/ref|><|det|>[[10, 20, 500, 60]]<|/det|>\n# Annual report\n\n"
+              "<|ref|>text<|/ref|><|det|>[[10, 80, 990, 300]]<|/det|>\nRevenue rose by **4%**.\n"
+              "<|ref|>image<|/ref|><|det|>[[100, 400, 900, 800]]<|/det|>\n")
+    task = get_task("ocr")
+    fields, _ = task.parse(answer, (1000, 2000), None)
+    assert [b["label"] for b in fields["blocks"]] == ["title", "text", "image"]
+    assert fields["blocks"][1] == {"label": "text", "text": "Revenue rose by **4%**.", "box_norm": [10.0, 80.0, 990.0, 300.0],
+                                   "box": [10, 160, 990, 600]}
+    result = PageResult("r.png", 1, "ocr", "ok", answer=answer, width=1000, height=2000, fields=fields)
+    assert task.render(result, "markdown") == "# Annual report\n\nRevenue rose by **4%**."
+    assert task.render(result, "text") == "Annual report\n\nRevenue rose by 4%."
+    sink, _ = folder_sink(tmp_path)
+    page = Page("r.png", 1, Image.new("RGB", (1000, 2000), "white"))
+    kept = sink.emit(PageItem(Source("r.png", "r.png", name="r.png", digest="d", numbers=[1]), 1, "k" * 32), result, page)
+    figure = tmp_path / "r.png.p0001.ocr.fig1.png"
+    assert figure.exists() and Image.open(figure).size == (800, 801)
+    record = json.loads((tmp_path / "r.png.p0001.ocr.json").read_text())
+    assert record["blocks"][2]["figure"] == "r.png.p0001.ocr.fig1.png" and kept.ok
+    assert_valid_record(record)
+    assert "![image](r.png.p0001.ocr.fig1.png)" in (tmp_path / "r.png.p0001.ocr.md").read_text()
+
+
+def test_no_repeat_ngram_rule():
+    from vl2cli.engine.generation import NoRepeatNgram
+    rule = NoRepeatNgram(3, 10, frozenset({7}))
+    assert rule.banned([1, 2, 5, 1, 2]) == {5}  # "1 2 5" was generated: 5 may not follow "1 2" again
+    assert rule.banned([1, 2, 7, 1, 2]) == set()  # whitelisted (<td>, </td>) tokens may repeat
+    assert rule.banned([1, 2, 5] + [9] * 10 + [1, 2]) == set()  # outside the window

@@ -137,6 +137,8 @@ SchemaFile = Annotated[str | None, typer.Option("--schema", help="extract: a JSO
 Fields = Annotated[str | None, typer.Option("--fields", help='extract: shorthand, e.g. "number, total:number, '
                                                              'date:date, items:[{name, qty:integer}]".')]
 Per = Annotated[str, typer.Option("--per", help="extract: one object per page, or per document (merged).")]
+OcrMode = Annotated[str, typer.Option("--ocr-mode", help="DeepSeek-OCR (--model ocr): tiny, small, base, large or "
+                                                         "gundam (640-pixel tiles + a 1024 view; documents).")]
 
 
 @dataclass(frozen=True)
@@ -151,6 +153,16 @@ class ModelChoice:
     def resolve(self) -> Path:
         from vl2cli.engine.loading import resolve_model
         return resolve_model(self.model, revision=self.revision, offline=self.offline or None)
+
+    def family(self) -> str:
+        """"ocr" for a DeepSeek-OCR checkpoint (told by alias, hub id or a local folder's config), else "vl2"."""
+        if self.model in ("ocr", "hf:deepseek-ai/DeepSeek-OCR", "deepseek-ai/DeepSeek-OCR"):
+            return "ocr"
+        folder = Path(self.model).expanduser()
+        if (folder / "config.json").is_file():
+            from vl2cli.engine.config import OCRConfig, load_any_config
+            return "ocr" if isinstance(load_any_config(folder), OCRConfig) else "vl2"
+        return "vl2"
 
     def load(self, folder: Path, verbose: bool) -> Reader:
         from vl2cli.engine.loading import load_model
@@ -204,7 +216,7 @@ def _validated(req: ReadRequest) -> tuple[str, list[Source], list[str]]:
         raise UsageError(f"--format {req.fmt!r}: {req.task.name} writes {', '.join(req.task.formats)}")
     if req.redo not in ("none", "failed", "all"):
         raise UsageError(f"--redo {req.redo!r}: expected none, failed or all")
-    template = req.task.template(req.read.prompt_file)
+    template = req.task.template(req.read.prompt_file, req.choice.family(), req.read.plain)
     req.task.check_text(req.text)
     if req.text and req.task.needs_text and os.path.exists(req.text.strip()):
         raise UsageError(f"the {req.task.needs_text} {req.text!r} names an existing file: give the files first and "
@@ -235,6 +247,7 @@ def _read(req: ReadRequest) -> None:
         work = plan_work(job, sources, sink, summary)
         if work:
             reader = req.choice.load(folder, req.verbose)
+            reader.use_mode(req.read.ocr_mode)  # before the rendering thread cuts pages into views
             if req.auto_batch:
                 job = replace(job, read=replace(job.read, batch_size=reader.auto_batch_size()))
                 log.info("batch size %d", job.read.batch_size)
@@ -435,7 +448,8 @@ def _request(task_name: str, inputs: list[str], text: str | None, fmt: str, *, o
              quant: str, device: str, dtype: str, revision: str | None, offline: bool, max_new_tokens: int,
              temperature: float, prompt_file: str | None, pages: str | None, dpi: int, password: str | None,
              batch_size: int | None, split: str, text_layer: str, max_pixels: int, schema: str | None = None,
-             fields: str | None = None, per: str = "page", strict: bool | None = None, **rest: Any) -> ReadRequest:
+             fields: str | None = None, per: str = "page", strict: bool | None = None, ocr_mode: str = "gundam",
+             **rest: Any) -> ReadRequest:
     from vl2cli.tasks import get_task
     if per not in ("page", "document"):
         raise UsageError(f"--per {per!r}: expected page or document")
@@ -447,7 +461,7 @@ def _request(task_name: str, inputs: list[str], text: str | None, fmt: str, *, o
     read = ReadOptions(max_new_tokens=max_new_tokens, temperature=temperature, text=text, prompt_file=prompt_file,
                        split=split, text_layer=text_layer,  # type: ignore[arg-type]
                        batch_size=DEFAULT_BATCH_SIZE if batch_size is None else batch_size, schema_json=schema_json,
-                       strict=strict)
+                       strict=strict, ocr_mode=ocr_mode, plain=fmt == "text")
     page_opts = PageOptions(pages=pages, dpi=dpi, password=password, max_pixels=max_pixels,
                             text_layer=text_layer != "off")
     return ReadRequest(task, inputs, text, fmt, out,
@@ -479,7 +493,7 @@ def _task_command(name: str, help_text: str, needs: str | None = None, default_f
         dpi: Dpi = DEFAULT_DPI, password: Password = None, revision: Revision = None, offline: Offline = False,
         batch_size: BatchSize = None, split: Split = "auto", text_layer: TextLayer = "off",
         max_pixels: MaxPixels = DEFAULT_MAX_PIXELS, redo: Redo = "none", schema: SchemaFile = None,
-        fields: Fields = None, per: Per = "page", strict: bool | None = None,
+        fields: Fields = None, per: Per = "page", strict: bool | None = None, ocr_mode: OcrMode = "gundam",
     ) -> None:
         text = None
         if needs:
@@ -491,7 +505,7 @@ def _task_command(name: str, help_text: str, needs: str | None = None, default_f
                        temperature=temperature, prompt_file=prompt_file, pages=pages, dpi=dpi, password=password,
                        batch_size=batch_size, split=split, text_layer=text_layer, max_pixels=max_pixels, redo=redo,
                        verbose=verbose, quiet=quiet, summary_json=json_out, schema=schema, fields=fields, per=per,
-                       strict=strict))
+                       strict=strict, ocr_mode=ocr_mode))
 
     command.__doc__ = help_text
     command.__annotations__["fmt"] = Annotated[str, typer.Option("--format", "-f", help=f"Output format: {formats}.")]
@@ -538,7 +552,7 @@ def batch(
     dpi: Dpi = DEFAULT_DPI, password: Password = None, revision: Revision = None, offline: Offline = False,
     batch_size: BatchSize = None, split: Split = "auto", text_layer: TextLayer = "off",
     max_pixels: MaxPixels = DEFAULT_MAX_PIXELS, redo: Redo = "none", schema: SchemaFile = None, fields: Fields = None,
-    per: Per = "page",
+    per: Per = "page", ocr_mode: OcrMode = "gundam",
     strict: Annotated[bool | None, typer.Option("--strict/--no-strict", show_default=False,
                                                 help="Grammar-constrained answers: ground (default on), table "
                                                      "(default off).")] = None,
@@ -553,7 +567,7 @@ def batch(
                    temperature=temperature, prompt_file=prompt_file, pages=pages, dpi=dpi, password=password,
                    batch_size=batch_size, split=split, text_layer=text_layer, max_pixels=max_pixels, glob=glob,
                    redo=redo, named_files=False, verbose=verbose, quiet=quiet, summary_json=json_out, schema=schema,
-                   fields=fields, per=per, strict=strict))
+                   fields=fields, per=per, strict=strict, ocr_mode=ocr_mode))
 
 
 # ---------------------------------------------------------------------- ask

@@ -26,6 +26,7 @@ MAX_BATCH_SIZE = 64
 MAX_SPLIT_BANDS = 16
 LOOP_RETRY_TEMPERATURES = (0.3, 0.5, 0.7)  # the model card advises temperature <= 0.7
 
+OCR_MODE_NAMES = ("tiny", "small", "base", "large", "gundam")  # engine.config.OCR_MODES holds their sizes
 TextLayer = Literal["off", "hint", "only"]
 TEXT_LAYERS: tuple[TextLayer, ...] = ("off", "hint", "only")
 Redo = Literal["none", "failed", "all"]
@@ -64,6 +65,9 @@ class ReadOptions:
     loop_retries: bool = True
     schema_json: str | None = None  # extract: the JSON Schema (compact JSON) every answer must satisfy
     strict: bool = False  # ground: answers constrained to the grounding format
+    ocr_mode: str = "gundam"  # DeepSeek-OCR: tiny, small, base, large or gundam
+    plain: bool = False  # plain text wanted (DeepSeek-OCR then asks "Free OCR." instead of markdown with layout)
+    no_repeat: bool = True  # DeepSeek-OCR: no repeated 30-gram within 90 tokens (its own scripts' rule)
 
     def __post_init__(self) -> None:
         _check(isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 1,
@@ -77,6 +81,7 @@ class ReadOptions:
         _check(self.split in ("auto", "never") or (self.split.isdigit() and 1 <= int(self.split) <= MAX_SPLIT_BANDS),
                f"--split {self.split!r}: expected auto, never or a number 1-{MAX_SPLIT_BANDS}")
         _check(self.text_layer in TEXT_LAYERS, f"--text-layer {self.text_layer!r}: expected off, hint or only")
+        _check(self.ocr_mode in OCR_MODE_NAMES, f"--ocr-mode {self.ocr_mode!r}: expected {', '.join(OCR_MODE_NAMES)}")
 
     @property
     def sampling_top_p(self) -> float:
@@ -90,4 +95,5 @@ class ReadOptions:
         """What changes an answer (the page key digests it)."""
         return {"max_new_tokens": self.max_new_tokens, "temperature": self.temperature, "top_p": self.sampling_top_p,
                 "seed": self.sampling_seed, "text": self.text, "split": self.split, "text_layer": self.text_layer,
-                "loop_retries": self.loop_retries, "schema": self.schema_json, "strict": self.strict}
+                "loop_retries": self.loop_retries, "schema": self.schema_json, "strict": self.strict,
+                "ocr_mode": self.ocr_mode, "plain": self.plain, "no_repeat": self.no_repeat}

@@ -209,6 +209,38 @@ def parse_grounding(text: str, width: int, height: int, default_label: str = "")
     return objects
 
 
+_LAYOUT = re.compile(r"<\|ref\|>(.*?)<\|/ref\|>\s*<\|det\|>(.*?)(?:<\|/det\|>|$)", re.S)
+
+
+def parse_layout(text: str, width: int, height: int) -> list[dict]:
+    """DeepSeek-OCR's layout-tagged answer -> blocks in reading order: {"label", "text", "box", "box_norm"}.
+
+    Each `<|ref|>label<|/ref|><|det|>[[x1, y1, x2, y2]]<|/det|>` opens a block whose text runs to the next tag
+    (boxes 0-999 of the page, scaled to its pixels); an answer without tags has no blocks."""
+    if not isinstance(text, str):
+        return []
+    matches = list(_LAYOUT.finditer(text))
+    blocks = []
+    for i, match in enumerate(matches):
+        end = matches[i + 1].start() if i + 1 < len(matches) else len(text)
+        boxes = _boxes(match.group(2))
+        box_norm = boxes[0] if boxes else None
+        blocks.append({"label": match.group(1).strip(), "text": text[match.end():end].strip(),
+                       "box_norm": box_norm, "box": scale_box(box_norm, width, height) if box_norm else None})
+    return blocks
+
+
+def layout_markdown(blocks: list[dict]) -> str:
+    """Clean markdown from layout blocks: their texts in order; a figure as an image link once it is cropped."""
+    parts = []
+    for block in blocks:
+        if block.get("figure"):
+            parts.append(f"![{block['label']}]({block['figure']})")
+        elif block["text"]:
+            parts.append(block["text"])
+    return "\n\n".join(parts)
+
+
 def strip_grounding_tags(text: str) -> str:
     """Readable caption: refs keep their words, boxes go."""
     text = re.sub(r"<\|det\|>.*?(<\|/det\|>|$)", "", text, flags=re.S)

@@ -16,16 +16,14 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-from vl2cli.engine.processor import tile_image
 from vl2cli.errors import InputError, UsageError
 from vl2cli.options import PageOptions, ReadOptions
 from vl2cli.pages import Inputs, Page, Source, plan_source, render_pages
 from vl2cli.results import PageResult, failed_page
 
 if TYPE_CHECKING:
-    from vl2cli.engine.config import VL2Config
     from vl2cli.reader import Reader
     from vl2cli.tasks import Task
 
@@ -145,7 +143,8 @@ def plan_inputs(inputs: Inputs, opts: PageOptions, strict: bool) -> tuple[list[S
     return sources, notes
 
 
-def _render(work: list[PageItem], opts: PageOptions, cfg: VL2Config, q: queue.Queue, stop: threading.Event) -> None:
+def _render(work: list[PageItem], opts: PageOptions, tile: Callable[[Any], Any], q: queue.Queue,
+            stop: threading.Event) -> None:
     """The one rendering thread (PDFium is never called from two threads): pages, tiled ahead of the model."""
     try:
         by_source: dict[int, list[PageItem]] = {}
@@ -157,7 +156,7 @@ def _render(work: list[PageItem], opts: PageOptions, cfg: VL2Config, q: queue.Qu
                     return
                 if isinstance(outcome, Page):
                     try:
-                        outcome.tiling = tile_image(outcome.image, cfg)  # overlaps the model's compute
+                        outcome.tiling = tile(outcome.image)  # overlaps the model's compute
                     except Exception as exc:
                         outcome = f"{item.source.label} page {item.number}: cannot tile ({type(exc).__name__}: {exc})"
                 q.put((item, outcome))
@@ -229,7 +228,7 @@ def _run(reader: Reader, job: Job, work: list[PageItem], sink: Sink, summary: Su
          stop: StopFlag) -> None:
     q: queue.Queue = queue.Queue(maxsize=max(2, 2 * job.read.batch_size))
     quit_renderer = threading.Event()
-    thread = threading.Thread(target=_render, args=(work, job.pages, reader.loaded.cfg, q, quit_renderer),
+    thread = threading.Thread(target=_render, args=(work, job.pages, reader.loaded.processor.tile, q, quit_renderer),
                               daemon=True, name="vl2-render")
     thread.start()
     generated = 0

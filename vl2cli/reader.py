@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gc
 import json
+import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
@@ -18,9 +19,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from vl2cli.bands import merge_band_texts, planned_bands, split_bands
-from vl2cli.engine.generation import Engine, Generation, SamplingParams
+from vl2cli.engine.generation import Engine, Generation, NoRepeatNgram, SamplingParams
 from vl2cli.engine.grammar import Grammar, grammar_tokenizer
 from vl2cli.engine.memory import batch_for_free
+from vl2cli.engine.ocr import OCRProcessor
 from vl2cli.engine.processor import EOS_TEXT, Message, Prepared, UserText
 from vl2cli.errors import OutOfMemory, PageFailed, UsageError
 from vl2cli.extract import describe
@@ -37,7 +39,9 @@ if TYPE_CHECKING:
     from vl2cli.pages import Page
     from vl2cli.tasks import Task
 
+NGRAM_SIZE, NGRAM_WINDOW = 30, 90  # DeepSeek-OCR's own scripts (vLLM example, run_dpsk_ocr_image.py)
 OOM_PREFILL_CHUNK = 256  # tokens per prefill step once a batch of one no longer fits
+log = logging.getLogger("vl2cli")
 OOM_MESSAGES = ("out of memory", "CUBLAS_STATUS_ALLOC_FAILED", "CUDNN_STATUS_ALLOC_FAILED",
                 "CUDNN_STATUS_NOT_ENOUGH_WORKSPACE")
 
@@ -106,8 +110,27 @@ class Reader:
         return batch_for_free(self.loaded.cfg, free)
 
     @property
+    def family(self) -> str:
+        """"ocr" for DeepSeek-OCR (its own prompts, modes and no-repeat rule), "vl2" otherwise."""
+        return "ocr" if isinstance(self.loaded.processor, OCRProcessor) else "vl2"
+
+    def _sampling(self, opts: ReadOptions) -> SamplingParams:
+        no_repeat = None
+        if self.family == "ocr" and opts.no_repeat:
+            tok = self.loaded.processor.tokenizer
+            cells = frozenset(i for i in (tok.tok.token_to_id("<td>"), tok.tok.token_to_id("</td>")) if i is not None)
+            no_repeat = NoRepeatNgram(NGRAM_SIZE, NGRAM_WINDOW, cells)
+        return SamplingParams(opts.max_new_tokens, opts.temperature, opts.sampling_top_p, 1.0, opts.sampling_seed,
+                              no_repeat)
+
+    @property
     def context(self) -> int:
         return self.loaded.cfg.language.max_position_embeddings
+
+    def use_mode(self, mode: str) -> None:
+        """DeepSeek-OCR: the resolution mode pages are cut in (set before pages are tiled ahead)."""
+        if isinstance(self.loaded.processor, OCRProcessor):
+            self.loaded.processor.mode = mode
 
     def stop_within(self, seconds: float) -> None:
         """Let generation in flight run at most `seconds` more (a signal's bounded drain)."""
@@ -180,7 +203,7 @@ class Reader:
 
     def _answers(self, task: Task, prompts: list[Prepared], opts: ReadOptions,
                  on_finish: Callable[[int], None] | None = None) -> list[_Answer | PageFailed]:
-        params = SamplingParams(opts.max_new_tokens, opts.temperature, opts.sampling_top_p, 1.0, opts.sampling_seed)
+        params = self._sampling(opts)
         budgets = self._budgets(prompts, opts.max_new_tokens)
         outcomes: list[_Answer | PageFailed] = [
             PageFailed(f"the prompt needs {len(p.input_ids)} tokens, more than the model's {self.context}-token "
@@ -235,7 +258,7 @@ class Reader:
         last: Generation | None = None
         for i, temperature in enumerate(LOOP_RETRY_TEMPERATURES):
             p = SamplingParams(params.max_new_tokens, temperature, 0.9, max(params.repetition_penalty, 1.05),
-                               (params.seed or 0) + i + 1)
+                               (params.seed or 0) + i + 1, params.no_repeat)
             outcome = self._generate([prompt], p, [budget])[0]
             if isinstance(outcome, PageFailed):
                 return outcome
@@ -258,7 +281,8 @@ class Reader:
 
         `on_generated(i)` is called as page i's answer is complete (progress that advances per page).
         """
-        template = task.template(opts.prompt_file)
+        template = task.template(opts.prompt_file, self.family, opts.plain)
+        self.use_mode(opts.ocr_mode)
         results: list[PageResult | None] = [None] * len(pages)
         whole: list[tuple[int, Prepared]] = []
         banded: list[tuple[int, int, str]] = []  # page index, bands, reason
@@ -350,6 +374,8 @@ class Reader:
             on_token: Callable[[int, int], None] | None = None) -> AskResult:
         """A question about images (all in one prompt); `history` holds earlier (question, answer) turns."""
         start = time.perf_counter()
+        if self.family == "ocr":
+            log.warning("DeepSeek-OCR was trained to read documents, not to answer free questions: expect little")
         turns = [*history, (question, None)]
         messages: list[Message] = []
         for n, (q, a) in enumerate(turns):
@@ -364,7 +390,7 @@ class Reader:
             raise UsageError(f"the prompt needs {len(prepared.input_ids)} tokens, more than the model's "
                              f"{self.context}-token context: ask about fewer pages (--pages) or use "
                              "`vl2 batch --task ask`")
-        params = SamplingParams(opts.max_new_tokens, opts.temperature, opts.sampling_top_p, 1.0, opts.sampling_seed)
+        params = self._sampling(opts)
         budget = self._budgets([prepared], opts.max_new_tokens)[0]
         gen = self._generate([prepared], params, [budget], on_token)[0]
         if isinstance(gen, PageFailed):

@@ -161,6 +161,9 @@ class FolderSink:
         """One page's files, atomically; paths relative to --out."""
         task, fmt = self.job.task, self.job.fmt
         files: list[tuple[str, bytes]] = []
+        if page is not None and result.fields.get("blocks"):
+            result, figures = _crop_figures(stem, result, page)
+            files += figures
         if fmt not in ("json", "jsonl"):
             body = task.render(result, fmt)
             if body.strip():  # no table found: no empty .csv, the record says so
@@ -249,6 +252,22 @@ class FolderSink:
         self._check_inside(rel)
         atomic_write_text(self.out / rel, "\n".join(parts))
         return rel
+
+
+def _crop_figures(stem: str, result: PageResult, page: Page) -> tuple[PageResult, list[tuple[str, bytes]]]:
+    """DeepSeek-OCR's figure blocks cut from the page as `<stem>.figN.png`; each block then names its file."""
+    blocks: list[dict] = []
+    files: list[tuple[str, bytes]] = []
+    for block in result.fields["blocks"]:
+        box = block.get("box")
+        if block.get("label") == "image" and box and box[2] > box[0] and box[3] > box[1]:
+            rel = f"{stem}.fig{len(files) + 1}.png"
+            buf = io.BytesIO()
+            page.image.crop(tuple(box)).save(buf, format="PNG")
+            files.append((rel, buf.getvalue()))
+            block = {**block, "figure": rel.rsplit("/", 1)[-1]}  # beside the page's files
+        blocks.append(block)
+    return replace(result, fields={**result.fields, "blocks": blocks}), files
 
 
 def _merged_name(sink: FolderSink, source: Source) -> str:

@@ -23,7 +23,9 @@ from vl2cli.errors import UsageError
 from vl2cli.extract import csv_row, schema_grammar
 from vl2cli.options import ReadOptions
 from vl2cli.parsers import (
+    layout_markdown,
     parse_grounding,
+    parse_layout,
     parse_tables,
     strip_grounding_tags,
     table_to_csv,
@@ -48,9 +50,15 @@ def _clean_prompt(text: str, where: str) -> str:
     return prompt
 
 
-def builtin_prompt(name: str) -> str:
-    """A task's own prompt (package data, found wherever the package is installed); '#' lines are comments."""
-    return _clean_prompt(files("vl2cli.prompts").joinpath(f"{name}.txt").read_text("utf-8"), f"prompts/{name}.txt")
+def builtin_prompt(name: str, family: str = "vl2") -> str:
+    """A task's own prompt (package data, found wherever the package is installed); '#' lines are comments.
+    DeepSeek-OCR has its own prompt forms; where it has none for a task, that is said, not guessed."""
+    package = "vl2cli.prompts" if family == "vl2" else "vl2cli.prompts.deepseek_ocr"
+    resource = files(package).joinpath(f"{name}.txt")
+    if not resource.is_file():
+        raise UsageError(f"DeepSeek-OCR has no known prompt for {name.split('_')[0]}: pass --prompt-file, or read "
+                         "with a DeepSeek-VL2 model (--model tiny/small/base)")
+    return _clean_prompt(resource.read_text("utf-8"), f"{package.replace('.', '/')}/{name}.txt")
 
 
 def prompt_file_text(path: str) -> str:
@@ -103,8 +111,12 @@ class Task:
     whole_document: bool = False  # --out also gets one file per document (pages joined)
     structured: bool = False  # the answer is a complete document (JSON) or nothing: a cut answer has no data
 
-    def template(self, prompt_file: str | None = None) -> str:
-        return prompt_file_text(prompt_file) if prompt_file else builtin_prompt(self.name)
+    def template(self, prompt_file: str | None = None, family: str = "vl2", plain: bool = False) -> str:
+        if prompt_file:
+            return prompt_file_text(prompt_file)
+        if family == "ocr" and plain and self.name == "ocr":
+            return builtin_prompt("ocr_text", family)
+        return builtin_prompt(self.name, family)
 
     def check_text(self, text: str | None) -> None:
         if self.needs_text and not (text or "").strip():
@@ -166,6 +178,23 @@ CELL: /[^|\\n<>]{{1,{TABLE_CELL_CHARS}}}/
 SEP: /:?-{{3}}:?/""")
 
 
+class OcrTask(Task):
+    """Page text. DeepSeek-OCR's answers carry layout tags: they become blocks (label, text, box) and clean text."""
+
+    @override
+    def parse(self, answer: str, size: tuple[int, int], text: str | None) -> tuple[dict[str, Any], tuple[str, ...]]:
+        del text
+        return {"blocks": parse_layout(answer, *size)}, ()
+
+    @override
+    def render(self, result: PageResult, fmt: str) -> str:
+        blocks = result.fields.get("blocks") or []
+        if blocks and fmt in ("markdown", "text"):
+            clean = layout_markdown(blocks)
+            return strip_markdown(clean) if fmt == "text" else clean
+        return super().render(result, fmt)
+
+
 class TableTask(Task):
     @override
     def grammar(self, opts: ReadOptions, budget: int) -> Grammar | None:
@@ -225,8 +254,9 @@ def grounding_grammar(budget: int) -> Grammar:
     if objects < 1:
         raise GrammarError(f"--strict grounding needs at least {per_object + 1} tokens; the answer budget is {budget} "
                            "(raise --max-new-tokens, or pass --no-strict)")
+    more = f' (", " box){{0,{boxes - 1}}}' if boxes > 1 else ""
     return Grammar.from_lark(f"""start: item{{1,{objects}}}
-item: <|ref|> LABEL <|/ref|> <|det|> "[" box (", " box){{0,{boxes - 1}}} "]" <|/det|>
+item: <|ref|> LABEL <|/ref|> <|det|> "[" box{more} "]" <|/det|>
 box: "[" N ", " N ", " N ", " N "]"
 N: /[0-9]{{1,3}}/
 LABEL: /[^<>\\n]{{1,{label}}}/""")
@@ -316,7 +346,7 @@ class ExtractTask(Task):
 
 
 TASKS: dict[str, Task] = {
-    "ocr": Task("ocr", splittable=True, whole_document=True),
+    "ocr": OcrTask("ocr", splittable=True, whole_document=True),
     "ask": Task("ask", needs_text="question"),
     "table": TableTask("table", formats=("json", "jsonl", "csv", "markdown", "html")),
     "chart": ChartTask("chart"),

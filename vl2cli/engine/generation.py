@@ -20,6 +20,25 @@ if TYPE_CHECKING:
     from vl2cli.engine.processor import Prepared
 
 
+@dataclass(frozen=True)
+class NoRepeatNgram:
+    """DeepSeek-OCR's rule (its process/ngram_norepeat.py): a token that would repeat an n-gram already generated
+    within the last `window` tokens is banned, unless whitelisted (table cells legitimately repeat <td>)."""
+
+    size: int
+    window: int
+    whitelist: frozenset[int] = frozenset()
+
+    def banned(self, ids: list[int]) -> set[int]:
+        if len(ids) < self.size:
+            return set()
+        prefix = ids[len(ids) - self.size + 1:]
+        start = max(0, len(ids) - self.window)
+        found = {ids[i + self.size - 1] for i in range(start, len(ids) - self.size + 1)
+                 if ids[i:i + self.size - 1] == prefix}
+        return found - self.whitelist
+
+
 @dataclass
 class SamplingParams:
     max_new_tokens: int = 512
@@ -27,6 +46,7 @@ class SamplingParams:
     top_p: float = 1.0
     repetition_penalty: float = 1.0
     seed: int | None = None
+    no_repeat: NoRepeatNgram | None = None
 
 
 @dataclass
@@ -74,7 +94,8 @@ class Engine:
         self.grammar_tokenizer = grammar_tokenizer  # llguidance's tokenizer, built on first use
 
     def _batch(self, prompts: list[Prepared]):
-        """Left-pad the prompts into one batch: ids, image mask and validity [b, T]."""
+        """Left-pad the prompts into one batch: ids, image mask and validity [b, T] (each model reads its own
+        image inputs from the prompts)."""
         length = max(len(p.input_ids) for p in prompts)
         b = len(prompts)
         ids = torch.full((b, length), self.pad_id, dtype=torch.long)
@@ -85,15 +106,13 @@ class Engine:
             ids[row, length - n:] = torch.tensor(p.input_ids)
             image_mask[row, length - n:] = torch.tensor(p.image_mask)
             valid[row, length - n:] = True
-        pixels = [torch.from_numpy(p.pixels) for p in prompts]
-        crops = [p.spatial_crop for p in prompts]
-        return ids, image_mask, valid, pixels, crops
+        return ids, image_mask, valid
 
     @torch.inference_mode()
     def prefill(self, prompts: list[Prepared], extra_positions: int, all_logits: bool = False):
         """Run the prompts; returns (logits [b, V] at the last position or [b, T, V] at all, cache)."""
-        ids, image_mask, valid, pixels, crops = self._batch(prompts)
-        embeds = self.model.embed(ids, image_mask, pixels, crops)  # [b, T, d]
+        ids, image_mask, valid = self._batch(prompts)
+        embeds = self.model.embed_prompts(ids, image_mask, prompts)  # [b, T, d]
         b, t, _ = embeds.shape
         cache = KVCache(self.model.cfg.language, b, t + extra_positions, self.model.device, self.model.dtype)
         valid = valid.to(self.model.device)
@@ -138,9 +157,7 @@ class Engine:
         seen = [torch.tensor([i for i, m in zip(p.input_ids, p.image_mask) if not m], dtype=torch.long,
                              device=self.model.device) for p in prompts]
         for _ in range(longest):
-            logits = apply_repetition_penalty(logits, [seen[i] for i in active], params.repetition_penalty)
-            if masks is not None:
-                masks.apply(logits, active)
+            logits = self._shape(logits, params, active, results, seen, masks)
             tokens = choose_tokens(logits, params, generator)
             keep = []
             # Host sync, the one a step needs: stop rules and streaming read the sampled tokens on the host.
@@ -161,6 +178,20 @@ class Engine:
                 active = [active[r] for r in keep]
             logits = self.decode_step(tokens, cache)
         return results
+
+    @staticmethod
+    def _shape(logits: torch.Tensor, params: SamplingParams, active: list[int], results: list[Generation],
+               seen: list[torch.Tensor], masks: RowMasks | None) -> torch.Tensor:
+        """Everything that edits the logits before a token is chosen: penalty, grammars, the no-repeat rule."""
+        logits = apply_repetition_penalty(logits, [seen[i] for i in active], params.repetition_penalty)
+        if masks is not None:
+            masks.apply(logits, active)
+        if params.no_repeat is not None:
+            for row, index in enumerate(active):
+                banned = params.no_repeat.banned(results[index].ids)
+                if banned:
+                    logits[row, list(banned)] = float("-inf")
+        return logits
 
     def _take(self, result: Generation, index: int, token: int, budget: int, masks: RowMasks | None,
               stop_rule: StopRule | None, on_token: Callable[[int, int], None] | None) -> bool:

@@ -13,20 +13,21 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
 from torch import nn
 
-from vl2cli.engine.config import PRESETS, OCRConfig, VL2Config, load_any_config, load_config
+from vl2cli.engine.config import PRESETS, OCRConfig, VL2Config, load_any_config
 from vl2cli.engine.memory import GIB, need_bytes, weight_bytes
 from vl2cli.engine.model import DeepseekVL2
-from vl2cli.engine.ocr import DeepseekOCR
+from vl2cli.engine.ocr import DeepseekOCR, OCRProcessor
 from vl2cli.engine.processor import Processor, VL2Tokenizer
 from vl2cli.engine.quant import quantized_weight, resolve_quant, swap_linear_layers
 from vl2cli.errors import CheckpointError, DeviceError, UsageError
 
-ALIASES = {name: preset["hub_id"] for name, preset in PRESETS.items()}
+ALIASES = {name: preset["hub_id"] for name, preset in PRESETS.items()} | {"ocr": "deepseek-ai/DeepSeek-OCR"}
 HUB_PREFIX = "hf:"  # `--model hf:ORG/NAME`: the user asks for a download of a repository that is not an alias
 log = logging.getLogger("vl2cli")
 SKIPPED_PREFIXES = ("vision.attn_pool.",)  # SigLIP's pooling head: DeepSeek-VL2 uses patch features only
@@ -176,9 +177,9 @@ def load_weights(model: nn.Module, folder: Path, device: torch.device, dtype: to
 
 @dataclass
 class LoadedModel:
-    model: DeepseekVL2
-    processor: Processor
-    cfg: VL2Config
+    model: Any  # DeepseekVL2 or DeepseekOCR: the same decoder, embed_prompts and language
+    processor: Any  # Processor or OCRProcessor: tile, prepare_prompt, prepare, tokenizer
+    cfg: Any  # VL2Config or OCRConfig
     folder: Path
     device: torch.device
     dtype: torch.dtype
@@ -236,10 +237,11 @@ def preflight(cfg: VL2Config, quant: str, device: torch.device, name: str) -> No
                           f"{total / GIB:.1f}: use a smaller variant (see `vl2 models`), --quant nf4, or --device cpu")
 
 
-def build_model(cfg: VL2Config, dtype: torch.dtype, quant: str) -> tuple[DeepseekVL2, set[str]]:
-    """The model on `meta` (nothing allocated) with quantizable linears swapped; returns it and the swapped names."""
+def build_model(cfg: VL2Config | OCRConfig, dtype: torch.dtype, quant: str) -> tuple[Any, set[str]]:
+    """The model on `meta` (nothing allocated) with quantizable linears swapped (the decoder's only: vision stays
+    16-bit); returns it and the swapped names."""
     with torch.device("meta"):
-        model = DeepseekVL2(cfg)
+        model: DeepseekVL2 | DeepseekOCR = DeepseekOCR(cfg) if isinstance(cfg, OCRConfig) else DeepseekVL2(cfg)
     swapped = set(swap_linear_layers(model, quant, dtype))
     return model.eval().requires_grad_(False), swapped
 
@@ -249,23 +251,25 @@ def load_model(spec: str | Path = "tiny", device: str | None = None, dtype: str 
     import time
     started = time.perf_counter()
     folder = resolve_model(str(spec), revision=revision, offline=offline)
-    if isinstance(load_any_config(folder), OCRConfig):
-        raise CheckpointError(f"{folder}: a DeepSeek-OCR checkpoint; vl2 reads it with `vl2 trace --ocr-mode` so "
-                              "far (the reading commands follow)")
-    cfg = load_config(folder)
+    cfg = load_any_config(folder)
     dev = pick_device(device)
     torch_dtype = pick_dtype(dtype, dev)
     mode = resolve_quant(quant, dev)
-    preflight(cfg, mode, dev, str(spec))
-    tokenizer = VL2Tokenizer(folder, cfg)
+    if isinstance(cfg, VL2Config):
+        preflight(cfg, mode, dev, str(spec))
+    tokenizer = VL2Tokenizer(folder, cfg)  # type: ignore[arg-type]  # DeepSeek-OCR's tokens are handled alike
     if len(tokenizer) > cfg.language.vocab_size:
         raise CheckpointError(f"{folder}: tokenizer has {len(tokenizer)} tokens but vocab_size is {cfg.language.vocab_size}")
     model, swapped = build_model(cfg, torch_dtype, mode)
     if dtype in (None, "auto") and dev.type == "cpu" and torch_dtype == torch.float32:
         torch_dtype = _cpu_dtype_that_fits(model)
-    load_weights(model, folder, dev, torch_dtype, swapped)
-    return LoadedModel(model, Processor(tokenizer, cfg), cfg, folder, dev, torch_dtype, mode,
-                       time.perf_counter() - started)
+    if isinstance(cfg, OCRConfig):
+        load_weights(model, folder, dev, torch_dtype, swapped, ocr_checkpoint_to_model_name)
+        processor: Processor | OCRProcessor = OCRProcessor(tokenizer, cfg)
+    else:
+        load_weights(model, folder, dev, torch_dtype, swapped)
+        processor = Processor(tokenizer, cfg)
+    return LoadedModel(model, processor, cfg, folder, dev, torch_dtype, mode, time.perf_counter() - started)
 
 
 @dataclass

@@ -128,6 +128,26 @@ def estimate_vram(name: str, context: int = CONTEXT) -> dict[str, float]:
             "params": param_counts(cfg)["total"], "context": context}
 
 
+OCR_ENCODER_PARAMS = 401_372_160  # SAM ViT-B + CLIP-L at the sizes the official code fixes (parity-ocr's shapes)
+OCR_HUB_ID = "deepseek-ai/DeepSeek-OCR"
+
+
+def _ocr_row() -> dict:
+    """DeepSeek-OCR: DeepSeek-VL2-tiny's decoder behind DeepEncoder (16-bit; NF4 applies to the decoder only)."""
+    tiny = preset_config("tiny")
+    counts = param_counts(tiny)
+    d, p = tiny.language.hidden_size, tiny.projector
+    vl2_vision = _vision_params(tiny.vision) + (p.input_dim * p.downsample_ratio**2 * d + d) + (d * d + d) + 2 * d
+    ocr_vision = OCR_ENCODER_PARAMS + 2048 * d + d + 2 * d
+    total = counts["total"] - vl2_vision + ocr_vision
+    extra = (ocr_vision - vl2_vision) * 2 * FRAGMENTATION
+    return {"name": "ocr", "hub_id": OCR_HUB_ID, "total_params_b": total / 1e9,
+            "active_params_b": (counts["active"] - vl2_vision + ocr_vision) / 1e9, "download_gb": total * 2 / 1e9,
+            "vram_nf4_gib": round((need_bytes(tiny, "nf4", 1) + extra) / GIB, 2),
+            "vram_bf16_gib": round((need_bytes(tiny, "none", 1) + extra) / GIB, 2),
+            "nf4_batch_on": {f"{gib}GB": largest_batch(tiny, "nf4", gib * GIB - extra) for gib in CARDS_GIB}}
+
+
 def variant_table() -> list[dict]:
     """What `vl2 models` shows: sizes from the config arithmetic (milliseconds, no model built), and what fits
     on 12, 16 and 24 GB cards at NF4 (the largest batch; 0 = does not fit)."""
@@ -140,4 +160,4 @@ def variant_table() -> list[dict]:
                      "active_params_b": counts["active"] / 1e9, "download_gb": counts["total"] * 2 / 1e9,
                      "vram_nf4_gib": est["nf4"], "vram_bf16_gib": est["bf16"],
                      "nf4_batch_on": {f"{gib}GB": largest_batch(cfg, "nf4", gib * GIB) for gib in CARDS_GIB}})
-    return rows
+    return [*rows, _ocr_row()]

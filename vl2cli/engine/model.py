@@ -6,10 +6,15 @@ Follows `DeepseekVLV2ForCausalLM.prepare_inputs_embeds` of deepseek-ai/DeepSeek-
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 
 from vl2cli.engine.config import VL2Config
+
+if TYPE_CHECKING:
+    from vl2cli.engine.processor import Prepared
 from vl2cli.engine.language import LanguageModel
 from vl2cli.engine.vision import Projector, VisionTower
 
@@ -54,6 +59,10 @@ class DeepseekVL2(nn.Module):
         sep = self.view_seperator.to(tokens.dtype)[None]
         parts = [glob, sep, local] if self.cfg.global_view_pos == "head" else [local, sep, glob]
         return torch.cat(parts)
+
+    def embed_prompts(self, input_ids: torch.Tensor, image_mask: torch.Tensor, prompts: list[Prepared]) -> torch.Tensor:
+        return self.embed(input_ids, image_mask, [torch.from_numpy(p.pixels) for p in prompts],
+                          [p.spatial_crop for p in prompts])
 
     def embed(self, input_ids: torch.Tensor, image_mask: torch.Tensor, pixels: list[torch.Tensor],
               crops: list[list[list[int]]]) -> torch.Tensor:

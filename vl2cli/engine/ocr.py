@@ -18,7 +18,7 @@ from torch import nn
 from vl2cli.engine.clip import ClipEncoder
 from vl2cli.engine.config import OCR_MODES, OCRConfig
 from vl2cli.engine.language import LanguageModel
-from vl2cli.engine.processor import Content, UserText, _lookup, _normalise
+from vl2cli.engine.processor import Content, Message, Prepared, UserText, _lookup, _normalise
 from vl2cli.engine.sam import SamEncoder
 from vl2cli.errors import UsageError
 
@@ -73,6 +73,24 @@ class DeepseekOCR(nn.Module):
         # The projector sees CLIP's patch outputs (class token dropped) beside SAM's own features.
         joined = torch.cat([clip[:, 1:], sam.flatten(2).permute(0, 2, 1)], dim=-1)
         return ViewFeatures(sam, clip, self.projector(joined).to(self.dtype))
+
+    def embed_prompts(self, input_ids: torch.Tensor, image_mask: torch.Tensor, prompts: list[Prepared]) -> torch.Tensor:
+        """input_ids, image_mask [b, T]; each row's views run through the encoder, their embeddings at its image
+        positions (one image per prompt, as the official scripts use it)."""
+        embeds = self.language.embed_tokens(input_ids.to(self.device))
+        for row, prompt in enumerate(prompts):
+            views = prompt.views
+            if views is None:
+                continue
+            glob = self.encode_views(torch.from_numpy(views.global_pixels)).projected
+            local = (None if views.local_pixels is None
+                     else self.encode_views(torch.from_numpy(views.local_pixels)).projected)
+            seq = self.image_sequence(glob, local, views.tiles_wide, views.tiles_high)
+            mask = image_mask[row].to(self.device)
+            if int(mask.sum()) != seq.shape[0]:
+                raise ValueError(f"row {row}: {int(mask.sum())} image positions but {seq.shape[0]} image embeddings")
+            embeds[row, mask] = seq
+        return embeds
 
     def image_sequence(self, global_view: torch.Tensor, local: torch.Tensor | None, tiles_wide: int,
                        tiles_high: int) -> torch.Tensor:
@@ -155,7 +173,32 @@ class OcrPrompt:
     mode: str
 
 
-def prepare_ocr_prompt(tokenizer: VL2Tokenizer, cfg: OCRConfig, prompt: Content, image: Image.Image,
+class OCRProcessor:
+    """DeepSeek-OCR's raw prompts (no chat template) and views, behind the same interface as the VL2 Processor."""
+
+    def __init__(self, tokenizer: VL2Tokenizer, cfg: OCRConfig, mode: str = "gundam"):
+        self.tokenizer, self.cfg, self.mode = tokenizer, cfg, mode
+
+    def tile(self, image: Image.Image) -> OcrViews:
+        return ocr_views(image, self.mode, self.cfg)
+
+    def prepare_prompt(self, prompt: Content, images: list[Image.Image | OcrViews], system_prompt: str = "") -> Prepared:
+        del system_prompt  # the raw prompt has no system turn
+        if len(images) != 1:
+            raise UsageError(f"DeepSeek-OCR reads one image per prompt, not {len(images)}")
+        done = prepare_ocr_prompt(self.tokenizer, self.cfg, prompt, images[0], self.mode)
+        text = prompt if isinstance(prompt, str) else "".join(prompt)
+        v = done.views
+        return Prepared(text, done.input_ids, done.image_mask, np.zeros((0, 3, 1, 1), np.float32),
+                        [[v.tiles_wide, v.tiles_high]], views=v)
+
+    def prepare(self, messages: list[Message], system_prompt: str = "") -> Prepared:
+        if len(messages) != 1 or messages[0].role != "user":
+            raise UsageError("DeepSeek-OCR answers one prompt at a time (no conversation, no --chat)")
+        return self.prepare_prompt(messages[0].content, list(messages[0].images), system_prompt)  # type: ignore[arg-type]
+
+
+def prepare_ocr_prompt(tokenizer: VL2Tokenizer, cfg: OCRConfig, prompt: Content, image: Image.Image | OcrViews,
                        mode: str) -> OcrPrompt:
     """The raw prompt, no chat template: [bos] + text before <image> + image ids + text after (one image)."""
     parts = [prompt] if isinstance(prompt, str) else list(prompt)
@@ -170,7 +213,7 @@ def prepare_ocr_prompt(tokenizer: VL2Tokenizer, cfg: OCRConfig, prompt: Content,
             (after if marks else before).append(type(part)(piece) if isinstance(part, UserText) else piece)
     if marks != 1:
         raise UsageError(f"a DeepSeek-OCR prompt holds exactly one {cfg.image_token} mark, not {marks}")
-    views = ocr_views(image, mode, cfg)
+    views = image if isinstance(image, OcrViews) else ocr_views(image, mode, cfg)
     n = ocr_token_count(mode, views.tiles_wide, views.tiles_high, views.local_pixels is not None)
     head, tail = tokenizer.encode_content(before), tokenizer.encode_content(after)
     ids = [tokenizer.bos_id, *head, *[tokenizer.image_id] * n, *tail]

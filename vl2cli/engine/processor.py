@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -232,6 +233,7 @@ class Prepared:
     image_mask: list[bool]
     pixels: np.ndarray  # [n_tiles, 3, S, S] (n_tiles may be 0)
     spatial_crop: list[list[int]]  # [tiles_wide, tiles_high] per image
+    views: Any = None  # DeepSeek-OCR: the page's views (engine.ocr.OcrViews) instead of `pixels`
 
 
 def render_prompt(messages: list[Message], system_prompt: str = "") -> str:
@@ -335,3 +337,7 @@ class Processor:
 
     def prepare_prompt(self, prompt: Content, images: list[Image.Image | Tiling], system_prompt: str = "") -> Prepared:
         return self.prepare([Message("user", prompt, list(images))], system_prompt)
+
+    def tile(self, image: Image.Image) -> Tiling:
+        """A page's tiles, cut ahead of the model (in the rendering thread)."""
+        return tile_image(image, self.cfg)
