@@ -359,6 +359,45 @@ def _real_vocab_tokenizer() -> tuple[str, bool]:
     return tok.to_str(), True
 
 
+def bench_ocr(smoke: bool) -> dict:
+    """Image tokens and prefill seconds for one letter page: DeepSeek-OCR base and gundam vs DeepSeek-VL2-tiny, at
+    the real shapes (the tiny decoder, the full encoders) with random weights, bfloat16 on CPU."""
+    import gc
+
+    from gpucheck import letter_page, page_prompt
+
+    from vl2cli.engine.config import OCRConfig
+    from vl2cli.engine.generation import Engine
+    from vl2cli.engine.ocr import ocr_token_count, ocr_views
+    from vl2cli.engine.processor import Prepared
+    over = {"num_hidden_layers": 2} if smoke else {}
+    tiny = preset_config("tiny", **over)
+    page = letter_page()
+    rows = {}
+
+    def prefill_seconds(model, prepared) -> float:
+        engine = Engine(model, -1, 0)
+        start = time.perf_counter()
+        engine.prefill([prepared], 0)
+        return time.perf_counter() - start
+
+    vl2 = random_model(tiny, dtype=torch.bfloat16)
+    prompt = page_prompt(tiny)
+    rows["vl2_tiny"] = {"image_tokens": sum(prompt.image_mask), "prefill_s": prefill_seconds(vl2, prompt)}
+    del vl2
+    gc.collect()
+    ocr_cfg = OCRConfig(language=tiny.language)
+    ocr = random_model(ocr_cfg, dtype=torch.bfloat16)  # type: ignore[arg-type]
+    for mode in ("base", "gundam"):
+        views = ocr_views(page, mode, ocr_cfg)
+        n = ocr_token_count(mode, views.tiles_wide, views.tiles_high, views.local_pixels is not None)
+        ids = [0] + [1] * n + list(range(2, 18))
+        prepared = Prepared("", ids, [False] + [True] * n + [False] * 16, prompt.pixels[:0], [], views=views)
+        rows[f"ocr_{mode}"] = {"image_tokens": n, "prefill_s": prefill_seconds(ocr, prepared)}
+    return {"bench": "ocr_vs_vl2", "page": f"letter at {page.size}", "decoder_layers": tiny.language.num_hidden_layers,
+            **rows}
+
+
 def bench_syncs(smoke: bool) -> dict:
     """Per decode step at real shapes (on meta): aten ops, 4-bit linear calls, host syncs, host-to-device copies."""
     from decode_counts import decode_step_counts
@@ -369,7 +408,7 @@ def bench_syncs(smoke: bool) -> dict:
 
 BENCHES = {"moe": bench_moe, "kv": bench_kv, "batching": bench_batching, "memory": bench_memory,
            "pages": bench_pages, "loading": bench_loading, "coldstart": bench_coldstart, "syncs": bench_syncs,
-           "grammar": bench_grammar}
+           "grammar": bench_grammar, "ocr": bench_ocr}
 
 
 def run(which: str = "all", smoke: bool = False) -> Iterator[dict]:

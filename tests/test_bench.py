@@ -10,12 +10,14 @@ from bench import run
 def test_benchmarks_smoke():
     results = {r["bench"]: r for r in run("all", smoke=True)}
     assert set(results) == {"moe_dispatch", "kv_cache", "batching", "memory", "pages_in", "loading_peak_ram",
-                            "cold_start", "decode_step_counts", "constrained_decoding"}
+                            "cold_start", "decode_step_counts", "constrained_decoding",
+                            "ocr_vs_vl2"}
     assert results["loading_peak_ram"]["within_budget"]
     assert results["kv_cache"]["mla_cache_bytes_per_token_small_bf16"] == (512 + 64) * 27 * 2  # measured cache
     assert results["kv_cache"]["mha_cache_bytes_per_token_tiny_bf16"] == 2 * 10 * 128 * 12 * 2  # K and V
     assert results["memory"]["nf4_over_bf16_linear_bytes"] <= 0.30
     assert results["constrained_decoding"]["masked_over_free_step"] <= 1.5  # 1.03 measured on 2 layers
+    assert results["ocr_vs_vl2"]["ocr_base"]["image_tokens"] == 273 < results["ocr_vs_vl2"]["vl2_tiny"]["image_tokens"]
     json.dumps(results)
 
 
