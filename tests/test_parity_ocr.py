@@ -89,6 +89,11 @@ def test_every_command_runs_on_deepseek_ocr(ocr_ckpt, tmp_path):
     plain = json.loads(next((tmp_path / "p").glob("*.p0001.ocr.json")).read_text())
     rich = json.loads(vl2("ocr", IMG, "-f", "json", "--ocr-mode", "tiny", model=model, tokens=2).stdout)[0]
     assert plain["prompt_tokens"] < rich["prompt_tokens"]  # "Free OCR." for text, the grounding prompt otherwise
+    asked = vl2("ask", IMG, "What is the total?", "--json", "--ocr-mode", "tiny", model=model, tokens=3)
+    assert asked.exit_code == 0 and "not to answer free questions" in asked.stderr, asked.output
+    assert_valid_record(json.loads(asked.stdout), "ask")
+    chat = vl2("ask", IMG, "What is the total?", "--chat", "--ocr-mode", "tiny", model=model, tokens=3, stdin="more?\n")
+    assert chat.exit_code == 2 and "no conversation" in chat.stderr
     refused = vl2("table", IMG, model=model, tokens=2)
     assert refused.exit_code == 2 and "DeepSeek-OCR has no known prompt for table" in refused.stderr
     out = tmp_path / "out"
@@ -137,3 +142,29 @@ def test_no_repeat_ngram_rule():
     assert rule.banned([1, 2, 5, 1, 2]) == {5}  # "1 2 5" was generated: 5 may not follow "1 2" again
     assert rule.banned([1, 2, 7, 1, 2]) == set()  # whitelisted (<td>, </td>) tokens may repeat
     assert rule.banned([1, 2, 5] + [9] * 10 + [1, 2]) == set()  # outside the window
+
+
+@pytest.mark.slow
+def test_nf4_quantizes_the_decoder_and_keeps_the_encoder_16_bit(ocr_ckpt):
+    pytest.importorskip("bitsandbytes")
+    from vl2cli.engine.loading import load_model
+    from vl2cli.engine.quant import is_quantized_module
+    loaded = load_model(str(ocr_ckpt), device="cpu", dtype="float32", quant="nf4")
+    model = loaded.model
+    assert is_quantized_module(model.language.layers[1].mlp.experts[0].up_proj)
+    assert is_quantized_module(model.language.layers[0].self_attn.q_proj)
+    assert not is_quantized_module(model.sam_model.blocks[0].attn.qkv)
+    assert not is_quantized_module(model.vision_model.transformer.layers[0].mlp.fc1)
+    assert not is_quantized_module(model.projector.layers)
+
+
+def test_the_ngram_rule_is_on_for_deepseek_ocr_and_can_be_turned_off(ocr_ckpt):
+    from vl2cli.engine.loading import load_model
+    from vl2cli.options import ReadOptions
+    from vl2cli.reader import Reader
+    reader = Reader(load_model(str(ocr_ckpt), device="cpu", dtype="float32", quant="none"))
+    rule = reader._sampling(ReadOptions()).no_repeat
+    assert rule is not None and (rule.size, rule.window) == (30, 90)
+    tok = reader.loaded.processor.tokenizer
+    assert rule.whitelist == {tok.tok.token_to_id("<td>"), tok.tok.token_to_id("</td>")}
+    assert reader._sampling(ReadOptions(no_repeat=False)).no_repeat is None

@@ -137,6 +137,8 @@ SchemaFile = Annotated[str | None, typer.Option("--schema", help="extract: a JSO
 Fields = Annotated[str | None, typer.Option("--fields", help='extract: shorthand, e.g. "number, total:number, '
                                                              'date:date, items:[{name, qty:integer}]".')]
 Per = Annotated[str, typer.Option("--per", help="extract: one object per page, or per document (merged).")]
+NoRepeat = Annotated[bool, typer.Option("--no-repeat-ngrams/--allow-repeat-ngrams",
+                                        help="DeepSeek-OCR: ban a repeated 30-gram within 90 tokens (<td> exempt).")]
 OcrMode = Annotated[str, typer.Option("--ocr-mode", help="DeepSeek-OCR (--model ocr): tiny, small, base, large or "
                                                          "gundam (640-pixel tiles + a 1024 view; documents).")]
 
@@ -449,7 +451,7 @@ def _request(task_name: str, inputs: list[str], text: str | None, fmt: str, *, o
              temperature: float, prompt_file: str | None, pages: str | None, dpi: int, password: str | None,
              batch_size: int | None, split: str, text_layer: str, max_pixels: int, schema: str | None = None,
              fields: str | None = None, per: str = "page", strict: bool | None = None, ocr_mode: str = "gundam",
-             **rest: Any) -> ReadRequest:
+             no_repeat: bool = True, **rest: Any) -> ReadRequest:
     from vl2cli.tasks import get_task
     if per not in ("page", "document"):
         raise UsageError(f"--per {per!r}: expected page or document")
@@ -461,7 +463,7 @@ def _request(task_name: str, inputs: list[str], text: str | None, fmt: str, *, o
     read = ReadOptions(max_new_tokens=max_new_tokens, temperature=temperature, text=text, prompt_file=prompt_file,
                        split=split, text_layer=text_layer,  # type: ignore[arg-type]
                        batch_size=DEFAULT_BATCH_SIZE if batch_size is None else batch_size, schema_json=schema_json,
-                       strict=strict, ocr_mode=ocr_mode, plain=fmt == "text")
+                       strict=strict, ocr_mode=ocr_mode, plain=fmt == "text", no_repeat=no_repeat)
     page_opts = PageOptions(pages=pages, dpi=dpi, password=password, max_pixels=max_pixels,
                             text_layer=text_layer != "off")
     return ReadRequest(task, inputs, text, fmt, out,
@@ -494,6 +496,7 @@ def _task_command(name: str, help_text: str, needs: str | None = None, default_f
         batch_size: BatchSize = None, split: Split = "auto", text_layer: TextLayer = "off",
         max_pixels: MaxPixels = DEFAULT_MAX_PIXELS, redo: Redo = "none", schema: SchemaFile = None,
         fields: Fields = None, per: Per = "page", strict: bool | None = None, ocr_mode: OcrMode = "gundam",
+        no_repeat: NoRepeat = True,
     ) -> None:
         text = None
         if needs:
@@ -505,7 +508,7 @@ def _task_command(name: str, help_text: str, needs: str | None = None, default_f
                        temperature=temperature, prompt_file=prompt_file, pages=pages, dpi=dpi, password=password,
                        batch_size=batch_size, split=split, text_layer=text_layer, max_pixels=max_pixels, redo=redo,
                        verbose=verbose, quiet=quiet, summary_json=json_out, schema=schema, fields=fields, per=per,
-                       strict=strict, ocr_mode=ocr_mode))
+                       strict=strict, ocr_mode=ocr_mode, no_repeat=no_repeat))
 
     command.__doc__ = help_text
     command.__annotations__["fmt"] = Annotated[str, typer.Option("--format", "-f", help=f"Output format: {formats}.")]
@@ -552,7 +555,7 @@ def batch(
     dpi: Dpi = DEFAULT_DPI, password: Password = None, revision: Revision = None, offline: Offline = False,
     batch_size: BatchSize = None, split: Split = "auto", text_layer: TextLayer = "off",
     max_pixels: MaxPixels = DEFAULT_MAX_PIXELS, redo: Redo = "none", schema: SchemaFile = None, fields: Fields = None,
-    per: Per = "page", ocr_mode: OcrMode = "gundam",
+    per: Per = "page", ocr_mode: OcrMode = "gundam", no_repeat: NoRepeat = True,
     strict: Annotated[bool | None, typer.Option("--strict/--no-strict", show_default=False,
                                                 help="Grammar-constrained answers: ground (default on), table "
                                                      "(default off).")] = None,
@@ -567,7 +570,7 @@ def batch(
                    temperature=temperature, prompt_file=prompt_file, pages=pages, dpi=dpi, password=password,
                    batch_size=batch_size, split=split, text_layer=text_layer, max_pixels=max_pixels, glob=glob,
                    redo=redo, named_files=False, verbose=verbose, quiet=quiet, summary_json=json_out, schema=schema,
-                   fields=fields, per=per, strict=strict, ocr_mode=ocr_mode))
+                   fields=fields, per=per, strict=strict, ocr_mode=ocr_mode, no_repeat=no_repeat))
 
 
 # ---------------------------------------------------------------------- ask
@@ -581,6 +584,7 @@ def ask(
     password: Password = None, chat: Annotated[bool, typer.Option("--chat", help="Keep asking follow-ups.")] = False,
     verbose: Verbose = False, quiet: Quiet = False, json_out: JsonOut = False, out: Out = None,
     revision: Revision = None, offline: Offline = False, max_pixels: MaxPixels = DEFAULT_MAX_PIXELS,
+    ocr_mode: OcrMode = "gundam",
 ) -> None:
     """Ask a question about one or more images or pages (all go into one prompt).
 
@@ -597,7 +601,7 @@ def ask(
     if os.path.exists(question):
         raise UsageError(f"the question {question!r} names an existing file: give the files first and the "
                          "question last, in quotes")
-    opts = ReadOptions(max_new_tokens=max_new_tokens, temperature=temperature, text=question)
+    opts = ReadOptions(max_new_tokens=max_new_tokens, temperature=temperature, text=question, ocr_mode=ocr_mode)
     page_opts = PageOptions(pages=pages, dpi=dpi, password=password, max_pixels=max_pixels)
     if out is not None:
         from vl2cli.sinks import check_output_folder
@@ -611,6 +615,7 @@ def ask(
     images = [page.image for source in sources for page in render_pages(source, page_opts)]
     choice = ModelChoice(model, quant, device, dtype, revision, offline)
     reader = choice.load(choice.resolve(), verbose)
+    reader.use_mode(opts.ocr_mode)
     labels = [s.label for s in sources]
     result = _answer(reader, images, question, opts, [], labels, json_out)
     if out is not None:
