@@ -398,6 +398,49 @@ def bench_ocr(smoke: bool) -> dict:
             **rows}
 
 
+def bench_continuous(smoke: bool) -> dict:
+    """A mixed workload (answers of 8 to 256 tokens) at the same maximum batch: static batches (each waits for its
+    longest answer) vs continuous batching (a finished row's place is taken at the next step)."""
+    import random
+
+    from vl2cli.engine.generation import Engine, SamplingParams
+    from vl2cli.engine.processor import Prepared
+    from vl2cli.engine.scheduler import Scheduler
+    model = random_model(_tiny_width(2 if smoke else 4))
+    engine = Engine(model, -1, 0)  # -1: every answer runs to its own length
+    rng = random.Random(0)
+    n, batch = (12, 4) if smoke else (32, 8)
+    lengths = [rng.randint(8, 64 if smoke else 256) for _ in range(n)]
+    texts = [[0, *range(2, 2 + rng.randint(8, 48))] for _ in range(n)]
+    prompts = [Prepared("", ids, [False] * len(ids), _no_pixels(), []) for ids in texts]
+    tokens = sum(lengths)
+
+    def static() -> float:
+        start = time.perf_counter()
+        for i in range(0, n, batch):
+            engine.generate(prompts[i:i + batch], SamplingParams(max_new_tokens=max(lengths[i:i + batch])),
+                            budgets=lengths[i:i + batch])
+        return time.perf_counter() - start
+
+    def continuous() -> float:
+        scheduler = Scheduler(engine, max_batch=batch)
+        start = time.perf_counter()
+        for p, length in zip(prompts, lengths):
+            scheduler.submit(p, SamplingParams(max_new_tokens=length))
+        scheduler.run()
+        return time.perf_counter() - start
+
+    t = _best_of({"static": static, "continuous": continuous}, 1 if smoke else 2)
+    return {"bench": "continuous_batching", "requests": n, "max_batch": batch, "answer_tokens": tokens,
+            "static_tokens_per_s": tokens / t["static"], "continuous_tokens_per_s": tokens / t["continuous"],
+            "ratio": t["static"] / t["continuous"], "target": ">= 1.5"}
+
+
+def _no_pixels():
+    import numpy as np
+    return np.zeros((0, 3, 384, 384), np.float32)
+
+
 def bench_syncs(smoke: bool) -> dict:
     """Per decode step at real shapes (on meta): aten ops, 4-bit linear calls, host syncs, host-to-device copies."""
     from decode_counts import decode_step_counts
@@ -408,7 +451,7 @@ def bench_syncs(smoke: bool) -> dict:
 
 BENCHES = {"moe": bench_moe, "kv": bench_kv, "batching": bench_batching, "memory": bench_memory,
            "pages": bench_pages, "loading": bench_loading, "coldstart": bench_coldstart, "syncs": bench_syncs,
-           "grammar": bench_grammar, "ocr": bench_ocr}
+           "grammar": bench_grammar, "ocr": bench_ocr, "continuous": bench_continuous}
 
 
 def run(which: str = "all", smoke: bool = False) -> Iterator[dict]:

@@ -23,6 +23,7 @@ class KVCache:
 
     def __init__(self, cfg: LanguageConfig, batch: int, max_len: int, device, dtype: torch.dtype):
         self.max_len = max_len
+        self.time_axis = 1 if cfg.use_mla else 2  # where positions run in each layer's tensors
         self.layers: list[tuple[torch.Tensor, ...]] = []
         for _ in range(cfg.num_hidden_layers):
             if cfg.use_mla:
@@ -75,6 +76,27 @@ class KVCache:
     def bytes_per_token(self) -> int:
         """Cache bytes one position of one sequence takes, over all layers (measured on the buffers)."""
         return sum(t[0].numel() * t.element_size() // self.max_len for layer in self.layers for t in layer)
+
+    @classmethod
+    def merge(cls, caches: list[KVCache], room: int) -> KVCache:
+        """The rows of several caches in one, each right-aligned at the longest one's length, with `room` free
+        positions after it. Keys are stored rotated and positions count valid keys only, so shifting a row to the
+        right (its new left padding invalid) changes nothing it computes: this is how a request joins a batch."""
+        length = max(c.length for c in caches)
+        merged = object.__new__(cls)
+        merged.max_len, merged.time_axis, merged.length, merged.start = length + room, caches[0].time_axis, length, length
+
+        def aligned(t: torch.Tensor, c: KVCache, axis: int) -> torch.Tensor:
+            shape = list(t.shape)
+            shape[axis] = merged.max_len
+            out = t.new_zeros(shape)
+            out.narrow(axis, length - c.length, c.length).copy_(t.narrow(axis, 0, c.length))
+            return out
+
+        merged.layers = [tuple(torch.cat([aligned(c.layers[i][j], c, c.time_axis) for c in caches])
+                               for j in range(len(caches[0].layers[i]))) for i in range(len(caches[0].layers))]
+        merged.key_valid = torch.cat([aligned(c.key_valid, c, 1) for c in caches])
+        return merged
 
     def select(self, rows: torch.Tensor) -> None:
         """Keep only these batch rows (finished sequences leave the batch)."""

@@ -1,0 +1,86 @@
+"""Continuous batching: requests join and leave the running batch at step boundaries, and each gets exactly the
+tokens it would get alone."""
+
+from __future__ import annotations
+
+import pytest
+from PIL import Image
+
+from tests.helpers import IMG
+
+
+@pytest.fixture
+def engine_and_prompts(loaded_tiny):
+    from vl2cli.engine.generation import Engine
+    from vl2cli.engine.grammar import grammar_tokenizer
+    tok = loaded_tiny.processor.tokenizer
+    llg = grammar_tokenizer(tok.tok.to_str(), loaded_tiny.cfg.language.vocab_size, tok.eos_id)
+    engine = Engine(loaded_tiny.model, tok.eos_id, tok.pad_id, grammar_tokenizer=lambda: llg)
+    image = Image.open(IMG)
+    prompts = [loaded_tiny.processor.prepare_prompt(f"<image>\nRead part {i}.", [image]) if i % 2
+               else loaded_tiny.processor.prepare_prompt("Q" * (i + 1) + " a text-only question", []) for i in range(7)]
+    return engine, prompts
+
+
+def test_greedy_tokens_equal_one_at_a_time_while_requests_join_and_leave(engine_and_prompts):
+    from vl2cli.engine.generation import SamplingParams
+    from vl2cli.engine.scheduler import Scheduler
+    engine, prompts = engine_and_prompts
+    budgets = [5, 17, 9, 30, 3, 12, 21]
+    alone = [engine.generate([p], SamplingParams(max_new_tokens=b))[0].ids for p, b in zip(prompts, budgets)]
+    scheduler = Scheduler(engine, max_batch=3)
+    requests = [scheduler.submit(p, SamplingParams(max_new_tokens=b)) for p, b in zip(prompts, budgets)]
+    sizes = []
+    while not scheduler.idle:
+        scheduler.step()
+        sizes.append(len(scheduler.running))
+    assert [r.result.ids for r in requests] == alone
+    assert max(sizes) == 3 and len(set(sizes)) > 1  # the batch refilled as short requests left
+
+
+def test_rows_keep_their_own_sampling_grammar_and_budget(engine_and_prompts, loaded_tiny):
+    import json
+
+    from vl2cli.engine.generation import SamplingParams
+    from vl2cli.engine.grammar import Grammar
+    from vl2cli.engine.scheduler import Scheduler
+    engine, prompts = engine_and_prompts
+    sampled = SamplingParams(max_new_tokens=10, temperature=1.0, seed=7)
+    schema = Grammar.from_json_schema({"type": "object", "properties": {"n": {"type": "integer", "minimum": 0,
+                                                                                "maximum": 99}},
+                                       "required": ["n"], "additionalProperties": False})
+    alone = Scheduler(engine, max_batch=1)
+    reference = alone.submit(prompts[0], sampled)
+    alone.run()
+    crowded = Scheduler(engine, max_batch=4)
+    same = crowded.submit(prompts[0], sampled)
+    constrained = crowded.submit(prompts[1], SamplingParams(max_new_tokens=40), grammar=schema)
+    greedy = crowded.submit(prompts[2], SamplingParams(max_new_tokens=6))
+    crowded.run()
+    assert same.result.ids == reference.result.ids  # its own generator: batch-mates change nothing
+    text = loaded_tiny.processor.tokenizer.decode(constrained.result.ids[:-1])  # the end token closes it
+    assert constrained.result.finish_reason == "stop" and json.loads(text)["n"] in range(100)
+    assert len(greedy.result.ids) == 6 and greedy.result.finish_reason == "length"
+
+
+def test_cancel_frees_the_row_and_the_queue_is_bounded(engine_and_prompts):
+    from vl2cli.engine.generation import SamplingParams
+    from vl2cli.engine.scheduler import QueueFull, Scheduler
+    engine, prompts = engine_and_prompts
+    scheduler = Scheduler(engine, max_batch=2, max_queue=3)
+    first = scheduler.submit(prompts[0], SamplingParams(max_new_tokens=50))
+    second = scheduler.submit(prompts[1], SamplingParams(max_new_tokens=50))
+    third = scheduler.submit(prompts[2], SamplingParams(max_new_tokens=4))
+    scheduler.step()
+    assert scheduler.running == [first, second]
+    scheduler.cancel(first)
+    scheduler.step()  # the cancelled row leaves; the waiting request takes its place at the next boundary
+    assert first.done and first.result.finish_reason == "cancelled" and first not in scheduler.running
+    scheduler.step()
+    assert third in scheduler.running and len(scheduler.running) == 2
+    for p in prompts[:3]:
+        scheduler.submit(p, SamplingParams(max_new_tokens=2))
+    with pytest.raises(QueueFull):
+        scheduler.submit(prompts[0], SamplingParams(max_new_tokens=2))
+    scheduler.run()
+    assert second.done and third.result.finish_reason == "length"
