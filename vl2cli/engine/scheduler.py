@@ -88,7 +88,7 @@ class Scheduler:
 
     def _admit(self) -> list[Request]:
         self.waiting = deque(r for r in self.waiting if not self._drop_cancelled(r))
-        joining = []
+        joining: list[Request] = []
         while self.waiting and len(self.running) + len(joining) < self.max_batch:
             joining.append(self.waiting.popleft())
         if not joining:
