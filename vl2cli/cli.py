@@ -699,11 +699,11 @@ def trace(
 
 def _trace_ocr(model: str, prompt: str, out: str, images: list[Path], max_new_tokens: int, dtype: str, device: str,
                mode: str) -> None:
-    from vl2cli.engine.loading import load_ocr_model
+    from vl2cli.engine.loading import load_model
     from vl2cli.engine.ocr_trace import run_ocr_trace
     if len(images) != 1:
         raise UsageError("a DeepSeek-OCR trace takes exactly one --image")
-    loaded = load_ocr_model(model, device=device, dtype=dtype, quant="none")
+    loaded = load_model(model, device=device, dtype=dtype, quant="none")
     meta = run_ocr_trace(loaded, str(images[0]), prompt, mode, max_new_tokens, out)
     err(f"prompt tokens {meta['num_tokens']}, image tokens {meta['num_image_positions']}, "
         f"tiles {meta['images_spatial_crop']}, generated {len(meta['generated_ids'])}")

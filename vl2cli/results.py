@@ -7,7 +7,7 @@ Schemas in `vl2cli/schemas/` describe them and the tests validate real outputs a
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 Status = Literal["ok", "failed", "interrupted"]
@@ -59,9 +59,6 @@ class PageResult:
     @property
     def label(self) -> str:
         return f"{self.source} p{self.page}"
-
-    def with_flags(self, *flags: str) -> PageResult:
-        return replace(self, flags=tuple(dict.fromkeys((*self.flags, *flags))))
 
     def to_json(self) -> dict[str, Any]:
         record: dict[str, Any] = {

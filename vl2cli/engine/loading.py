@@ -272,37 +272,6 @@ def load_model(spec: str | Path = "tiny", device: str | None = None, dtype: str 
     return LoadedModel(model, processor, cfg, folder, dev, torch_dtype, mode, time.perf_counter() - started)
 
 
-@dataclass
-class LoadedOCR:
-    model: DeepseekOCR
-    tokenizer: VL2Tokenizer
-    cfg: OCRConfig
-    folder: Path
-    device: torch.device
-    dtype: torch.dtype
-    quant: str
-
-
-def load_ocr_model(spec: str | Path, device: str | None = None, dtype: str | None = None,
-                   quant: str = "auto") -> LoadedOCR:
-    """A DeepSeek-OCR checkpoint, strictly: every tensor accounted for, shapes checked, names in the error.
-    NF4 applies to the decoder's linears only; the encoder stays 16-bit."""
-    folder = resolve_model(str(spec))
-    cfg = load_any_config(folder)
-    if not isinstance(cfg, OCRConfig):
-        raise CheckpointError(f"{folder}: not a DeepSeek-OCR checkpoint (architectures lacks DeepseekOCRForCausalLM)")
-    dev = pick_device(device)
-    torch_dtype = pick_dtype(dtype, dev)
-    mode = resolve_quant(quant, dev)
-    tokenizer = VL2Tokenizer(folder, cfg)  # type: ignore[arg-type]  # the same token handling as DeepSeek-VL2
-    with torch.device("meta"):
-        model = DeepseekOCR(cfg)
-    swapped = set(swap_linear_layers(model, mode, torch_dtype))
-    model.eval().requires_grad_(False)
-    load_weights(model, folder, dev, torch_dtype, swapped, ocr_checkpoint_to_model_name)
-    return LoadedOCR(model, tokenizer, cfg, folder, dev, torch_dtype, mode)
-
-
 def random_model(cfg: VL2Config, device: str = "cpu", dtype: torch.dtype = torch.float32, quant: str = "none",
                  seed: int = 0, std: float = 0.02) -> DeepseekVL2:
     """A model of this config with random weights (benchmarks and tests: same speed and memory as real weights)."""

@@ -20,7 +20,7 @@ from vl2cli.errors import InputError
 from vl2cli.writers import atomic_write_bytes, atomic_write_text
 
 if TYPE_CHECKING:
-    from vl2cli.engine.loading import LoadedOCR
+    from vl2cli.engine.loading import LoadedModel
 
 FORMAT = "ocr-vision-oracle-trace/1"
 N_PROJ, N_SAMPLE = 8, 24
@@ -94,10 +94,11 @@ def load_official_image(path: str | Path) -> Image.Image:
 
 
 @torch.inference_mode()
-def run_ocr_trace(loaded: LoadedOCR, image_path: str, prompt: str, mode: str, max_new_tokens: int,
+def run_ocr_trace(loaded: LoadedModel, image_path: str, prompt: str, mode: str, max_new_tokens: int,
                   prefix: str | Path) -> dict[str, Any]:
     image = load_official_image(image_path)
-    prepared = prepare_ocr_prompt(loaded.tokenizer, loaded.cfg, prompt, image, mode)
+    tokenizer = loaded.processor.tokenizer
+    prepared = prepare_ocr_prompt(tokenizer, loaded.cfg, prompt, image, mode)
     views = prepared.views
     model = loaded.model
     arrays: dict[str, np.ndarray] = {"input_ids": np.array(prepared.input_ids, dtype=np.int64),
@@ -130,21 +131,21 @@ def run_ocr_trace(loaded: LoadedOCR, image_path: str, prompt: str, mode: str, ma
         "inputs": {"image": str(image_path), "image_size": list(image.size), "mode": mode, "base_size": base,
                    "image_size_tile": tile, "crop_mode": cropping, "prompt": prompt},
         "input_ids": prepared.input_ids, "num_tokens": len(prepared.input_ids),
-        "bos_token_id": loaded.tokenizer.bos_id, "image_token_id": loaded.tokenizer.image_id,
+        "bos_token_id": tokenizer.bos_id, "image_token_id": tokenizer.image_id,
         "images_seq_mask_spans": spans, "num_image_positions": int(sum(mask)),
         "images_spatial_crop": [[views.tiles_wide, views.tiles_high]], "num_image_tokens": [int(sum(mask))],
         "num_image_tokens_vllm": int(sum(mask)), "has_local_views": local is not None,
         "pixel": {"global": _pixels("global", views.global_pixels, arrays),
                   "local": None if views.local_pixels is None else _pixels("local", views.local_pixels, arrays)},
         "stages": stages, "image_embeds_layout": layout, "newline_rows": newlines, "separator_rows": separators,
-        "generated_ids": generated, "generated_text": loaded.tokenizer.decode(generated),
+        "generated_ids": generated, "generated_text": tokenizer.decode(generated),
         "env": {"dtype": str(loaded.dtype).removeprefix("torch."), "torch": torch.__version__},
     }
     _write(str(prefix), meta, arrays)
     return meta
 
 
-def _greedy(loaded: LoadedOCR, ids: list[int], mask: list[bool], image_embeds: torch.Tensor, steps: int) -> list[int]:
+def _greedy(loaded: LoadedModel, ids: list[int], mask: list[bool], image_embeds: torch.Tensor, steps: int) -> list[int]:
     """Greedy tokens from the decoder (DeepSeek-VL2-tiny's: the engine's language model)."""
     language = loaded.model.language
     tokens = torch.tensor([ids], device=loaded.device)
@@ -156,7 +157,7 @@ def _greedy(loaded: LoadedOCR, ids: list[int], mask: list[bool], image_embeds: t
     for _ in range(steps):
         token = int(logits.argmax(-1))
         out.append(token)
-        if token == loaded.tokenizer.eos_id:
+        if token == loaded.processor.tokenizer.eos_id:
             break
         step = language.embed_tokens(torch.tensor([[token]], device=loaded.device))
         logits = language.logits(language(step, cache, torch.ones(1, 1, dtype=torch.bool))[:, -1])
