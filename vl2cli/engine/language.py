@@ -74,3 +74,24 @@ class LanguageModel(nn.Module):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()
+
+
+class WithDecoder(nn.Module):
+    """What DeepSeek-VL2 and DeepSeek-OCR share around the decoder: its device and dtype, and image embeddings
+    placed at a row's image positions."""
+
+    language: LanguageModel
+
+    @property
+    def device(self) -> torch.device:
+        return self.language.embed_tokens.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.language.embed_tokens.weight.dtype
+
+    def place_images(self, embeds: torch.Tensor, row: int, image_mask: torch.Tensor, images: torch.Tensor) -> None:
+        mask = image_mask.to(self.device)
+        if int(mask.sum()) != images.shape[0]:
+            raise ValueError(f"row {row}: {int(mask.sum())} image positions but {images.shape[0]} image embeddings")
+        embeds[row, mask] = images

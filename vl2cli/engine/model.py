@@ -15,11 +15,11 @@ from vl2cli.engine.config import VL2Config
 
 if TYPE_CHECKING:
     from vl2cli.engine.processor import Prepared
-from vl2cli.engine.language import LanguageModel
+from vl2cli.engine.language import LanguageModel, WithDecoder
 from vl2cli.engine.vision import Projector, VisionTower
 
 
-class DeepseekVL2(nn.Module):
+class DeepseekVL2(WithDecoder):
     def __init__(self, cfg: VL2Config):
         super().__init__()
         self.cfg = cfg
@@ -28,14 +28,6 @@ class DeepseekVL2(nn.Module):
         self.image_newline = nn.Parameter(torch.zeros(cfg.projector.n_embed))
         self.view_seperator = nn.Parameter(torch.zeros(cfg.projector.n_embed))  # sic: the checkpoint's spelling
         self.language = LanguageModel(cfg.language)
-
-    @property
-    def device(self) -> torch.device:
-        return self.language.embed_tokens.weight.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.language.embed_tokens.weight.dtype
 
     def encode_tiles(self, pixels: torch.Tensor, tiles_per_step: int = 16) -> torch.Tensor:
         """[tiles, 3, S, S] -> [tiles, h*w, d] projected tokens, a bounded number of tiles at a time."""
@@ -79,9 +71,5 @@ class DeepseekVL2(nn.Module):
                 seqs.append(self.image_sequence(tokens[cursor : cursor + 1 + tw * th], tw, th))
                 cursor += 1 + tw * th
             if seqs:
-                seq = torch.cat(seqs)
-                mask = image_mask[row].to(self.device)
-                if int(mask.sum()) != seq.shape[0]:
-                    raise ValueError(f"row {row}: {int(mask.sum())} image positions but {seq.shape[0]} image embeddings")
-                embeds[row, mask] = seq
+                self.place_images(embeds, row, image_mask[row], torch.cat(seqs))
         return embeds

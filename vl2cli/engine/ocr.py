@@ -17,7 +17,7 @@ from torch import nn
 
 from vl2cli.engine.clip import ClipEncoder
 from vl2cli.engine.config import OCR_MODES, OCRConfig
-from vl2cli.engine.language import LanguageModel
+from vl2cli.engine.language import LanguageModel, WithDecoder
 from vl2cli.engine.processor import Content, Message, Prepared, UserText, _lookup, _normalise
 from vl2cli.engine.sam import SamEncoder
 from vl2cli.errors import UsageError
@@ -46,7 +46,7 @@ class ViewFeatures:
     projected: torch.Tensor  # [n, g*g, hidden]
 
 
-class DeepseekOCR(nn.Module):
+class DeepseekOCR(WithDecoder):
     def __init__(self, cfg: OCRConfig):
         super().__init__()
         self.cfg = cfg
@@ -56,14 +56,6 @@ class DeepseekOCR(nn.Module):
         self.image_newline = nn.Parameter(torch.zeros(cfg.language.hidden_size))
         self.view_seperator = nn.Parameter(torch.zeros(cfg.language.hidden_size))  # sic: the checkpoint's spelling
         self.language = LanguageModel(cfg.language)
-
-    @property
-    def device(self) -> torch.device:
-        return self.language.embed_tokens.weight.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.language.embed_tokens.weight.dtype
 
     def encode_views(self, pixels: torch.Tensor) -> ViewFeatures:
         """[n, 3, S, S] -> SAM [n, 1024, S/64, S/64], CLIP [n, 1 + (S/64)^2, 1024], projected [n, (S/64)^2, d]."""
@@ -85,11 +77,8 @@ class DeepseekOCR(nn.Module):
             glob = self.encode_views(torch.from_numpy(views.global_pixels)).projected
             local = (None if views.local_pixels is None
                      else self.encode_views(torch.from_numpy(views.local_pixels)).projected)
-            seq = self.image_sequence(glob, local, views.tiles_wide, views.tiles_high)
-            mask = image_mask[row].to(self.device)
-            if int(mask.sum()) != seq.shape[0]:
-                raise ValueError(f"row {row}: {int(mask.sum())} image positions but {seq.shape[0]} image embeddings")
-            embeds[row, mask] = seq
+            self.place_images(embeds, row, image_mask[row], self.image_sequence(glob, local, views.tiles_wide,
+                                                                                 views.tiles_high))
         return embeds
 
     def image_sequence(self, global_view: torch.Tensor, local: torch.Tensor | None, tiles_wide: int,
