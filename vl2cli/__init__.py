@@ -48,7 +48,8 @@ def read(reader: Reader, paths: list[str], task: str = "ocr", question: str | No
         opts = replace(opts, text=question)
     page_opts = page_options or PageOptions(pages=pages, text_layer=opts.text_layer != "off")
     sources, _ = plan_inputs(expand_inputs(list(paths)), page_opts, strict=True)
-    job = Job(the_task, opts, page_opts, "json", str(reader.loaded.folder), the_task.template(opts.prompt_file))
+    template = the_task.template(opts.prompt_file, reader.family, opts.plain)  # the prompt Reader.read will use
+    job = Job(the_task, opts, page_opts, "json", str(reader.loaded.folder), template)
     sink = ListSink()
     read_documents(reader, job, sources, sink)
     return sink.results
