@@ -277,6 +277,12 @@ def _kind(sub: Any) -> tuple[str, dict[str, Any] | None]:
     return (str(kind), sub) if kind == "object" else (str(kind), None)
 
 
+@lru_cache(maxsize=64)
+def describe_json(schema_json: str) -> str:
+    """describe() of a schema given as JSON (every page of a run shares the rendering)."""
+    return describe(json.loads(schema_json))
+
+
 def merge_objects(objects: list[Any]) -> Any:
     """One object per document from its pages' objects: scalars (and nested objects' scalars) from the first page
     that fills them (not null, not ""), arrays concatenated in page order."""

@@ -16,6 +16,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import TYPE_CHECKING, Any, Protocol
 
 from vl2cli.errors import InputError, UsageError
@@ -48,6 +49,10 @@ class Job:
                 "dpi": self.pages.dpi}
 
     def settings_digest(self) -> str:
+        return self._digest
+
+    @cached_property
+    def _digest(self) -> str:  # once per job, not once per page key
         return hashlib.sha256(json.dumps(self.settings(), sort_keys=True).encode()).hexdigest()
 
     def page_key(self, source: Source, number: int) -> str:

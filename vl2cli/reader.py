@@ -9,7 +9,6 @@ runaway loops are re-read at rising temperatures, and dense pages are read in ba
 from __future__ import annotations
 
 import gc
-import json
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -25,7 +24,7 @@ from vl2cli.engine.memory import batch_for_free
 from vl2cli.engine.ocr import OCRProcessor
 from vl2cli.engine.processor import EOS_TEXT, Message, Prepared, UserText
 from vl2cli.errors import OutOfMemory, PageFailed, UsageError
-from vl2cli.extract import describe
+from vl2cli.extract import describe_json
 from vl2cli.options import DEFAULT_BATCH_SIZE, LOOP_RETRY_TEMPERATURES, ReadOptions
 from vl2cli.parsers import find_loop, trim_loop
 from vl2cli.results import AskResult, PageResult, Split, failed_page
@@ -272,7 +271,7 @@ class Reader:
 
     def _prompt(self, task: Task, template: str, image: Image.Image | Tiling, opts: ReadOptions,
                 hint: str | None) -> Prepared:
-        schema = describe(json.loads(opts.schema_json)) if opts.schema_json else None
+        schema = describe_json(opts.schema_json) if opts.schema_json else None
         return self.loaded.processor.prepare_prompt(task.prompt(1, template, opts.text, hint, schema), [image])
 
     def read(self, task: Task, pages: Sequence[Page], opts: ReadOptions,
