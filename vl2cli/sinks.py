@@ -16,6 +16,7 @@ import io
 import json
 import os
 import re
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -210,48 +211,43 @@ class FolderSink:
             return None
         return json.loads((self.out / rel).read_text("utf-8"))
 
+    def _page_records(self, source: Source) -> Iterator[tuple[int, dict[str, Any] | None, dict[str, Any] | None]]:
+        """Each planned page of a source: its number, its index entry and its record on disk (None when not done)."""
+        for number in source.numbers:
+            entry = self._entry(source, number)
+            yield number, entry, (self._record(entry) if entry else None)
+
+    def _write_whole(self, source: Source, ext: str, text: str) -> str:
+        """A file for a whole document, `<name>.<task><ext>`, beside its pages' files."""
+        rel = f"{safe_name(source.name or source.label)}.{self.job.task.name}{ext}"
+        self._check_inside(rel)
+        atomic_write_text(self.out / rel, text)
+        return rel
+
     def _write_results(self, sources: list[Source]) -> str:
-        lines = []
-        for source in sources:
-            for number in source.numbers:
-                entry = self._entry(source, number)
-                record = self._record(entry) if entry else None
-                if record is not None:
-                    lines.append(json.dumps(record, ensure_ascii=False))
+        lines = [json.dumps(record, ensure_ascii=False) for source in sources
+                 for _, _, record in self._page_records(source) if record is not None]
         atomic_write_text(self.out / RESULTS_NAME, "\n".join(lines) + ("\n" if lines else ""))
         return RESULTS_NAME
 
     def _write_merged(self, source: Source) -> str:
         """extract --per document: one record for the document, from its pages' records on disk (resumed runs too)."""
         from vl2cli.extract import merged_result
-        results = []
-        for number in source.numbers:
-            entry = self._entry(source, number)
-            record = self._record(entry) if entry else None
-            if record is not None:
-                results.append(PageResult(**_result_fields(record)))
-        rel = _merged_name(self, source)
-        self._check_inside(rel)
-        atomic_write_text(self.out / rel, self.job.task.render(merged_result(results), "json") + "\n")
-        return rel
+        results = [PageResult(**_result_fields(record)) for _, _, record in self._page_records(source)
+                   if record is not None]
+        return self._write_whole(source, ".json", self.job.task.render(merged_result(results), "json") + "\n")
 
     def _write_document(self, source: Source) -> str:
         """The pages of one document in order, each opened by a `<!-- page N -->` line."""
-        ext = self.job.task.extension(self.job.fmt)
         parts = []
-        for number in source.numbers:
-            entry = self._entry(source, number)
-            record = self._record(entry) if entry else None
+        for number, entry, record in self._page_records(source):
             if record is None:
                 why = (entry or {}).get("error") or "not read yet"
                 parts.append(f"<!-- page {number}: {why} -->\n")
                 continue
             text = self.job.task.render(PageResult(**_result_fields(record)), self.job.fmt)
             parts.append(f"<!-- page {number} -->\n{text.rstrip()}\n")
-        rel = f"{safe_name(source.name or source.label)}.{self.job.task.name}{ext}"
-        self._check_inside(rel)
-        atomic_write_text(self.out / rel, "\n".join(parts))
-        return rel
+        return self._write_whole(source, self.job.task.extension(self.job.fmt), "\n".join(parts))
 
 
 def _crop_figures(stem: str, result: PageResult, page: Page) -> tuple[PageResult, list[tuple[str, bytes]]]:
@@ -268,10 +264,6 @@ def _crop_figures(stem: str, result: PageResult, page: Page) -> tuple[PageResult
             block = {**block, "figure": rel.rsplit("/", 1)[-1]}  # beside the page's files
         blocks.append(block)
     return replace(result, fields={**result.fields, "blocks": blocks}), files
-
-
-def _merged_name(sink: FolderSink, source: Source) -> str:
-    return f"{safe_name(source.name or source.label)}.{sink.job.task.name}.json"
 
 
 def _result_fields(record: dict[str, Any]) -> dict[str, Any]:
