@@ -220,9 +220,8 @@ def _validated(req: ReadRequest) -> tuple[str, list[Source], list[str]]:
         raise UsageError(f"--redo {req.redo!r}: expected none, failed or all")
     template = req.task.template(req.read.prompt_file, req.choice.family(), req.read.plain)
     req.task.check_text(req.text)
-    if req.text and req.task.needs_text and os.path.exists(req.text.strip()):
-        raise UsageError(f"the {req.task.needs_text} {req.text!r} names an existing file: give the files first and "
-                         f"the {req.task.needs_text} last, in quotes")
+    if req.task.needs_text:
+        _not_a_file(req.task.needs_text, req.text)
     if req.out is not None:
         from vl2cli.sinks import check_output_folder
         check_output_folder(req.out)
@@ -231,6 +230,13 @@ def _validated(req: ReadRequest) -> tuple[str, list[Source], list[str]]:
         raise UsageError("no input files")
     sources, notes = plan_inputs(inputs, req.pages, strict=req.named_files)
     return template, sources, notes
+
+
+def _not_a_file(kind: str, text: str | None) -> None:
+    """The user's words come last on the command line; a file name there means the order went wrong."""
+    if text and os.path.exists(text.strip()):
+        raise UsageError(f"the {kind} {text!r} names an existing file: give the files first and the {kind} last, "
+                         "in quotes")
 
 
 def _read(req: ReadRequest) -> None:
@@ -592,15 +598,13 @@ def ask(
     """
     from vl2cli.pages import expand_inputs, render_pages
     from vl2cli.pipeline import plan_inputs
+    from vl2cli.tasks import get_task
     _setup_logging(verbose, quiet)
     if len(inputs) < 2:
         raise UsageError("ask: give the input file(s) and then the question")
     *files, question = inputs
-    if not question.strip():
-        raise UsageError("ask: the question is empty")
-    if os.path.exists(question):
-        raise UsageError(f"the question {question!r} names an existing file: give the files first and the "
-                         "question last, in quotes")
+    get_task("ask").check_text(question)
+    _not_a_file("question", question)
     opts = ReadOptions(max_new_tokens=max_new_tokens, temperature=temperature, text=question, ocr_mode=ocr_mode)
     page_opts = PageOptions(pages=pages, dpi=dpi, password=password, max_pixels=max_pixels)
     if out is not None:
