@@ -16,6 +16,7 @@ from PIL import Image, ImageOps
 from vl2cli.engine.cache import KVCache
 from vl2cli.engine.config import OCR_MODES
 from vl2cli.engine.ocr import OCR_TILE, prepare_ocr_prompt
+from vl2cli.engine.trace import spans
 from vl2cli.errors import InputError
 from vl2cli.writers import atomic_write_bytes, atomic_write_text
 
@@ -118,13 +119,6 @@ def run_ocr_trace(loaded: LoadedModel, image_path: str, prompt: str, mode: str, 
     base, tile, cropping = OCR_MODES[mode]
     layout, newlines, separators = _layout(views.tiles_wide, views.tiles_high, local is not None, base // 64)
     mask = prepared.image_mask
-    spans, start = [], None
-    for i, m in enumerate([*mask, False]):
-        if m and start is None:
-            start = i
-        elif not m and start is not None:
-            spans.append([start, i])
-            start = None
     generated = _greedy(loaded, prepared.input_ids, mask, embeds, max_new_tokens)
     meta = {
         "format": FORMAT,
@@ -132,7 +126,7 @@ def run_ocr_trace(loaded: LoadedModel, image_path: str, prompt: str, mode: str, 
                    "image_size_tile": tile, "crop_mode": cropping, "prompt": prompt},
         "input_ids": prepared.input_ids, "num_tokens": len(prepared.input_ids),
         "bos_token_id": tokenizer.bos_id, "image_token_id": tokenizer.image_id,
-        "images_seq_mask_spans": spans, "num_image_positions": int(sum(mask)),
+        "images_seq_mask_spans": spans(mask), "num_image_positions": int(sum(mask)),
         "images_spatial_crop": [[views.tiles_wide, views.tiles_high]], "num_image_tokens": [int(sum(mask))],
         "num_image_tokens_vllm": int(sum(mask)), "has_local_views": local is not None,
         "pixel": {"global": _pixels("global", views.global_pixels, arrays),

@@ -10,13 +10,16 @@ from __future__ import annotations
 import io
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from vl2cli.engine.generation import Engine, SamplingParams
-from vl2cli.engine.loading import LoadedModel
-from vl2cli.engine.processor import Prepared
 from vl2cli.writers import atomic_write_bytes, atomic_write_text
+
+if TYPE_CHECKING:
+    from vl2cli.engine.loading import LoadedModel
+    from vl2cli.engine.processor import Prepared
 
 
 def spans(mask: list[bool]) -> list[list[int]]:
