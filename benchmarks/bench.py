@@ -259,12 +259,13 @@ def bench_coldstart(smoke: bool) -> dict:
 
     code = ("import time; t0=time.perf_counter(); import sys, torch, vl2cli; t1=time.perf_counter();"
             "from vl2cli.engine.loading import load_model; from vl2cli.engine.generation import Engine, SamplingParams;"
+            "from vl2cli.engine.scheduler import generate;"
             "from gpucheck import letter_page;"
             "m=load_model(sys.argv[1], device='cpu', dtype=sys.argv[2], quant=sys.argv[3]);"
             "t2=time.perf_counter();"
             "p=m.processor.prepare_prompt('<image>\\nConvert the document to markdown.',[letter_page()]);"
             "e=Engine(m.model, m.processor.tokenizer.eos_id, m.processor.tokenizer.pad_id);"
-            "e.generate([p], SamplingParams(max_new_tokens=1)); t3=time.perf_counter();"
+            "generate(e, [p], SamplingParams(max_new_tokens=1)); t3=time.perf_counter();"
             "print(t1-t0, t2-t1, t3-t2, len(p.input_ids))")
 
     def run_once(ckpt: str, dtype: str, quant: str) -> dict:
@@ -407,7 +408,7 @@ def bench_continuous(smoke: bool) -> dict:
 
     from vl2cli.engine.generation import Engine, SamplingParams
     from vl2cli.engine.processor import Prepared
-    from vl2cli.engine.scheduler import Scheduler
+    from vl2cli.engine.scheduler import Scheduler, generate
     model = random_model(_tiny_width(2 if smoke else 4))
     engine = Engine(model, -1, 0)  # -1: every answer runs to its own length
     rng = random.Random(0)
@@ -420,14 +421,14 @@ def bench_continuous(smoke: bool) -> dict:
     def static() -> float:
         start = time.perf_counter()
         for i in range(0, n, batch):
-            engine.generate(prompts[i:i + batch], SamplingParams(max_new_tokens=max(lengths[i:i + batch])),
+            generate(engine, prompts[i:i + batch], SamplingParams(max_new_tokens=max(lengths[i:i + batch])),
                             budgets=lengths[i:i + batch])
         return time.perf_counter() - start
 
     def padded() -> float:  # classic static batching: every row computes until its batch's longest answer ends
         start = time.perf_counter()
         for i in range(0, n, batch):
-            engine.generate(prompts[i:i + batch], SamplingParams(max_new_tokens=max(lengths[i:i + batch])))
+            generate(engine, prompts[i:i + batch], SamplingParams(max_new_tokens=max(lengths[i:i + batch])))
         return time.perf_counter() - start
 
     def continuous() -> float:

@@ -27,6 +27,7 @@ from vl2cli.engine.config import preset_config
 from vl2cli.engine.generation import Engine, SamplingParams
 from vl2cli.engine.loading import random_model
 from vl2cli.engine.processor import Prepared, image_token_count, tile_image
+from vl2cli.engine.scheduler import generate
 from vl2cli.options import DEFAULT_DPI
 
 GIB = 1024**3
@@ -66,7 +67,7 @@ def timed_generate(engine: Engine, prompts: list[Prepared], new_tokens: int, dev
 
     _sync(device)
     t0 = time.perf_counter()
-    engine.generate(prompts, SamplingParams(max_new_tokens=new_tokens), on_token=on_token)
+    generate(engine, prompts, SamplingParams(max_new_tokens=new_tokens), on_token=on_token)
     _sync(device)
     total = time.perf_counter() - t0
     decode = len(prompts) * (len(stamps) - 1) / max(stamps[-1] - stamps[0], 1e-9)
@@ -114,7 +115,7 @@ def check(name: str, cap_gib: int, dtype_name: str, device: torch.device, new_to
     result["weights_gib"] = round(torch.cuda.memory_allocated() / GIB, 2) if cuda else 0
     engine = Engine(model, eos_id=-1, pad_id=0)  # -1: never stops early, every run makes all its tokens
     prompt = page_prompt(cfg)
-    engine.generate([prompt], SamplingParams(max_new_tokens=2))  # warm-up (kernels, allocator)
+    generate(engine, [prompt], SamplingParams(max_new_tokens=2))  # warm-up (kernels, allocator)
     free = (cap_gib * GIB - context_bytes - torch.cuda.memory_reserved()) if cuda else 8 * GIB
     chosen = batch_for_free(cfg, free)
     for batch in sorted({1, chosen}):

@@ -369,7 +369,7 @@ def test_verbose_reports_the_model_and_unexpected_errors_point_to_it(monkeypatch
     assert result.exit_code == 0
     assert "on cpu, float32, quantization none, loaded in" in result.stderr
     from vl2cli import reader as reader_module
-    monkeypatch.setattr(reader_module.Reader, "read", lambda *a, **k: 1 / 0)
+    monkeypatch.setattr(reader_module.Reader, "read_stream", lambda *a, **k: 1 / 0)
     crashed = vl2("ocr", IMG, "--split", "never", tokens=2)
     assert crashed.exit_code == 1 and crashed.stderr.strip().splitlines()[-1] == (
         "vl2: error: ZeroDivisionError: division by zero (run with -v for the traceback)")

@@ -13,6 +13,7 @@ from tests.helpers import CKPT, make_checkpoint
 from vl2cli.engine.config import config_from_dict, load_config
 from vl2cli.engine.generation import Engine, SamplingParams
 from vl2cli.engine.loading import load_model
+from vl2cli.engine.scheduler import generate
 from vl2cli.errors import CheckpointError, ConfigError
 
 VARIANTS = {
@@ -41,7 +42,7 @@ def test_cached_decoding_equals_full_recomputation(variant, page_image):
     """Logits of each decode step equal the logits of running the whole sequence again from scratch."""
     engine = Engine(variant.model, variant.processor.tokenizer.eos_id, variant.processor.tokenizer.pad_id)
     prompt = _prompt(variant, page_image)
-    gen = engine.generate([prompt], SamplingParams(max_new_tokens=6))[0]
+    gen = generate(engine, [prompt], SamplingParams(max_new_tokens=6))[0]
     ids = gen.ids[:-1] if gen.ids[-1] == engine.eos_id else gen.ids
     full = type(prompt)(prompt.prompt, prompt.input_ids + ids, prompt.image_mask + [False] * len(ids),
                         prompt.pixels, prompt.spatial_crop)
@@ -72,8 +73,8 @@ def test_batched_generation_equals_one_by_one(variant, page_image):
     prompts = [_prompt(variant, page_image), _prompt(variant, small, "<image>\nWhat is the total amount?"),
                variant.processor.prepare_prompt("Hello there, how are you?", [])]
     params = SamplingParams(max_new_tokens=8)
-    alone = [engine.generate([p], params)[0].ids for p in prompts]
-    together = [g.ids for g in engine.generate(prompts, params)]
+    alone = [generate(engine, [p], params)[0].ids for p in prompts]
+    together = [g.ids for g in generate(engine, prompts, params)]
     assert together == alone
 
 
@@ -82,10 +83,10 @@ def test_sampling_is_reproducible_with_a_seed(loaded_tiny, page_image):
     engine = Engine(loaded_tiny.model, tok.eos_id, tok.pad_id)
     prompt = _prompt(loaded_tiny, page_image)
     params = SamplingParams(max_new_tokens=8, temperature=0.7, top_p=0.9, repetition_penalty=1.2, seed=11)
-    first = engine.generate([prompt], params)[0].ids
-    assert engine.generate([prompt], params)[0].ids == first
+    first = generate(engine, [prompt], params)[0].ids
+    assert generate(engine, [prompt], params)[0].ids == first
     streamed = []
-    engine.generate([prompt], params, on_token=lambda row, t: streamed.append(t))
+    generate(engine, [prompt], params, on_token=lambda row, t: streamed.append(t))
     assert streamed == first
 
 
@@ -93,8 +94,8 @@ def test_repetition_penalty_changes_a_looping_answer(loaded_tiny, page_image):
     tok = loaded_tiny.processor.tokenizer
     engine = Engine(loaded_tiny.model, tok.eos_id, tok.pad_id)
     prompt = _prompt(loaded_tiny, page_image)
-    plain = engine.generate([prompt], SamplingParams(max_new_tokens=12))[0].ids
-    penalised = engine.generate([prompt], SamplingParams(max_new_tokens=12, repetition_penalty=5.0))[0].ids
+    plain = generate(engine, [prompt], SamplingParams(max_new_tokens=12))[0].ids
+    penalised = generate(engine, [prompt], SamplingParams(max_new_tokens=12, repetition_penalty=5.0))[0].ids
     assert len(set(plain)) == 1 and len(set(penalised)) > 1
 
 

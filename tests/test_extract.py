@@ -174,16 +174,17 @@ def test_an_answer_cut_by_the_budget_is_never_passed_off_as_valid(reader, page_i
 def test_greedy_under_a_grammar_equals_greedy_without_one_when_allowed(loaded_tiny, page_image):
     from vl2cli.engine.generation import Engine, SamplingParams
     from vl2cli.engine.grammar import Grammar
+    from vl2cli.engine.scheduler import generate
     from vl2cli.reader import Reader
     reader = Reader(loaded_tiny)
     prompt = loaded_tiny.processor.prepare_prompt("<image>\nRead it.", [page_image])
     engine: Engine = reader.engine
-    free = engine.generate([prompt], SamplingParams(max_new_tokens=24))[0]
+    free = generate(engine, [prompt], SamplingParams(max_new_tokens=24))[0]
     anything = Grammar.from_lark("start: /(.|\\n)*/")
-    constrained = engine.generate([prompt], SamplingParams(max_new_tokens=24), grammars=[anything])[0]
+    constrained = generate(engine, [prompt], SamplingParams(max_new_tokens=24), grammars=[anything])[0]
     assert constrained.ids == free.ids  # every unconstrained choice is allowed: nothing changes
     schema = Grammar.from_json_schema({"type": "object", "properties": {"x": {"type": "integer"}}})
-    mixed = engine.generate([prompt, prompt], SamplingParams(max_new_tokens=24), grammars=[schema, None])
+    mixed = generate(engine, [prompt, prompt], SamplingParams(max_new_tokens=24), grammars=[schema, None])
     assert mixed[1].ids == free.ids  # rows of one batch carry their own grammar, or none
     assert mixed[0].ids != free.ids
 

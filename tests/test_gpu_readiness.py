@@ -32,6 +32,7 @@ def _scaled(model: torch.nn.Module) -> None:
 def test_float16_never_overflows_to_inf_or_nan():
     from vl2cli.engine.generation import Engine
     from vl2cli.engine.loading import load_model
+    from vl2cli.engine.scheduler import generate
     wide = load_model(TINY, device="cpu", dtype="float32", quant="none")
     half = load_model(TINY, device="cpu", dtype="float16", quant="none")
     _scaled(wide.model)
@@ -45,7 +46,7 @@ def test_float16_never_overflows_to_inf_or_nan():
     assert peak[0] > 65504  # the residual stream really leaves float16's range here
     logits16, _ = Engine(half.model, tok.eos_id, tok.pad_id).prefill([prompt], 0)
     assert torch.isfinite(logits16).all()
-    gen = Engine(half.model, tok.eos_id, tok.pad_id).generate([prompt], _greedy(4))[0]
+    gen = generate(Engine(half.model, tok.eos_id, tok.pad_id), [prompt], _greedy(4))[0]
     assert len(gen.ids) == 4
     assert torch.isfinite(logits32).all()
 

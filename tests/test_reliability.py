@@ -233,8 +233,8 @@ def test_runaway_loop_is_stopped_retried_and_flagged(reader, page_image):
     result = reader.read(get_task("ocr"), [Page("p.png", 1, page_image)], ReadOptions(max_new_tokens=400,
                                                                                       split="never"))[0]
     assert result.generated_tokens < 120  # stopped early, not at the 400-token budget
-    assert temps[0] == 0.0 and all(t <= 0.7 for t in temps)
-    assert temps[1:] == list(LOOP_RETRY_TEMPERATURES)[:len(temps) - 1]
+    assert temps and all(t <= 0.7 for t in temps)  # the greedy read looped: re-read at rising temperatures
+    assert temps == list(LOOP_RETRY_TEMPERATURES)[:len(temps)]
     if result.finish_reason == "loop":
         assert "repetition_loop" in result.flags
 

@@ -24,10 +24,10 @@ def engine_and_prompts(loaded_tiny):
 
 def test_greedy_tokens_equal_one_at_a_time_while_requests_join_and_leave(engine_and_prompts):
     from vl2cli.engine.generation import SamplingParams
-    from vl2cli.engine.scheduler import Scheduler
+    from vl2cli.engine.scheduler import Scheduler, generate
     engine, prompts = engine_and_prompts
     budgets = [5, 17, 9, 30, 3, 12, 21]
-    alone = [engine.generate([p], SamplingParams(max_new_tokens=b))[0].ids for p, b in zip(prompts, budgets)]
+    alone = [generate(engine, [p], SamplingParams(max_new_tokens=b))[0].ids for p, b in zip(prompts, budgets)]
     scheduler = Scheduler(engine, max_batch=3)
     requests = [scheduler.submit(p, SamplingParams(max_new_tokens=b)) for p, b in zip(prompts, budgets)]
     sizes = []
@@ -84,3 +84,49 @@ def test_cancel_frees_the_row_and_the_queue_is_bounded(engine_and_prompts):
         scheduler.submit(prompts[0], SamplingParams(max_new_tokens=2))
     scheduler.run()
     assert second.done and third.result.finish_reason == "length"
+
+
+def test_a_short_page_never_waits_for_the_longest_page_of_its_batch(reader, page_image, monkeypatch):
+    """Pages join the running batch as others leave: with two rows, a long page keeps running while the short
+    pages after it are admitted, finish and are handed out first."""
+    from vl2cli.options import ReadOptions
+    from vl2cli.pages import Page
+    from vl2cli.tasks import get_task
+    budgets = iter([40, 3, 3, 3])
+    real = type(reader)._request
+
+    def with_budget(self, *args, **kwargs):
+        request = real(self, *args, **kwargs)
+        request.budget = next(budgets)
+        return request
+    monkeypatch.setattr(type(reader), "_request", with_budget)
+    pages = [(i, Page("a.png", i + 1, page_image)) for i in range(4)]
+    order = [key for key, result in reader.read_stream(get_task("ocr"), pages, ReadOptions(
+        max_new_tokens=40, split="never", batch_size=2, loop_retries=False))]
+    assert order == [1, 2, 3, 0]
+
+
+def test_a_long_prefill_is_chunked_between_the_running_rows_decode_steps(engine_and_prompts):
+    from vl2cli.engine.generation import SamplingParams
+    from vl2cli.engine.scheduler import Scheduler, generate
+    engine, prompts = engine_and_prompts
+    long_prompt = prompts[1]  # an image page: hundreds of tokens
+    alone = [generate(engine, [p], SamplingParams(max_new_tokens=12))[0].ids for p in (prompts[0], long_prompt)]
+    engine.prefill_chunk = 32
+    try:
+        scheduler = Scheduler(engine, max_batch=2)
+        running = scheduler.submit(prompts[0], SamplingParams(max_new_tokens=12))
+        scheduler.step()  # the short prompt fits one chunk: it is decoding after this step
+        joining = scheduler.submit(long_prompt, SamplingParams(max_new_tokens=12))
+        tokens_during_prefill = []
+        while not joining.result.ids:
+            before = len(running.result.ids)
+            scheduler.step()
+            tokens_during_prefill.append(len(running.result.ids) - before)
+        scheduler.run()
+    finally:
+        engine.prefill_chunk = None
+    chunks = -(-len(long_prompt.input_ids) // 32)
+    assert len(tokens_during_prefill) == chunks > 10  # one step per chunk, and the running row decoded in each
+    assert tokens_during_prefill[:10] == [1] * 10
+    assert [running.result.ids, joining.result.ids] == alone

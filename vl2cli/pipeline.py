@@ -220,7 +220,8 @@ def read_documents(reader: Reader, job: Job, sources: list[Source], sink: Sink, 
 
 def run_work(reader: Reader, job: Job, work: list[PageItem], sink: Sink, summary: Summary,
              progress: Progress | None = None, stop: StopFlag | None = None) -> None:
-    """Render in one thread, read in batches on this one, hand each result to the sink as it is final."""
+    """Render in one thread, read on this one (pages join the running batch as others leave), hand each
+    result to the sink as it is final."""
     stop = stop or StopFlag()
     started = time.perf_counter()
     if work:
@@ -238,23 +239,19 @@ def _run(reader: Reader, job: Job, work: list[PageItem], sink: Sink, summary: Su
     thread.start()
     generated = 0
 
-    def tick(_: int = 0) -> None:
+    def tick(_: object = None) -> None:
         nonlocal generated
         generated += 1
         if progress:
             progress(min(generated, len(work)), len(work), summary.generated_tokens)
 
     try:
-        finished = False
-        while not finished and not stop.stopping:
-            batch, finished = _next_batch(q, job, sink, summary, tick)
-            if batch:
-                log.debug("reading %s", ", ".join(page.label for _, page in batch))
-                results = reader.read(job.task, [p for _, p in batch], job.read, on_generated=tick)
-                for (item, page), result in zip(batch, results):
-                    _emit(sink, summary, item, result, page)
-                if progress:
-                    progress(min(generated, len(work)), len(work), summary.generated_tokens)
+        rendered = _rendered(q, job, sink, summary, tick, stop)
+        for (item, page), result in reader.read_stream(job.task, ((pair, pair[1]) for pair in rendered), job.read,
+                                                       on_generated=tick):
+            _emit(sink, summary, item, result, page)
+            if progress:
+                progress(min(generated, len(work)), len(work), summary.generated_tokens)
     finally:
         quit_renderer.set()
         while thread.is_alive():  # let a renderer blocked on a full queue see that nobody is reading
@@ -264,22 +261,21 @@ def _run(reader: Reader, job: Job, work: list[PageItem], sink: Sink, summary: Su
                 pass
 
 
-def _next_batch(q: queue.Queue, job: Job, sink: Sink, summary: Summary,
-                tick: Callable[[], None]) -> tuple[list[tuple[PageItem, Page]], bool]:
-    """Up to batch_size rendered pages; pages that could not be rendered become failed records on the way."""
-    batch: list[tuple[PageItem, Page]] = []
-    while len(batch) < job.read.batch_size:
+def _rendered(q: queue.Queue, job: Job, sink: Sink, summary: Summary, tick: Callable[..., None],
+              stop: StopFlag) -> Iterator[tuple[PageItem, Page]]:
+    """Rendered pages as the reader asks for them, until a signal; pages that could not be rendered become failed
+    records on the way."""
+    while not stop.stopping:
         entry = q.get()
         if entry is None:
-            return batch, True
+            return
         item, outcome = entry
         if isinstance(outcome, Page):
-            batch.append((item, outcome))
+            yield item, outcome
         else:
             _emit(sink, summary, item, failed_page(item.source.label, item.number, job.task.name, outcome,
                                                    job.read.text), None)
             tick()
-    return batch, False
 
 
 def _emit(sink: Sink, summary: Summary, item: PageItem, result: PageResult, page: Page | None) -> None:

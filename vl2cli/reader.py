@@ -1,19 +1,19 @@
 """The Reader: pages in, results out.
 
-Generation is wrapped once, for every task and for `ask`: the answer budget is what the context leaves,
-out-of-memory halves the batch, then chunks the prefill, then fails only that page (the failed attempt's
-memory is released before the retry allocates), any other error fails only the page that raises it,
-runaway loops are re-read at rising temperatures, and dense pages are read in bands and merged.
+Generation is wrapped once, for every task and for `ask`: pages join and leave a continuous batch (the engine's
+scheduler, whose runner halves the batch on out-of-memory, then chunks the prefill, then fails only that page,
+and fails only the page that raises any other error), the answer budget is what the context leaves, runaway
+loops are re-read at rising temperatures, and dense pages are read in bands and merged.
 """
 
 from __future__ import annotations
 
-import gc
+import functools
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 
@@ -23,6 +23,7 @@ from vl2cli.engine.grammar import Grammar, grammar_tokenizer
 from vl2cli.engine.memory import batch_for_free
 from vl2cli.engine.ocr import OCRProcessor
 from vl2cli.engine.processor import EOS_TEXT, Message, Prepared, UserText
+from vl2cli.engine.scheduler import EngineLoop, Failure, LocalBatch, LoopBatch, Request
 from vl2cli.errors import OutOfMemory, PageFailed, UsageError
 from vl2cli.extract import describe_json
 from vl2cli.options import DEFAULT_BATCH_SIZE, LOOP_RETRY_TEMPERATURES, ReadOptions
@@ -39,24 +40,8 @@ if TYPE_CHECKING:
     from vl2cli.tasks import Task
 
 NGRAM_SIZE, NGRAM_WINDOW = 30, 90  # DeepSeek-OCR's own scripts (vLLM example, run_dpsk_ocr_image.py)
-OOM_PREFILL_CHUNK = 256  # tokens per prefill step once a batch of one no longer fits
 log = logging.getLogger("vl2cli")
-OOM_MESSAGES = ("out of memory", "CUBLAS_STATUS_ALLOC_FAILED", "CUDNN_STATUS_ALLOC_FAILED",
-                "CUDNN_STATUS_NOT_ENOUGH_WORKSPACE")
-
-
-def is_oom(exc: BaseException) -> bool:
-    """CUDA out-of-memory, including cuBLAS/cuDNN failing to allocate their workspaces."""
-    return isinstance(exc, torch.OutOfMemoryError) or any(m in str(exc) for m in OOM_MESSAGES)
-
-
-@dataclass(frozen=True)
-class _Failure:
-    """What a failed attempt leaves behind: its kind and message, never the exception (whose traceback
-    frames would keep the attempt's KV cache and activations alive through the retry)."""
-
-    oom: bool
-    message: str
+K = TypeVar("K")
 
 
 @dataclass
@@ -68,6 +53,7 @@ class _Answer:
     generated_tokens: int
     retry_temperature: float | None = None
     grammar: Grammar | None = None
+    seconds: float = 0.0
 
 
 class TokenStream:
@@ -94,6 +80,7 @@ class Reader:
         self.engine = Engine(loaded.model, tok.eos_id, tok.pad_id, prefill_chunk, self._grammar_tokenizer)
         self._llg_tokenizer: Any = None
         self.deadline: float | None = None  # time.monotonic() after which generation stops ("interrupted")
+        self.loop: EngineLoop | None = None  # a server's engine thread: all generation goes through it
 
     @classmethod
     def load(cls, model: str = "tiny", *, device: str | None = None, dtype: str | None = None, quant: str = "auto",
@@ -155,81 +142,63 @@ class Reader:
         # A grammar bounds its answer's length: repetition inside it (identical table rows) is not a runaway.
         return "loop" if not constrained and find_loop(ids) else None
 
-    def _attempt(self, prompts: list[Prepared], params: SamplingParams, budgets: list[int],
-                 on_token: Callable[[int, int], None] | None, on_finish: Callable[[int], None] | None,
-                 grammars: list[Grammar | None]) -> list[Generation] | _Failure:
+    def _batch(self, max_batch: int) -> LocalBatch | LoopBatch:
+        """Where requests run: the server's engine loop (shared with every client), or this thread."""
+        return self.loop.batch() if self.loop is not None else LocalBatch(self.engine, max_batch)
+
+    def _run(self, requests: list[Request]) -> None:
+        """Run requests, all in one batch, until each has ended (done or failed)."""
+        batch = self._batch(max(1, len(requests)))
         try:
-            return self.engine.generate(prompts, params, on_token=on_token, stop_rule=self._stop_rule,
-                                        budgets=budgets, on_finish=on_finish, grammars=grammars)
-        except Exception as exc:  # KeyboardInterrupt is not caught: it ends the run
-            return _Failure(is_oom(exc), f"{type(exc).__name__}: {str(exc)[:200]}")
+            for request in requests:
+                batch.add(request)
+            while not batch.idle:
+                batch.wait()
+        finally:
+            batch.close()
 
     def _generate(self, prompts: list[Prepared], params: SamplingParams, budgets: list[int],
-                  on_token: Callable[[int, int], None] | None = None,
-                  on_finish: Callable[[int], None] | None = None,
-                  grammars: list[Grammar | None] | None = None) -> list[Generation | PageFailed]:
+                  on_token: Callable[[int, int], None] | None = None) -> list[Generation | PageFailed]:
         """One outcome per prompt: a Generation, or the PageFailed that this prompt alone ran into."""
-        grammars = grammars or [None] * len(prompts)
-        outcome = self._attempt(prompts, params, budgets, on_token, on_finish, grammars)
-        if not isinstance(outcome, _Failure):
-            return list(outcome)
-        # The handler has been left and the exception dropped: collect its cycles before retrying.
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-        if len(prompts) > 1:
-            half = len(prompts) // 2
-
-            def shifted(offset: int) -> Callable[[int], None] | None:
-                return None if on_finish is None else (lambda row: on_finish(row + offset))
-            return (self._generate(prompts[:half], params, budgets[:half], on_token, shifted(0), grammars[:half])
-                    + self._generate(prompts[half:], params, budgets[half:], on_token, shifted(half),
-                                     grammars[half:]))
-        if not outcome.oom:
-            return [PageFailed(f"internal error while generating ({outcome.message}); run with -v for details")]
-        if self.engine.prefill_chunk is None or self.engine.prefill_chunk > OOM_PREFILL_CHUNK:
-            saved = self.engine.prefill_chunk
-            self.engine.prefill_chunk = OOM_PREFILL_CHUNK
-            try:
-                return self._generate(prompts, params, budgets, on_token, on_finish, grammars)
-            finally:
-                self.engine.prefill_chunk = saved
-        return [OutOfMemory("out of memory even at batch 1 with chunked prefill")]
+        requests = [Request(p, params, budget, None, self._stop_rule,
+                            on_token=None if on_token is None else functools.partial(on_token, row))
+                    for row, (p, budget) in enumerate(zip(prompts, budgets))]
+        self._run(requests)
+        return [r.result if r.failure is None else _page_failure(r.failure) for r in requests]
 
     def _budgets(self, prompts: list[Prepared], wanted: int) -> list[int]:
         """Each prompt's answer budget: what the user asked for, or what the context leaves (0: no room)."""
         return [max(0, min(wanted, self.context - len(p.input_ids))) for p in prompts]
 
-    def _answers(self, task: Task, prompts: list[Prepared], opts: ReadOptions,
-                 on_finish: Callable[[int], None] | None = None) -> list[_Answer | PageFailed]:
+    def _answers(self, task: Task, prompts: list[Prepared], opts: ReadOptions) -> list[_Answer | PageFailed]:
         params = self._sampling(opts)
-        budgets = self._budgets(prompts, opts.max_new_tokens)
-        outcomes: list[_Answer | PageFailed] = [
-            PageFailed(f"the prompt needs {len(p.input_ids)} tokens, more than the model's {self.context}-token "
-                       "context") for p in prompts]
-        grammars: list[Grammar | None] = [None] * len(prompts)
-        room = []
-        for i, budget in enumerate(budgets):
-            if budget <= 0:
-                continue
-            try:
-                grammars[i] = task.grammar(opts, budget)
-            except UsageError as exc:  # a schema that cannot fit this page's budget fails this page
-                outcomes[i] = PageFailed(str(exc))
-                continue
-            room.append(i)
-        gens = self._generate([prompts[i] for i in room], params, [budgets[i] for i in room],
-                              on_finish=None if on_finish is None else (lambda row: on_finish(room[row])),
-                              grammars=[grammars[i] for i in room])
-        for i, gen in zip(room, gens):
-            if isinstance(gen, PageFailed):
-                outcomes[i] = gen
-            else:
-                answer = self._finish(gen, prompts[i], params, budgets[i], opts)
-                if isinstance(answer, _Answer):
-                    answer.grammar = grammars[i]
-                outcomes[i] = answer
-        return outcomes
+        requests = [self._request(task, p, opts, params) for p in prompts]
+        self._run([r for r in requests if isinstance(r, Request)])
+        return [r if isinstance(r, PageFailed) else self._answer(r, params, opts) for r in requests]
+
+    def _request(self, task: Task, prompt: Prepared, opts: ReadOptions, params: SamplingParams) -> Request | PageFailed:
+        """A prompt's request, with its budget (what the context leaves) and grammar; or why it cannot run."""
+        budget = self._budgets([prompt], opts.max_new_tokens)[0]
+        if budget <= 0:
+            return PageFailed(f"the prompt needs {len(prompt.input_ids)} tokens, more than the model's "
+                              f"{self.context}-token context")
+        try:
+            grammar = task.grammar(opts, budget)
+        except UsageError as exc:  # a schema that cannot fit this page's budget fails this page
+            return PageFailed(str(exc))
+        return Request(prompt, params, budget, grammar, self._stop_rule)
+
+    def _answer(self, request: Request, params: SamplingParams, opts: ReadOptions) -> _Answer | PageFailed:
+        """A finished request's answer: loops re-read, flags set; or the failure it ended with."""
+        if request.failure is not None:
+            return _page_failure(request.failure)
+        gen = request.result
+        if gen.finish_reason == "cancelled":  # the server is draining: like a signal, the page is read again
+            gen.finish_reason = "interrupted"
+        answer = self._finish(gen, request.prompt, params, request.budget, opts)
+        if isinstance(answer, _Answer):
+            answer.grammar, answer.seconds = request.grammar, request.seconds
+        return answer
 
     def _finish(self, gen: Generation, prompt: Prepared, params: SamplingParams, budget: int,
                 opts: ReadOptions) -> _Answer | PageFailed:
@@ -280,47 +249,75 @@ class Reader:
 
         `on_generated(i)` is called as page i's answer is complete (progress that advances per page).
         """
+        done = dict(self.read_stream(task, enumerate(pages), opts, on_generated))
+        return [done[i] for i in range(len(pages))]
+
+    def read_stream(self, task: Task, pages: Iterable[tuple[K, Page]], opts: ReadOptions,
+                    on_generated: Callable[[K], None] | None = None) -> Iterator[tuple[K, PageResult]]:
+        """(key, result) for each (key, page), as each page ends: pages join the running batch (at most
+        `opts.batch_size` rows) as others leave it, so a short answer never waits for a long one. Pages are
+        drawn from `pages` only when there is room, so a renderer feeding it stays just ahead of the model."""
         template = task.template(opts.prompt_file, self.family, opts.plain)
         self.use_mode(opts.ocr_mode)
-        results: list[PageResult | None] = [None] * len(pages)
-        whole: list[tuple[int, Prepared]] = []
-        banded: list[tuple[int, int, str]] = []  # page index, bands, reason
-        for i, page in enumerate(pages):
-            try:
-                if opts.text_layer == "only" and (page.text_layer or "").strip():
-                    results[i] = self._text_layer_result(task, page, opts)
-                    continue
-                bands, reason = (planned_bands(opts.split, page.image, page.text_layer) if task.splittable
-                                 else (1, None))
-                if bands > 1 and reason:
-                    banded.append((i, bands, reason))
-                    continue
-                hint = page.text_layer if opts.text_layer == "hint" else None
-                whole.append((i, self._prompt(task, template, page.tiling or page.image, opts, hint)))
-            except Exception as exc:  # a page that cannot even be prompted fails alone
-                results[i] = failed_page(page.source, page.number, task.name, _describe(exc), opts.text)
-        for begin in range(0, len(whole), opts.batch_size):
-            chunk = whole[begin:begin + opts.batch_size]
-            start = time.perf_counter()
-            done: Callable[[int], None] | None = None
+        params = self._sampling(opts)
+        banded: list[tuple[K, Page, int, str]] = []
+        source, more = iter(pages), True
+        batch = self._batch(opts.batch_size)
+        try:
+            while True:
+                while more and batch.room > 0:
+                    entry = next(source, None)
+                    if entry is None:
+                        more = False
+                        break
+                    key, page = entry
+                    outcome = self._page_request(task, template, page, opts, params)
+                    if isinstance(outcome, Request):
+                        outcome.tag = (key, page)
+                        batch.add(outcome)
+                    elif isinstance(outcome, PageResult):
+                        yield key, outcome
+                    else:
+                        banded.append((key, page, *outcome))
+                if batch.idle and not more:
+                    break
+                for request in batch.wait():
+                    key, page = request.tag
+                    answer = self._answer(request, params, opts)
+                    if isinstance(answer, _Answer) and answer.finish_reason == "context" and task.splittable \
+                            and opts.split == "auto":
+                        banded.append((key, page, 3, "budget"))  # the context cut it: read again in bands
+                        continue
+                    if on_generated is not None:
+                        on_generated(key)
+                    yield key, self._result(task, page, opts, answer, answer.seconds
+                                            if isinstance(answer, _Answer) else 0.0)
+        finally:
+            batch.close()
+        for key, page, bands, reason in banded:
+            yield key, self._read_bands(task, template, page, opts, bands, reason)
             if on_generated is not None:
-                def done(row: int, c: list[tuple[int, Prepared]] = chunk) -> None:
-                    on_generated(c[row][0])
-            answers = self._answers(task, [p for _, p in chunk], opts, done)
-            seconds = (time.perf_counter() - start) / len(chunk)
-            for (i, _), answer in zip(chunk, answers):
-                page = pages[i]
-                auto_split = (isinstance(answer, _Answer) and answer.finish_reason == "context" and task.splittable
-                              and opts.split == "auto")
-                if auto_split:
-                    banded.append((i, 3, "budget"))
-                else:
-                    results[i] = self._result(task, page, opts, answer, seconds)
-        for i, bands, reason in banded:
-            results[i] = self._read_bands(task, template, pages[i], opts, bands, reason)
-            if on_generated is not None:
-                on_generated(i)
-        return [r for r in results if r is not None]
+                on_generated(key)
+
+    def _page_request(self, task: Task, template: str, page: Page, opts: ReadOptions,
+                      params: SamplingParams) -> Request | PageResult | tuple[int, str]:
+        """A page's request; or its result without the model (its text layer, or why it cannot be prompted);
+        or (bands, reason) when it is to be read in bands."""
+        try:
+            if opts.text_layer == "only" and (page.text_layer or "").strip():
+                return self._text_layer_result(task, page, opts)
+            bands, reason = (planned_bands(opts.split, page.image, page.text_layer) if task.splittable
+                             else (1, None))
+            if bands > 1 and reason:
+                return bands, reason
+            hint = page.text_layer if opts.text_layer == "hint" else None
+            request = self._request(task, self._prompt(task, template, page.tiling or page.image, opts, hint), opts,
+                                    params)
+        except Exception as exc:  # a page that cannot even be prompted fails alone
+            return failed_page(page.source, page.number, task.name, _describe(exc), opts.text)
+        if isinstance(request, PageFailed):
+            return failed_page(page.source, page.number, task.name, str(request), opts.text)
+        return request
 
     def _text_layer_result(self, task: Task, page: Page, opts: ReadOptions) -> PageResult:
         text = (page.text_layer or "").strip()
@@ -403,6 +400,12 @@ class Reader:
             flags.append("token_budget_reached")
         return AskResult(tuple(inputs), len(images), question, self.decode(ids), gen.finish_reason, tuple(flags),
                          len(prepared.input_ids), len(gen.ids), time.perf_counter() - start)
+
+
+def _page_failure(failure: Failure) -> PageFailed:
+    if failure.oom:
+        return OutOfMemory("out of memory even at batch 1 with chunked prefill")
+    return PageFailed(f"internal error while generating ({failure.message}); run with -v for details")
 
 
 def _describe(exc: BaseException) -> str:

@@ -1,22 +1,32 @@
-"""Continuous batching: requests wait in a bounded queue, are prefilled and join the running decode batch at step
-boundaries, and leave it the moment they finish or are cancelled, freeing their cache rows.
+"""Continuous batching: requests wait in a bounded queue, are prefilled (a chunk per step, so a long prompt does not
+stall the rows already decoding) and join the running decode batch at step boundaries, and leave it the moment they
+finish or are cancelled, freeing their cache rows.
 
 Each request keeps its own sampling parameters (and random generator), grammar, stop rule and token budget, so its
 tokens do not depend on which other requests share its steps: under greedy decoding they are the tokens it gets alone.
+
+Three layers, each usable alone: `Scheduler` steps; `Runner` adds the failure ladder (out of memory halves the batch,
+then chunks the prefill, then fails the one request; any other error fails only the request that raises it);
+`EngineLoop` owns a Runner in one thread for a server, where many callers submit and wait.
 """
 
 from __future__ import annotations
 
+import functools
+import gc
 import itertools
+import logging
+import threading
+import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from vl2cli.engine.cache import KVCache
-from vl2cli.engine.generation import Generation, SamplingParams, choose_tokens
+from vl2cli.engine.generation import Generation, SamplingParams, apply_repetition_penalty, choose_tokens
 from vl2cli.engine.grammar import RowMasks
 
 if TYPE_CHECKING:
@@ -24,9 +34,32 @@ if TYPE_CHECKING:
     from vl2cli.engine.grammar import Grammar
     from vl2cli.engine.processor import Prepared
 
+log = logging.getLogger("vl2cli")
+OOM_PREFILL_CHUNK = 256  # tokens per prefill step once a batch of one no longer fits
+OOM_MESSAGES = ("out of memory", "CUBLAS_STATUS_ALLOC_FAILED", "CUDNN_STATUS_ALLOC_FAILED",
+                "CUDNN_STATUS_NOT_ENOUGH_WORKSPACE")
+
+
+def is_oom(exc: BaseException) -> bool:
+    """CUDA out-of-memory, including cuBLAS/cuDNN failing to allocate their workspaces."""
+    return isinstance(exc, torch.OutOfMemoryError) or any(m in str(exc) for m in OOM_MESSAGES)
+
 
 class QueueFull(RuntimeError):
     """The waiting queue is at its bound (a server answers 429)."""
+
+
+class Closed(RuntimeError):
+    """The engine loop is draining or stopped and takes no new requests (a server answers 503)."""
+
+
+@dataclass(frozen=True)
+class Failure:
+    """Why a request failed: its kind and message, never the exception (whose traceback frames would keep the failed
+    step's KV cache and activations alive through the retry)."""
+
+    oom: bool
+    message: str
 
 
 @dataclass(eq=False)
@@ -37,12 +70,29 @@ class Request:
     grammar: Grammar | None = None
     stop_rule: StopRule | None = None
     on_token: Callable[[int], None] | None = None
+    tag: Any = None  # the caller's own handle (a page key, a client)
     id: int = 0
     result: Generation = field(default_factory=Generation)
     done: bool = False
     cancelled: bool = False
+    failure: Failure | None = None
+    admitted_at: float = 0.0
+    ended_at: float = 0.0
     generator: torch.Generator | None = None
     masks: RowMasks | None = None
+    seen: torch.Tensor | None = None  # the ids the repetition penalty looks at
+
+    def __post_init__(self) -> None:
+        self.result.prompt_tokens = len(self.prompt.input_ids)
+
+    @property
+    def seconds(self) -> float:
+        return max(0.0, self.ended_at - self.admitted_at)
+
+    def reset(self) -> None:
+        """Back to the queue after a failed step: everything generated so far is dropped."""
+        self.result = Generation(prompt_tokens=len(self.prompt.input_ids))
+        self.done, self.failure, self.generator, self.masks, self.seen = False, None, None, None, None
 
 
 class Scheduler:
@@ -50,6 +100,8 @@ class Scheduler:
         self.engine, self.max_batch, self.max_queue = engine, max_batch, max_queue
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
+        self.joining: list[Request] = []  # being prefilled, a chunk per step
+        self._prefill: Iterator[tuple[torch.Tensor, KVCache] | None] | None = None
         self.cache: KVCache | None = None
         self.tokens: torch.Tensor | None = None  # the token each running row feeds next
         self.ids = itertools.count(1)
@@ -57,12 +109,20 @@ class Scheduler:
     def submit(self, prompt: Prepared, params: SamplingParams, budget: int | None = None,
                grammar: Grammar | None = None, stop_rule: StopRule | None = None,
                on_token: Callable[[int], None] | None = None) -> Request:
-        if len(self.waiting) >= self.max_queue:
-            raise QueueFull(f"{len(self.waiting)} requests are waiting (the bound is {self.max_queue})")
-        request = Request(prompt, params, budget or params.max_new_tokens, grammar, stop_rule, on_token, next(self.ids))
-        request.result.prompt_tokens = len(prompt.input_ids)
-        self.waiting.append(request)
+        budget = params.max_new_tokens if budget is None else budget
+        request = Request(prompt, params, budget, grammar, stop_rule, on_token)
+        self.add(request)
         return request
+
+    def add(self, request: Request, first: bool = False) -> None:
+        """Queue a request (`first`: at the head, bypassing the bound: one that a failed step put back)."""
+        if len(self.waiting) >= self.max_queue and not first:
+            raise QueueFull(f"{len(self.waiting)} requests are waiting (the bound is {self.max_queue})")
+        request.id = request.id or next(self.ids)
+        if first:
+            self.waiting.appendleft(request)
+        else:
+            self.waiting.append(request)
 
     def cancel(self, request: Request) -> None:
         """Leave at the next step boundary (a client that disconnected); its cache row is freed then."""
@@ -70,11 +130,16 @@ class Scheduler:
 
     @property
     def idle(self) -> bool:
-        return not self.waiting and not self.running
+        return not self.waiting and not self.running and not self.joining
+
+    @property
+    def in_flight(self) -> list[Request]:
+        return self.running + self.joining
 
     @torch.inference_mode()
     def step(self) -> list[Request]:
-        """Admit waiting requests (prefill, join), decode one token for every running row; the requests that ended."""
+        """Admit waiting requests (a prefill chunk), decode one token for every running row; the requests that ended.
+        An exception leaves the scheduler mid-step: call `abandon` before stepping again."""
         ended = self._admit()
         if self.running:
             assert self.cache is not None and self.tokens is not None
@@ -86,15 +151,32 @@ class Scheduler:
         while not self.idle:
             self.step()
 
+    def abandon(self) -> list[Request]:
+        """After a failed step: drop the batch's cache and prefill, and hand back the requests that were in flight."""
+        in_flight = self.in_flight
+        self.running, self.joining, self._prefill, self.cache, self.tokens = [], [], None, None, None
+        return in_flight
+
     def _admit(self) -> list[Request]:
-        self.waiting = deque(r for r in self.waiting if not self._drop_cancelled(r))
-        joining: list[Request] = []
-        while self.waiting and len(self.running) + len(joining) < self.max_batch:
-            joining.append(self.waiting.popleft())
-        if not joining:
-            return []
-        room = max(r.budget for r in joining)
-        logits, cache = self.engine.prefill([r.prompt for r in joining], room)
+        ended: list[Request] = []
+        if self._prefill is None:
+            for request in [r for r in self.waiting if r.cancelled]:
+                self.waiting.remove(request)
+                request.done, request.result.finish_reason = True, "cancelled"
+                ended.append(request)
+            while self.waiting and len(self.running) + len(self.joining) < self.max_batch:
+                request = self.waiting.popleft()
+                request.admitted_at = time.monotonic()
+                self.joining.append(request)
+            if not self.joining:
+                return ended
+            room = max(r.budget for r in self.joining)
+            self._prefill = self.engine.prefill_steps([r.prompt for r in self.joining], room)
+        finished = next(self._prefill)
+        if finished is None:
+            return ended
+        logits, cache = finished
+        joining, self.joining, self._prefill = self.joining, [], None
         for r in joining:
             if r.params.seed is not None:
                 r.generator = torch.Generator(device=logits.device).manual_seed(r.params.seed)
@@ -102,29 +184,32 @@ class Scheduler:
                 tokenizer = self.engine.grammar_tokenizer
                 assert tokenizer is not None, "a grammar needs the engine's grammar tokenizer"
                 r.masks = RowMasks(tokenizer(), [r.grammar], logits.shape[-1])
-        ended = self._advance(joining, logits, cache)
-        return ended
+            if r.params.repetition_penalty != 1.0:
+                r.seen = torch.tensor([i for i, m in zip(r.prompt.input_ids, r.prompt.image_mask) if not m],
+                                      dtype=torch.long, device=logits.device)
+        return ended + self._advance(joining, logits, cache)
 
-    def _drop_cancelled(self, request: Request) -> bool:
-        if request.cancelled:
-            request.done, request.result.finish_reason = True, "cancelled"
-        return request.cancelled
-
-    def _sample(self, request: Request, logits: torch.Tensor) -> int:
-        row = logits[None]
-        if request.masks is not None:
-            request.masks.apply(row, [0])
-        if request.params.no_repeat is not None:
-            banned = request.params.no_repeat.banned(request.result.ids)
-            if banned:
-                row[0, list(banned)] = float("-inf")
-        return int(choose_tokens(row, request.params, request.generator)[0])
+    def _choose(self, rows: list[Request], logits: torch.Tensor) -> list[int]:
+        """Each row's next token under its own rules; greedy rows share one argmax and one host sync."""
+        for i, request in enumerate(rows):
+            row = logits[i:i + 1]
+            if request.seen is not None:
+                apply_repetition_penalty(row, [request.seen], request.params.repetition_penalty)
+            if request.masks is not None:
+                request.masks.apply(row, [0])
+            if request.params.no_repeat is not None:
+                banned = request.params.no_repeat.banned(request.result.ids)
+                if banned:
+                    row[0, list(banned)] = float("-inf")
+        if all(r.params.temperature <= 0 for r in rows):
+            # Host sync, the one a step needs: stop rules and streaming read the sampled tokens on the host.
+            return logits.argmax(dim=-1).tolist()
+        return [int(choose_tokens(logits[i:i + 1], r.params, r.generator)[0]) for i, r in enumerate(rows)]
 
     def _advance(self, rows: list[Request], logits: torch.Tensor, new_cache: KVCache | None = None) -> list[Request]:
-        """Sample each row's next token, end the rows that are done, and keep the batch's cache and tokens in step."""
+        """Record each row's next token, end the rows that are done, and keep the batch's cache and tokens in step."""
         keep, ended, tokens = [], [], []
-        for i, request in enumerate(rows):
-            token = self._sample(request, logits[i])
+        for i, (request, token) in enumerate(zip(rows, self._choose(rows, logits))):
             if self._take(request, token):
                 keep.append(i)
                 tokens.append(token)
@@ -158,6 +243,8 @@ class Scheduler:
         """Record a token; False when the request ends with it (end token, stop rule, budget, cancel)."""
         result = request.result
         result.ids.append(token)
+        if request.seen is not None:
+            request.seen = torch.cat([request.seen, request.seen.new_tensor([token])])
         if request.on_token:
             request.on_token(token)
         constrained = request.masks is not None
@@ -174,5 +261,272 @@ class Scheduler:
             reason = "length"
         if reason is None:
             return True
-        result.finish_reason, request.done = reason, True
+        result.finish_reason, request.done, request.ended_at = reason, True, time.monotonic()
         return False
+
+
+def generate(engine: Engine, prompts: list[Prepared], params: SamplingParams,
+             on_token: Callable[[int, int], None] | None = None,
+             stop_rule: StopRule | None = None, budgets: list[int] | None = None,
+             on_finish: Callable[[int], None] | None = None,
+             grammars: list[Grammar | None] | None = None) -> list[Generation]:
+    """Generate for a batch of prompts, all prefilled together; each row stops on its own and leaves the batch.
+
+    `budgets` caps each row's answer (default: params.max_new_tokens for every row); `on_finish(row)`
+    is called as each row ends, `on_token(row, token)` for each token; `grammars` constrains rows
+    (None for a free row): a constrained row may end only where its grammar is complete.
+    """
+    budgets = budgets or [params.max_new_tokens] * len(prompts)
+    grammars = grammars or [None] * len(prompts)
+    requests = [Request(p, params, budget, grammar, stop_rule, tag=row,
+                        on_token=None if on_token is None else functools.partial(on_token, row))
+                for row, (p, budget, grammar) in enumerate(zip(prompts, budgets, grammars))]
+    scheduler = Scheduler(engine, max_batch=max(1, len(prompts)), max_queue=len(prompts))
+    for request in requests:
+        if request.budget > 0:
+            scheduler.add(request)
+    while not scheduler.idle:
+        for request in scheduler.step():
+            if on_finish:
+                on_finish(request.tag)
+    return [r.result for r in requests]
+
+
+class Runner:
+    """A Scheduler with the failure ladder: a failed step puts its in-flight requests back at the head of the queue
+    with half the batch; at a batch of one, an error other than out-of-memory fails that request alone, and
+    out-of-memory first chunks the prefill, then fails it. The failed step's memory is released (outside the
+    handler) before anything is retried."""
+
+    def __init__(self, engine: Engine, max_batch: int, max_queue: int = 1 << 30):
+        self.scheduler = Scheduler(engine, max_batch, max_queue)
+        self.engine, self.max_batch = engine, max_batch
+        self.chunk_was = engine.prefill_chunk
+        self.retrying: set[int] = set()  # requests put back after an error that was not out-of-memory
+
+    @property
+    def idle(self) -> bool:
+        return self.scheduler.idle
+
+    def add(self, request: Request) -> None:
+        self.scheduler.add(request)
+
+    def step(self) -> list[Request]:
+        failure = None
+        try:
+            ended = self.scheduler.step()
+        except Exception as exc:  # KeyboardInterrupt is not caught: it ends the run
+            failure = Failure(is_oom(exc), f"{type(exc).__name__}: {str(exc)[:200]}")
+        if failure is not None:
+            return self._after(failure)
+        if self.retrying:
+            self.retrying -= {r.id for r in ended}
+            if not self.retrying:  # one page's bug is behind us: back to the full batch
+                self.scheduler.max_batch = self.max_batch
+        return ended
+
+    def _after(self, failure: Failure) -> list[Request]:
+        in_flight = self.scheduler.abandon()
+        # The handler has been left and the exception dropped: collect its cycles before retrying.
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        log.debug("a step failed with %d request(s) in flight: %s", len(in_flight), failure.message)
+        if not in_flight:
+            return []
+        if len(in_flight) > 1 or (failure.oom and self._chunk_prefill()):
+            self.scheduler.max_batch = max(1, len(in_flight) // 2)
+            if failure.oom:
+                self.max_batch = self.scheduler.max_batch  # memory is short for the rest of the run too
+            else:
+                self.retrying |= {r.id for r in in_flight}
+            for request in reversed(in_flight):
+                request.reset()
+                self.scheduler.add(request, first=True)
+            return []
+        for request in in_flight:
+            request.done, request.failure, request.ended_at = True, failure, time.monotonic()
+            request.result.finish_reason = "error"
+            self.retrying.discard(request.id)
+        if not self.retrying:
+            self.scheduler.max_batch = self.max_batch
+        return in_flight
+
+    def _chunk_prefill(self) -> bool:
+        """Out of memory at a batch of one: chunk the prefill (once); False when it already was."""
+        if self.engine.prefill_chunk is not None and self.engine.prefill_chunk <= OOM_PREFILL_CHUNK:
+            return False
+        self.engine.prefill_chunk = OOM_PREFILL_CHUNK
+        return True
+
+    def close(self) -> None:
+        self.engine.prefill_chunk = self.chunk_was
+
+
+class LocalBatch:
+    """Requests run on the caller's thread: `wait` steps until some of them end."""
+
+    def __init__(self, engine: Engine, max_batch: int):
+        self.runner = Runner(engine, max_batch)
+
+    def add(self, request: Request) -> None:
+        self.runner.add(request)
+
+    @property
+    def room(self) -> int:
+        """How many more requests would start at once (waiting requests count against it)."""
+        s = self.runner.scheduler
+        return s.max_batch - len(s.in_flight) - len(s.waiting)
+
+    @property
+    def idle(self) -> bool:
+        return self.runner.idle
+
+    def wait(self) -> list[Request]:
+        while not self.runner.idle:
+            ended = self.runner.step()
+            if ended:
+                return ended
+        return []
+
+    def close(self) -> None:
+        for request in self.runner.scheduler.in_flight + list(self.runner.scheduler.waiting):
+            request.cancelled = True
+        self.runner.close()
+
+
+@dataclass
+class LoopStats:
+    """What /metrics shows: counters since start, and the state now."""
+
+    requests: int = 0
+    failed: int = 0
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    step_seconds: float = 0.0  # time in steps that decoded: a running row gets one token per step
+    steps: int = 0
+    queue_depth: int = 0
+    running: int = 0
+
+
+class EngineLoop:
+    """One thread owns the model: callers submit requests from any thread and are told as each ends."""
+
+    def __init__(self, engine: Engine, max_batch: int, max_queue: int):
+        self.runner = Runner(engine, max_batch, max_queue)
+        self.max_queue = max_queue
+        self.stats = LoopStats()
+        self._inbox: deque[tuple[Request, Callable[[Request], None]]] = deque()
+        self._watchers: dict[int, Callable[[Request], None]] = {}
+        self._wake = threading.Condition()
+        self._closed = False
+        self._thread = threading.Thread(target=self._loop, daemon=True, name="vl2-engine")
+        self._thread.start()
+
+    def submit(self, request: Request, on_end: Callable[[Request], None]) -> None:
+        """Queue a request; `on_end(request)` runs on the engine thread when it ends (done, failed or cancelled)."""
+        with self._wake:
+            if self._closed:
+                raise Closed("the server is shutting down")
+            waiting = len(self._inbox) + len(self.runner.scheduler.waiting)
+            if waiting >= self.max_queue:
+                raise QueueFull(f"{waiting} requests are waiting (the bound is {self.max_queue})")
+            self._inbox.append((request, on_end))
+            self._wake.notify()
+
+    def cancel(self, request: Request) -> None:
+        request.cancelled = True
+        with self._wake:
+            self._wake.notify()
+
+    def batch(self) -> LoopBatch:
+        return LoopBatch(self)
+
+    def drain(self, seconds: float) -> list[Request]:
+        """Stop taking requests; let those running finish for at most `seconds`; the queued ones are handed back
+        (ended with reason 'shutdown') and so are those still running at the deadline."""
+        with self._wake:
+            self._closed = True
+            queued = [r for r, _ in self._inbox] + list(self.runner.scheduler.waiting)
+            for r in queued:
+                r.cancelled = True
+            self._wake.notify()
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline and not self.runner.idle:
+            time.sleep(0.02)
+        with self._wake:
+            for r in self.runner.scheduler.in_flight:
+                r.cancelled = True
+            self._wake.notify()
+        self._thread.join(timeout=max(1.0, seconds))
+        return queued
+
+    def _loop(self) -> None:
+        while True:
+            with self._wake:
+                while not self._inbox and self.runner.idle and not self._closed:
+                    self._wake.wait()
+                if self._closed and not self._inbox and self.runner.idle:
+                    return
+                while self._inbox:
+                    request, on_end = self._inbox.popleft()
+                    self.runner.add(request)
+                    self._watchers[request.id] = on_end
+                    self.stats.requests += 1
+                    self.stats.prompt_tokens += len(request.prompt.input_ids)
+                s = self.runner.scheduler
+                self.stats.queue_depth, self.stats.running = len(s.waiting), len(s.in_flight)
+            started, decoding = time.perf_counter(), bool(self.runner.scheduler.running)
+            ended = self.runner.step()
+            if decoding:
+                self.stats.step_seconds += time.perf_counter() - started
+                self.stats.steps += 1
+            for request in ended:
+                self.stats.generated_tokens += len(request.result.ids)
+                self.stats.failed += request.failure is not None
+                self._watchers.pop(request.id)(request)
+
+
+class LoopBatch:
+    """One caller's requests on a shared EngineLoop: `wait` blocks until some of them end."""
+
+    def __init__(self, loop: EngineLoop):
+        self.loop = loop
+        self.pending: set[int] = set()
+        self.ended: deque[Request] = deque()
+        self.requests: list[Request] = []
+        self.changed = threading.Condition()
+
+    def add(self, request: Request) -> None:
+        self.loop.submit(request, self._on_end)
+        self.pending.add(id(request))
+        self.requests.append(request)
+
+    @property
+    def room(self) -> int:
+        """Keep a few of this caller's requests queued so the shared batch never waits for it."""
+        return self.loop.runner.scheduler.max_batch - len(self.pending)
+
+    @property
+    def idle(self) -> bool:
+        return not self.pending and not self.ended
+
+    def _on_end(self, request: Request) -> None:
+        with self.changed:
+            self.ended.append(request)
+            self.changed.notify()
+
+    def wait(self) -> list[Request]:
+        with self.changed:
+            while not self.ended and self.pending:
+                self.changed.wait()
+            ended = list(self.ended)
+            self.ended.clear()
+        for request in ended:
+            self.pending.discard(id(request))
+        return ended
+
+    def close(self) -> None:
+        for request in self.requests:
+            if not request.done:
+                self.loop.cancel(request)

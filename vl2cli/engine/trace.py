@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from vl2cli.engine.generation import Engine, SamplingParams
+from vl2cli.engine.scheduler import generate
 from vl2cli.writers import atomic_write_bytes, atomic_write_text
 
 if TYPE_CHECKING:
@@ -61,7 +62,7 @@ def run_trace(loaded: LoadedModel, prepared: Prepared, max_new_tokens: int, pref
     engine = Engine(loaded.model, loaded.processor.tokenizer.eos_id, loaded.processor.tokenizer.pad_id)
     logits, _ = engine.prefill([prepared], 0, all_logits=True)
     logits = logits[0].float().cpu().numpy()  # [T, V]
-    gen = engine.generate([prepared], SamplingParams(max_new_tokens=max_new_tokens))[0]
+    gen = generate(engine, [prepared], SamplingParams(max_new_tokens=max_new_tokens))[0]
     n = len(prepared.input_ids)
     positions = list(range(n)) if all_positions else sample_positions(n, prepared.image_mask)
     last = logits[-1]
