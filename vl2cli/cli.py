@@ -25,7 +25,6 @@ from typer.exceptions import TyperException
 from vl2cli.errors import UsageError, Vl2Error
 from vl2cli.options import (
     DEFAULT_ASK_TOKENS,
-    DEFAULT_BATCH_SIZE,
     DEFAULT_DPI,
     DEFAULT_MAX_NEW_TOKENS,
     DEFAULT_MAX_PIXELS,
@@ -458,34 +457,18 @@ def _request(task_name: str, inputs: list[str], text: str | None, fmt: str, *, o
              batch_size: int | None, split: str, text_layer: str, max_pixels: int, schema: str | None = None,
              fields: str | None = None, per: str = "page", strict: bool | None = None, ocr_mode: str = "gundam",
              no_repeat: bool = True, **rest: Any) -> ReadRequest:
-    from vl2cli.tasks import get_task
+    from vl2cli.extract import load_schema_file
+    from vl2cli.pipeline import task_options
     if per not in ("page", "document"):
         raise UsageError(f"--per {per!r}: expected page or document")
-    schema_json = _schema_json(schema, fields, max_new_tokens) if task_name == "extract" else None
-    task = get_task(task_name)
-    strict = task.strict_by_default if strict is None else strict
-    if strict:
-        task.check_strict(max_new_tokens)  # a budget too short for a strict answer is a usage error, now
-    read = ReadOptions(max_new_tokens=max_new_tokens, temperature=temperature, text=text, prompt_file=prompt_file,
-                       split=split, text_layer=text_layer,  # type: ignore[arg-type]
-                       batch_size=DEFAULT_BATCH_SIZE if batch_size is None else batch_size, schema_json=schema_json,
-                       strict=strict, ocr_mode=ocr_mode, plain=fmt == "text", no_repeat=no_repeat)
-    page_opts = PageOptions(pages=pages, dpi=dpi, password=password, max_pixels=max_pixels,
-                            text_layer=text_layer != "off")
+    task, read, page_opts = task_options(
+        task_name, fmt, text=text, max_new_tokens=max_new_tokens, temperature=temperature, prompt_file=prompt_file,
+        pages=pages, dpi=dpi, password=password, batch_size=batch_size, split=split, text_layer=text_layer,
+        max_pixels=max_pixels, schema=load_schema_file(schema) if schema is not None else None, fields=fields,
+        strict=strict, ocr_mode=ocr_mode, no_repeat=no_repeat)
     return ReadRequest(task, inputs, text, fmt, out,
                        ModelChoice(model, quant, device, dtype, revision, offline), read, page_opts,
                        auto_batch=batch_size is None, per_document=per == "document", **rest)
-
-
-def _schema_json(schema: str | None, fields: str | None, max_new_tokens: int) -> str:
-    """The extraction schema as canonical JSON, checked (compiled at the answer budget) before any model loads."""
-    from vl2cli.extract import load_schema_file, schema_from_fields, schema_grammar
-    if (schema is None) == (fields is None):
-        raise UsageError("extract: give either --schema FILE or --fields SPEC")
-    raw = load_schema_file(schema) if schema is not None else schema_from_fields(fields or "")
-    canonical = json.dumps(raw, separators=(",", ":"), ensure_ascii=False)  # the user's field order is kept
-    schema_grammar(canonical, max_new_tokens)
-    return canonical
 
 
 def _task_command(name: str, help_text: str, needs: str | None = None, default_fmt: str = "markdown") -> None:

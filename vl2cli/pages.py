@@ -12,12 +12,13 @@ import hashlib
 import io
 import os
 import sys
+import threading
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from PIL import Image, ImageOps
 
@@ -189,30 +190,44 @@ def _open_pdf(where: str, data: bytes | Path, password: str | None):
         raise InputError(f"{where}: not a readable PDF ({_short(exc)})") from None
 
 
+# PDFium is not thread-safe: every call into it holds this lock (a server renders several uploads at once).
+PDFIUM = threading.RLock()
+
+
 def _pdf_pages(where: str, data: bytes | Path, numbers: list[int], opts: PageOptions) -> Iterator[Page]:
-    """Render pages one by one. Call from one thread only: PDFium is not thread-safe."""
-    pdf = _open_pdf(where, data, opts.password)
+    """Render pages one by one (the lock is held per page, never across a yield)."""
+    with PDFIUM:
+        pdf = _open_pdf(where, data, opts.password)
     try:
         for number in numbers:
             label = f"{where} page {number}"
             try:
-                page = pdf[number - 1]
-                w_pt, h_pt = page.get_size()
-                _check_size(label, (int(w_pt * opts.dpi / 72), int(h_pt * opts.dpi / 72)), opts.max_pixels)
-                image = page.render(scale=opts.dpi / 72).to_pil()
-                text = None
-                if opts.text_layer:
-                    textpage = page.get_textpage()
-                    text = textpage.get_text_bounded().replace("\r\n", "\n")
-                    textpage.close()
-                page.close()
+                with PDFIUM:
+                    image, text = _render_pdf_page(pdf, number, label, opts)
             except InputError:
                 raise
             except Exception as exc:
                 raise InputError(f"{label}: cannot render ({_short(exc)})") from None
             yield Page(where, number, normalise_image(image), text_layer=text)
     finally:
-        pdf.close()
+        with PDFIUM:
+            pdf.close()
+
+
+def _render_pdf_page(pdf: Any, number: int, label: str, opts: PageOptions) -> tuple[Image.Image, str | None]:
+    page = pdf[number - 1]
+    try:
+        w_pt, h_pt = page.get_size()
+        _check_size(label, (int(w_pt * opts.dpi / 72), int(h_pt * opts.dpi / 72)), opts.max_pixels)
+        image = page.render(scale=opts.dpi / 72).to_pil()
+        text = None
+        if opts.text_layer:
+            textpage = page.get_textpage()
+            text = textpage.get_text_bounded().replace("\r\n", "\n")
+            textpage.close()
+    finally:
+        page.close()
+    return image, text
 
 
 def display_path(path: str) -> str:
@@ -246,11 +261,12 @@ def _read_bytes(source: Source) -> bytes:
 
 def _count(source: Source, data: bytes, opts: PageOptions) -> int:
     if source.kind == "pdf":
-        pdf = _open_pdf(source.label, data if source.path == STDIN else Path(source.path), opts.password)
-        try:
-            count = len(pdf)
-        finally:
-            pdf.close()
+        with PDFIUM:
+            pdf = _open_pdf(source.label, data if source.path == STDIN else Path(source.path), opts.password)
+            try:
+                count = len(pdf)
+            finally:
+                pdf.close()
         if count == 0:
             raise InputError(f"{source.label}: PDF has no pages")
         return count
