@@ -647,6 +647,60 @@ def _write_answer(out: Path, sources: list[Source], record: dict, quiet: bool) -
         err(f"vl2: wrote {out / name}")
 
 
+# ---------------------------------------------------------------------- server
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+@app.command()
+def serve(
+    model: Model = "tiny", quant: Quant = "auto", device: Device = "auto", dtype: Dtype = "auto",
+    revision: Revision = None, offline: Offline = False, verbose: Verbose = False,
+    host: Annotated[str, typer.Option(help="Address to bind; anything but loopback needs --api-key.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port (0: any free port).")] = 8000,
+    api_key: Annotated[str | None, typer.Option("--api-key", envvar="VL2_API_KEY", show_envvar=True,
+                                                help="Bearer token every endpoint but /health requires.")] = None,
+    allow_remote_images: Annotated[bool, typer.Option(help="Fetch http(s) image URLs (off: data URLs only).")] = False,
+    max_batch: Annotated[int, typer.Option(help="Requests decoded together (continuous batching).")] = 8,
+    max_queue: Annotated[int, typer.Option(help="Requests that may wait; beyond it, 429.")] = 64,
+    max_upload_mb: Annotated[int, typer.Option(help="Largest request body or upload, in MB; beyond it, 413.")] = 50,
+    max_images: Annotated[int, typer.Option(help="Images per chat request; beyond it, 400.")] = 8,
+    max_pages: Annotated[int, typer.Option(help="Pages per document request; beyond it, 413.")] = 200,
+    max_pixels: MaxPixels = DEFAULT_MAX_PIXELS,
+    drain_seconds: Annotated[float, typer.Option(help="On Ctrl-C, how long running requests may finish.")] = 30.0,
+) -> None:
+    """An OpenAI-compatible server (chat completions with images, streaming, JSON schemas), document endpoints,
+    metrics and a page to drop files on.
+
+    Example: vl2 serve --model tiny --port 8000, then open http://127.0.0.1:8000/
+    """
+    _setup_logging(verbose, False)
+    if host not in LOOPBACK and not api_key:
+        raise UsageError(f"--host {host}: binding beyond this machine needs --api-key (or VL2_API_KEY)")
+    for name, value in (("--max-batch", max_batch), ("--max-queue", max_queue), ("--max-upload-mb", max_upload_mb),
+                        ("--max-images", max_images), ("--max-pages", max_pages)):
+        if value < 1:
+            raise UsageError(f"{name} {value}: expected a positive number")
+    if not 0 <= port <= 65535:
+        raise UsageError(f"--port {port}: expected 0..65535")
+    try:
+        from vl2cli.serve.app import ServeSettings, model_names
+        from vl2cli.serve.app import serve as run_server
+        from vl2cli.serve.chat import Limits
+    except ImportError as exc:
+        raise UsageError(f"vl2 serve needs the server extra ({exc.name} is missing): pip install 'vl2cli[serve]'") \
+            from None
+    choice = ModelChoice(model, quant, device, dtype, revision, offline)
+    folder = choice.resolve()
+    reader = choice.load(folder, verbose)
+    model_id, aliases = model_names(model, folder)
+    limits = Limits(max_body_bytes=max_upload_mb * 1024 * 1024, max_image_pixels=max_pixels, max_images=max_images,
+                    max_pages=max_pages, max_queue=max_queue, allow_remote_images=allow_remote_images)
+    settings = ServeSettings(model_id, aliases, api_key, limits, max_batch, drain_seconds)
+    run_server(reader, settings, host, port, ready=lambda url: err(f"vl2: serving {model_id} at {url}/ "
+                                                                   "(Ctrl-C drains and stops)"))
+
+
 # ---------------------------------------------------------------------- tools
 
 

@@ -158,6 +158,12 @@ def _open_image(where: str, data: io.BytesIO | Path, max_pixels: int) -> Image.I
     return img
 
 
+def open_image_bytes(where: str, data: bytes, max_pixels: int) -> Image.Image:
+    """An image sent as bytes (a server's data URL), checked as a page is: its first frame, RGB; InputError says why
+    it cannot be read."""
+    return next(_image_pages(where, io.BytesIO(data), [1], max_pixels)).image
+
+
 def _frames(img: Image.Image) -> int:
     return getattr(img, "n_frames", 1) if img.format == "TIFF" else 1  # GIF/WebP: first frame only
 

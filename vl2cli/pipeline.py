@@ -116,10 +116,11 @@ class StopFlag:
 
     def __init__(self) -> None:
         self.signal: int | None = None
+        self.cancelled = False  # no drain: the pages in flight are dropped too (a server's client went away)
 
     @property
     def stopping(self) -> bool:
-        return self.signal is not None
+        return self.signal is not None or self.cancelled
 
 
 Progress = Callable[[int, int, int], None]  # (pages finished this run, pages to do this run, tokens generated)
@@ -278,8 +279,9 @@ def _run(reader: Reader, job: Job, work: list[PageItem], sink: Sink, summary: Su
 
     try:
         rendered = _rendered(q, job, sink, summary, tick, stop)
-        for (item, page), result in reader.read_stream(job.task, ((pair, pair[1]) for pair in rendered), job.read,
-                                                       on_generated=tick):
+        pairs = ((pair, pair[1]) for pair in rendered)
+        for (item, page), result in reader.read_stream(job.task, pairs, job.read, on_generated=tick,
+                                                       cancelled=lambda: stop.cancelled):
             _emit(sink, summary, item, result, page)
             if progress:
                 progress(min(generated, len(work)), len(work), summary.generated_tokens)

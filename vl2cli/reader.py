@@ -249,14 +249,16 @@ class Reader:
 
         `on_generated(i)` is called as page i's answer is complete (progress that advances per page).
         """
-        done = dict(self.read_stream(task, enumerate(pages), opts, on_generated))
+        done = dict(self.read_stream(task, enumerate(pages), opts, on_generated or (lambda _i: None)))
         return [done[i] for i in range(len(pages))]
 
     def read_stream(self, task: Task, pages: Iterable[tuple[K, Page]], opts: ReadOptions,
-                    on_generated: Callable[[K], None] | None = None) -> Iterator[tuple[K, PageResult]]:
+                    on_generated: Callable[[K], None] = lambda _key: None,
+                    cancelled: Callable[[], bool] = lambda: False) -> Iterator[tuple[K, PageResult]]:
         """(key, result) for each (key, page), as each page ends: pages join the running batch (at most
         `opts.batch_size` rows) as others leave it, so a short answer never waits for a long one. Pages are
-        drawn from `pages` only when there is room, so a renderer feeding it stays just ahead of the model."""
+        drawn from `pages` only when there is room, so a renderer feeding it stays just ahead of the model.
+        Once `cancelled()` is true the pages in flight are dropped and nothing more is yielded."""
         template = task.template(opts.prompt_file, self.family, opts.plain)
         self.use_mode(opts.ocr_mode)
         params = self._sampling(opts)
@@ -279,25 +281,31 @@ class Reader:
                         yield key, outcome
                     else:
                         banded.append((key, page, *outcome))
+                if cancelled():
+                    return
                 if batch.idle and not more:
                     break
                 for request in batch.wait():
-                    key, page = request.tag
-                    answer = self._answer(request, params, opts)
-                    if isinstance(answer, _Answer) and answer.finish_reason == "context" and task.splittable \
-                            and opts.split == "auto":
-                        banded.append((key, page, 3, "budget"))  # the context cut it: read again in bands
-                        continue
-                    if on_generated is not None:
-                        on_generated(key)
-                    yield key, self._result(task, page, opts, answer, answer.seconds
-                                            if isinstance(answer, _Answer) else 0.0)
+                    done = self._page_done(task, request, opts, params, banded)
+                    if done is not None:
+                        on_generated(done[0])
+                        yield done
         finally:
             batch.close()
         for key, page, bands, reason in banded:
             yield key, self._read_bands(task, template, page, opts, bands, reason)
-            if on_generated is not None:
-                on_generated(key)
+            on_generated(key)
+
+    def _page_done(self, task: Task, request: Request, opts: ReadOptions, params: SamplingParams,
+                   banded: list[tuple[Any, Page, int, str]]) -> tuple[Any, PageResult] | None:
+        """A finished page request's (key, result); None when the context cut it and it is to be read in bands."""
+        key, page = request.tag
+        answer = self._answer(request, params, opts)
+        if isinstance(answer, _Answer) and answer.finish_reason == "context" and task.splittable \
+                and opts.split == "auto":
+            banded.append((key, page, 3, "budget"))
+            return None
+        return key, self._result(task, page, opts, answer, answer.seconds if isinstance(answer, _Answer) else 0.0)
 
     def _page_request(self, task: Task, template: str, page: Page, opts: ReadOptions,
                       params: SamplingParams) -> Request | PageResult | tuple[int, str]:

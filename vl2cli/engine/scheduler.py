@@ -401,12 +401,11 @@ class LoopStats:
 
     requests: int = 0
     failed: int = 0
+    cancelled: int = 0
     prompt_tokens: int = 0
     generated_tokens: int = 0
     step_seconds: float = 0.0  # time in steps that decoded: a running row gets one token per step
     steps: int = 0
-    queue_depth: int = 0
-    running: int = 0
 
 
 class EngineLoop:
@@ -442,6 +441,15 @@ class EngineLoop:
     def batch(self) -> LoopBatch:
         return LoopBatch(self)
 
+    @property
+    def queue_depth(self) -> int:
+        """Requests waiting for a place in the batch (read without the lock: a gauge)."""
+        return len(self._inbox) + len(self.runner.scheduler.waiting)
+
+    @property
+    def running(self) -> int:
+        return len(self.runner.scheduler.in_flight)
+
     def drain(self, seconds: float) -> list[Request]:
         """Stop taking requests; let those running finish for at most `seconds`; the queued ones are handed back
         (ended with reason 'shutdown') and so are those still running at the deadline."""
@@ -474,8 +482,6 @@ class EngineLoop:
                     self._watchers[request.id] = on_end
                     self.stats.requests += 1
                     self.stats.prompt_tokens += len(request.prompt.input_ids)
-                s = self.runner.scheduler
-                self.stats.queue_depth, self.stats.running = len(s.waiting), len(s.in_flight)
             started, decoding = time.perf_counter(), bool(self.runner.scheduler.running)
             ended = self.runner.step()
             if decoding:
@@ -484,6 +490,7 @@ class EngineLoop:
             for request in ended:
                 self.stats.generated_tokens += len(request.result.ids)
                 self.stats.failed += request.failure is not None
+                self.stats.cancelled += request.result.finish_reason == "cancelled"
                 self._watchers.pop(request.id)(request)
 
 
@@ -516,10 +523,12 @@ class LoopBatch:
             self.ended.append(request)
             self.changed.notify()
 
-    def wait(self) -> list[Request]:
+    def wait(self, timeout: float = 0.5) -> list[Request]:
+        """The requests that ended since the last call; [] after `timeout` seconds without one (so the caller can
+        look at its own cancel flag)."""
         with self.changed:
-            while not self.ended and self.pending:
-                self.changed.wait()
+            if not self.ended and self.pending:
+                self.changed.wait(timeout)
             ended = list(self.ended)
             self.ended.clear()
         for request in ended:

@@ -1,0 +1,619 @@
+"""`vl2 serve`: the OpenAI chat completions API, vl2's document endpoint, metrics and a page, over one engine loop.
+
+The HTTP layer parses, calls the library and responds: every model step runs on the engine loop's thread, where
+chat requests and document pages share one continuous batch; CPU work (decoding images, tiling, rendering PDFs)
+runs in worker threads, never on the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import tempfile
+import threading
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from fastapi import FastAPI
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import UploadFile
+from starlette.requests import ClientDisconnect, Request
+from starlette.staticfiles import StaticFiles
+
+from vl2cli.engine.scheduler import Closed, EngineLoop, QueueFull
+from vl2cli.engine.scheduler import Request as EngineRequest
+from vl2cli.errors import UsageError
+from vl2cli.parsers import find_loop
+from vl2cli.serve.chat import (
+    ApiError,
+    ChatCall,
+    Limits,
+    StopText,
+    chunk_body,
+    completion_body,
+    completion_id,
+    parse_chat,
+    usage,
+)
+
+if TYPE_CHECKING:
+    from vl2cli.pipeline import PageItem
+    from vl2cli.reader import Reader
+    from vl2cli.results import PageResult
+
+log = logging.getLogger("vl2cli")
+DEFAULT_PREFILL_CHUNK = 512  # tokens per prefill step: running decodes wait at most this long for a new prompt
+DOCUMENT_TASKS = ("ocr", "ask", "table", "chart", "ground", "caption", "extract")
+COUNTED_ROUTES = {"/v1/chat/completions", "/v1/documents/{task}", "/v1/models", "/health", "/metrics", "/"}
+DOCUMENT_FIELDS = {"pages", "dpi", "question", "schema", "fields", "split", "text_layer", "max_tokens",
+                   "temperature", "strict", "password", "ocr_mode", "format"}
+
+
+@dataclass
+class ServeSettings:
+    model_id: str  # what /v1/models lists and clients send
+    aliases: tuple[str, ...] = ()  # other names a client may send for the same model
+    api_key: str | None = None
+    limits: Limits = field(default_factory=Limits)
+    max_batch: int = 8
+    drain_seconds: float = 30.0
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+class Server:
+    """What the routes share: the reader, its engine loop, the settings and the counters."""
+
+    def __init__(self, reader: Reader, settings: ServeSettings):
+        self.reader, self.settings = reader, settings
+        if reader.engine.prefill_chunk is None:
+            reader.engine.prefill_chunk = DEFAULT_PREFILL_CHUNK
+        self.loop = EngineLoop(reader.engine, settings.max_batch, settings.limits.max_queue)
+        reader.loop = self.loop  # documents read through the same loop as chats
+        self.documents = 0
+        self.http_requests: dict[str, int] = {}
+        self.draining = False
+
+    def check_model(self, name: str) -> None:
+        if name and name not in (self.settings.model_id, *self.settings.aliases):
+            raise ApiError(404, f"The model {name!r} does not exist: this server serves {self.settings.model_id!r}",
+                           kind="invalid_request_error", param="model", code="model_not_found")
+
+    def stop_rule(self, stops: StopText) -> Callable[[list[int], bool], str | None]:
+        """Loops end an answer (finish_reason 'length'); so does a stop string ('stop')."""
+        decode = self.reader.decode
+
+        def rule(ids: list[int], constrained: bool) -> str | None:
+            if stops.stops and stops.cut(decode(ids))[1]:
+                return "stop"
+            return "loop" if not constrained and find_loop(ids) else None
+        return rule
+
+    def drain(self) -> None:
+        self.draining = True
+        queued = self.loop.drain(self.settings.drain_seconds)
+        if queued:
+            log.warning("vl2 serve: %d queued request(s) refused with 503 while shutting down", len(queued))
+
+
+def create_app(reader: Reader, settings: ServeSettings) -> FastAPI:
+    server = Server(reader, settings)
+    app = FastAPI(title="vl2", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.server = server
+    _guards(app, server)
+    _chat_routes(app, server)
+    _document_routes(app, server)
+    _info_routes(app, server)
+    static = resources.files("vl2cli.serve") / "static"
+    app.mount("/static", StaticFiles(directory=str(static)), name="static")
+    return app
+
+
+# ---------------------------------------------------------------------------------------------- guards
+
+
+def _guards(app: FastAPI, server: Server) -> None:
+    settings = server.settings
+    open_paths = ("/health", "/", "/static/")
+
+    @app.middleware("http")
+    async def guard(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+        path = request.url.path
+        route = "/v1/documents/{task}" if path.startswith("/v1/documents/") else path
+        route = route if route in COUNTED_ROUTES else "other"  # a client's made-up paths do not grow the table
+        server.http_requests[route] = server.http_requests.get(route, 0) + 1
+        if settings.api_key and not (path in open_paths or path.startswith("/static/")):
+            given = request.headers.get("authorization", "")
+            if not hmac.compare_digest(given.encode(), f"Bearer {settings.api_key}".encode()):
+                return _error(ApiError(401, "Incorrect API key provided: send it as 'Authorization: Bearer KEY'",
+                                       code="invalid_api_key"))
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > settings.limits.max_body_bytes:
+            return _error(_too_large(settings.limits))
+        _limit_body(request, settings.limits.max_body_bytes)
+        return await call_next(request)
+
+    @app.exception_handler(ApiError)
+    async def api_error(_request: Request, exc: ApiError) -> JSONResponse:
+        return _error(exc)
+
+    @app.exception_handler(BodyTooLarge)
+    async def too_large(_request: Request, _exc: BodyTooLarge) -> JSONResponse:
+        return _error(_too_large(settings.limits))
+
+    @app.exception_handler(404)
+    async def not_found(request: Request, _exc: Exception) -> JSONResponse:
+        return _error(ApiError(404, f"no route {request.method} {request.url.path}", code="not_found"))
+
+    @app.exception_handler(405)
+    async def not_allowed(request: Request, _exc: Exception) -> JSONResponse:
+        return _error(ApiError(405, f"{request.method} is not allowed on {request.url.path}"))
+
+
+def _limit_body(request: Request, limit: int) -> None:
+    """Count the body as it arrives (a chunked upload has no Content-Length): past the limit, 413."""
+    receive = request.receive
+    seen = 0
+
+    async def counted() -> Any:
+        nonlocal seen
+        message = await receive()
+        seen += len(message.get("body", b""))
+        if seen > limit:
+            raise BodyTooLarge()
+        return message
+    request._receive = counted  # starlette reads the body through this callable
+
+
+def _too_large(limits: Limits) -> ApiError:
+    return ApiError(413, f"the request is larger than this server's {limits.max_body_bytes} byte limit",
+                    code="request_too_large")
+
+
+def _error(exc: ApiError) -> JSONResponse:
+    return JSONResponse(exc.body(), status_code=exc.status)
+
+
+async def _json_body(request: Request) -> Any:
+    try:
+        raw = await request.body()
+    except ClientDisconnect:
+        raise ApiError(400, "the client went away while sending") from None
+    try:
+        return json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ApiError(400, f"the request body is not valid JSON ({exc})") from None
+
+
+# ---------------------------------------------------------------------------------------------- chat
+
+
+class _Answer:
+    """The engine thread's tokens, handed to the event loop: an asyncio queue of token ids, None at the end."""
+
+    def __init__(self) -> None:
+        self.queue: asyncio.Queue[int | None] = asyncio.Queue()
+        self.event_loop = asyncio.get_running_loop()
+
+    def _put(self, item: int | None) -> None:
+        try:
+            self.event_loop.call_soon_threadsafe(self.queue.put_nowait, item)
+        except RuntimeError:  # the event loop is gone (the server is stopping): nobody is listening
+            pass
+
+    def on_token(self, token: int) -> None:
+        self._put(token)
+
+    def on_end(self, _request: EngineRequest) -> None:
+        self._put(None)
+
+
+def _chat_routes(app: FastAPI, server: Server) -> None:
+    reader, settings = server.reader, server.settings
+
+    @app.post("/v1/chat/completions", response_model=None)
+    async def chat_completions(request: Request) -> Response:
+        body = await _json_body(request)
+        call = await run_in_threadpool(parse_chat, body, settings.limits)
+        server.check_model(call.model)
+        engine_request = await run_in_threadpool(_engine_request, server, call)
+        answer = _Answer()
+        engine_request.on_token = answer.on_token
+        _submit(server, engine_request, answer.on_end)
+        model = settings.model_id
+        if call.stream:
+            return StreamingResponse(_stream(server, call, engine_request, answer, model),
+                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        await _until_done(request, server, engine_request, answer)
+        text, _ = StopText(call.stop).cut(reader.decode(engine_request.result.ids))
+        gen = engine_request.result
+        return JSONResponse(completion_body(completion_id(), model, text, gen.finish_reason,
+                                            gen.prompt_tokens, len(gen.ids)))
+
+
+def _engine_request(server: Server, call: ChatCall) -> EngineRequest:
+    """Tokenise and tile (CPU work, in a worker thread), size the budget, compile the grammar."""
+    reader = server.reader
+    try:
+        prepared = reader.loaded.processor.prepare(call.messages)
+    except UsageError as exc:
+        raise ApiError(400, str(exc), param="messages") from None
+    context = reader.context
+    room = context - len(prepared.input_ids)
+    wanted = call.max_tokens if call.max_tokens is not None else room
+    if room <= 0 or wanted > room:
+        raise ApiError(400, f"This model's maximum context length is {context} tokens. However, you requested "
+                            f"{len(prepared.input_ids) + wanted} tokens ({len(prepared.input_ids)} in the messages, "
+                            f"{wanted} in the completion). Please reduce the length of the messages or completion.",
+                       param="messages", code="context_length_exceeded")
+    call.params.max_new_tokens = wanted
+    return EngineRequest(prepared, call.params, wanted, call.grammar_for(wanted), server.stop_rule(StopText(call.stop)))
+
+
+def _submit(server: Server, request: EngineRequest, on_end: Callable[[EngineRequest], None]) -> None:
+    try:
+        server.loop.submit(request, on_end)
+    except QueueFull as exc:
+        raise ApiError(429, f"the server is busy ({exc}); retry later", kind="rate_limit_error",
+                       code="queue_full") from None
+    except Closed:
+        raise ApiError(503, "the server is shutting down", kind="server_error", code="shutting_down") from None
+
+
+def _ended_badly(request: EngineRequest) -> ApiError | None:
+    if request.failure is not None:
+        return ApiError(500, f"the model failed on this request ({request.failure.message})", kind="server_error")
+    if request.result.finish_reason == "cancelled":
+        return ApiError(503, "the server is shutting down", kind="server_error", code="shutting_down")
+    return None
+
+
+async def _until_done(http: Request, server: Server, request: EngineRequest, answer: _Answer) -> None:
+    """Wait for the answer; a client that goes away cancels it (its row leaves the batch at the next step)."""
+    while True:
+        try:
+            item = await asyncio.wait_for(answer.queue.get(), timeout=0.25)
+        except asyncio.TimeoutError:
+            if await http.is_disconnected():
+                server.loop.cancel(request)
+                raise ApiError(499, "the client closed the request") from None
+            continue
+        if item is None:
+            break
+    bad = _ended_badly(request)
+    if bad is not None:
+        raise bad
+
+
+async def _stream(server: Server, call: ChatCall, request: EngineRequest, answer: _Answer,
+                  model: str) -> AsyncIterator[str]:
+    """Server-sent events in OpenAI's chunk format, ending with [DONE]. A client that disconnects cancels the
+    generator (starlette), and with it the request."""
+    cid, stops, decode = completion_id(), StopText(call.stop), server.reader.decode
+    shown = ""
+
+    def event(body: dict[str, Any]) -> str:
+        return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+    try:
+        yield event(chunk_body(cid, model, {"role": "assistant", "content": ""}, include_usage=call.include_usage))
+        while (item := await answer.queue.get()) is not None:
+            del item
+            text = decode(request.result.ids)
+            if text.endswith("\ufffd"):
+                continue  # half a multi-byte character
+            visible = stops.safe(text)
+            if visible.startswith(shown) and len(visible) > len(shown):
+                yield event(chunk_body(cid, model, {"content": visible[len(shown):]},
+                                       include_usage=call.include_usage))
+                shown = visible
+        bad = _ended_badly(request)
+        if bad is not None:
+            yield event(bad.body())
+        else:
+            final, _ = stops.cut(decode(request.result.ids))
+            if final.startswith(shown) and len(final) > len(shown):
+                yield event(chunk_body(cid, model, {"content": final[len(shown):]}, include_usage=call.include_usage))
+            yield event(chunk_body(cid, model, {}, request.result.finish_reason, include_usage=call.include_usage))
+            if call.include_usage:
+                last = chunk_body(cid, model, {})
+                last["choices"] = []
+                last["usage"] = usage(request.result.prompt_tokens, len(request.result.ids))
+                yield event(last)
+        yield "data: [DONE]\n\n"
+    finally:
+        if not request.done:
+            server.loop.cancel(request)
+
+
+# ---------------------------------------------------------------------------------------------- documents
+
+
+class _DocumentSink:
+    """Hands each page record to the event loop as the pipeline finishes it."""
+
+    def __init__(self, answer_queue: asyncio.Queue[Any], event_loop: asyncio.AbstractEventLoop):
+        self.queue, self.event_loop = answer_queue, event_loop
+
+    def done(self, _item: PageItem) -> bool:
+        return False
+
+    def emit(self, _item: PageItem, result: PageResult, _page: Any) -> PageResult:
+        try:
+            self.event_loop.call_soon_threadsafe(self.queue.put_nowait, result)
+        except RuntimeError:  # the event loop is gone (the server is stopping): nobody is listening
+            pass
+        return result
+
+
+def _document_routes(app: FastAPI, server: Server) -> None:
+    @app.post("/v1/documents/{task}", response_model=None)
+    async def documents(task: str, request: Request, stream: bool = False) -> Response:
+        if task not in DOCUMENT_TASKS:
+            raise ApiError(404, f"unknown task {task!r}: expected one of {', '.join(DOCUMENT_TASKS)}", param="task")
+        if server.draining:
+            raise ApiError(503, "the server is shutting down", kind="server_error", code="shutting_down")
+        try:
+            form = await request.form(max_files=1, max_fields=len(DOCUMENT_FIELDS) + 1)
+        except ClientDisconnect:
+            raise ApiError(400, "the client went away while sending") from None
+        except BodyTooLarge:
+            raise
+        except Exception as exc:  # python-multipart's errors on a malformed body
+            raise ApiError(400, f"expected a multipart/form-data upload with a 'file' part ({exc})") from None
+        upload = form.get("file")
+        if not isinstance(upload, UploadFile):
+            raise ApiError(400, "expected a multipart/form-data upload with a 'file' part", param="file")
+        words = {k: v for k, v in form.items() if k != "file" and isinstance(v, str)}
+        unknown = sorted(set(words) - DOCUMENT_FIELDS)
+        if unknown:
+            raise ApiError(400, f"unknown option(s) {', '.join(unknown)}: expected {', '.join(sorted(DOCUMENT_FIELDS))}")
+        data = await upload.read()
+        name = _client_name(upload.filename)
+        job = await run_in_threadpool(_plan_document, server, task, name, data, words)
+        return await _run_document(request, server, job, stream)
+
+
+def _client_name(filename: str | None) -> str:
+    """The upload's name as records show it: its last path part, never a server path."""
+    name = (filename or "upload").replace("\\", "/").rsplit("/", 1)[-1].strip()
+    return "".join(c for c in name if c.isprintable())[:200] or "upload"
+
+
+@dataclass
+class _DocumentJob:
+    job: Any
+    work: list[Any]
+    folder: tempfile.TemporaryDirectory
+    failed: list[PageResult]
+
+
+def _plan_document(server: Server, task: str, name: str, data: bytes, words: dict[str, str]) -> _DocumentJob:
+    from vl2cli.pipeline import Job, ListSink, Summary, plan_inputs, plan_work, task_options
+    limits = server.settings.limits
+    try:
+        schema = json.loads(words["schema"]) if "schema" in words else None
+        task_obj, read, page_opts = task_options(
+            task, words.get("format", "json"), text=words.get("question"), pages=words.get("pages"),
+            dpi=_int_word(words, "dpi", 144), max_new_tokens=_int_word(words, "max_tokens", 2048),
+            temperature=float(words.get("temperature", 0.0)), split=words.get("split", "auto"),
+            text_layer=words.get("text_layer", "off"), schema=schema, fields=words.get("fields"),
+            strict=None if "strict" not in words else words["strict"].lower() in ("1", "true", "yes", "on"),
+            password=words.get("password"), ocr_mode=words.get("ocr_mode", "gundam"),
+            max_pixels=limits.max_image_pixels, batch_size=server.settings.max_batch)
+    except (UsageError, ValueError) as exc:
+        raise ApiError(400, str(exc)) from None
+    if task_obj.name in ("ask", "ground") and not read.text:
+        raise ApiError(400, f"{task}: give the {'question' if task == 'ask' else 'object to find'} as 'question'",
+                       param="question")
+    folder = tempfile.TemporaryDirectory(prefix="vl2-upload-")
+    path = Path(folder.name) / "upload"
+    path.write_bytes(data)
+    try:
+        sources, _ = plan_inputs(_named(str(path), name), page_opts, strict=False)
+    except UsageError as exc:
+        folder.cleanup()
+        raise ApiError(400, str(exc).replace(str(path), name)) from None
+    for source in sources:
+        source.label = name
+        if source.error:
+            folder.cleanup()
+            raise ApiError(400, source.error.replace(str(path), name))
+        if len(source.numbers) > limits.max_pages:
+            folder.cleanup()
+            raise ApiError(413, f"{name}: {len(source.numbers)} pages to read; this server reads at most "
+                                f"{limits.max_pages} per request (choose some with 'pages')", code="too_many_pages")
+    template = task_obj.template(read.prompt_file, server.reader.family, read.plain)
+    job = Job(task_obj, read, page_opts, words.get("format", "json"), server.settings.model_id, template)
+    sink = ListSink()
+    work = plan_work(job, sources, sink, Summary())
+    return _DocumentJob(job, work, folder, sink.results)
+
+
+def _named(path: str, name: str) -> Any:
+    from vl2cli.pages import Inputs
+    return Inputs([path], {path: name})
+
+
+def _int_word(words: dict[str, str], key: str, default: int) -> int:
+    value = words.get(key)
+    if value is None:
+        return default
+    if not value.strip().lstrip("-").isdigit():
+        raise ApiError(400, f"{key} {value!r}: expected a whole number", param=key)
+    return int(value)
+
+
+class _DocumentRun:
+    """One document request's pages on the reading pipeline (in its own thread, generating through the engine
+    loop); its records come back through an asyncio queue, None after the last."""
+
+    def __init__(self, server: Server, planned: _DocumentJob):
+        from vl2cli.pipeline import StopFlag
+        self.server, self.planned = server, planned
+        self.results: asyncio.Queue[Any] = asyncio.Queue()
+        self.event_loop = asyncio.get_running_loop()
+        self.stop = StopFlag()
+        self.total = len(planned.work) + len(planned.failed)
+        self.ended = False
+        threading.Thread(target=self._work, daemon=True, name="vl2-document").start()
+
+    def _put(self, item: Any) -> None:
+        self.event_loop.call_soon_threadsafe(self.results.put_nowait, item)
+
+    def _work(self) -> None:
+        from vl2cli.pipeline import Summary, run_work
+        try:
+            run_work(self.server.reader, self.planned.job, self.planned.work, _DocumentSink(self.results,
+                     self.event_loop), Summary(), stop=self.stop)
+        except Exception as exc:  # reported to the client as a server error, not lost in a thread
+            log.exception("document request failed")
+            self._put(ApiError(500, f"{type(exc).__name__}: {exc}", kind="server_error"))
+        finally:
+            self.planned.folder.cleanup()
+            self._put(None)
+
+    async def records(self, http: Request) -> AsyncIterator[PageResult | ApiError]:
+        """Records as pages finish; a client that goes away (or stops reading) cancels the pages left."""
+        for failed in self.planned.failed:
+            yield failed
+        try:
+            while True:
+                try:
+                    item = await asyncio.wait_for(self.results.get(), timeout=0.25)
+                except asyncio.TimeoutError:
+                    if await http.is_disconnected():
+                        return
+                    continue
+                if item is None:
+                    self.ended = True
+                    return
+                yield item
+        finally:
+            if not self.ended:  # the response ended early: the pages left are not read
+                self.stop.cancelled = True
+
+
+async def _run_document(http: Request, server: Server, planned: _DocumentJob, stream: bool) -> Response:
+    server.documents += 1
+    run = _DocumentRun(server, planned)
+    headers = {"X-Vl2-Pages": str(run.total)}
+    if stream:
+        async def lines() -> AsyncIterator[str]:
+            async for item in run.records(http):
+                body = item.body() if isinstance(item, ApiError) else item.to_json()
+                yield json.dumps(body, ensure_ascii=False) + "\n"
+        return StreamingResponse(lines(), media_type="application/x-ndjson", headers=headers)
+    done: list[dict[str, Any]] = []
+    async for item in run.records(http):
+        if isinstance(item, ApiError):
+            raise item
+        done.append(item.to_json())
+    if len(done) < run.total:
+        if server.draining:
+            raise ApiError(503, "the server is shutting down", kind="server_error", code="shutting_down")
+        raise ApiError(499, "the client closed the request")
+    done.sort(key=lambda r: r["page"])
+    return JSONResponse(done, headers=headers)
+
+
+# ---------------------------------------------------------------------------------------------- info
+
+
+def _info_routes(app: FastAPI, server: Server) -> None:
+    settings, started = server.settings, int(time.time())
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        return {"status": "draining" if server.draining else "ok", "model": settings.model_id}
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        return {"object": "list", "data": [{"id": settings.model_id, "object": "model", "created": started,
+                                            "owned_by": "vl2"}]}
+
+    @app.get("/v1/models/{name:path}")
+    async def model(name: str) -> dict[str, Any]:
+        server.check_model(name)
+        return {"id": settings.model_id, "object": "model", "created": started, "owned_by": "vl2"}
+
+    @app.get("/metrics")
+    async def metrics() -> PlainTextResponse:
+        return PlainTextResponse(_metrics(server), media_type="text/plain; version=0.0.4")
+
+    @app.get("/", response_class=HTMLResponse)
+    async def page() -> HTMLResponse:
+        html = (resources.files("vl2cli.serve") / "static" / "index.html").read_text(encoding="utf-8")
+        return HTMLResponse(html.replace("{{MODEL}}", settings.model_id))
+
+
+def _metrics(server: Server) -> str:
+    s = server.loop.stats
+    tpot = s.step_seconds / s.steps if s.steps else 0.0
+    lines = [
+        ("vl2_requests_total", "counter", "Generation requests taken by the engine (chat and document pages)",
+         s.requests),
+        ("vl2_requests_failed_total", "counter", "Generation requests that failed", s.failed),
+        ("vl2_requests_cancelled_total", "counter", "Generation requests cancelled (a client went away, or a "
+                                                     "shutdown)", s.cancelled),
+        ("vl2_documents_total", "counter", "Document requests", server.documents),
+        ("vl2_prompt_tokens_total", "counter", "Prompt tokens prefilled", s.prompt_tokens),
+        ("vl2_generated_tokens_total", "counter", "Tokens generated", s.generated_tokens),
+        ("vl2_queue_depth", "gauge", "Requests waiting for a place in the batch", server.loop.queue_depth),
+        ("vl2_running_batch_size", "gauge", "Requests in the running batch", server.loop.running),
+        ("vl2_time_per_output_token_seconds", "gauge", "Mean seconds per decode step (each running request "
+                                                        "gets one token per step)", round(tpot, 6)),
+        ("vl2_decode_steps_total", "counter", "Decode steps run", s.steps),
+    ]
+    out = []
+    for name, kind, text, value in lines:
+        out += [f"# HELP {name} {text}", f"# TYPE {name} {kind}", f"{name} {value}"]
+    out += ["# HELP vl2_http_requests_total HTTP requests by path", "# TYPE vl2_http_requests_total counter"]
+    out += [f'vl2_http_requests_total{{path="{_label(p)}"}} {n}' for p, n in sorted(server.http_requests.items())]
+    return "\n".join(out) + "\n"
+
+
+def _label(text: str) -> str:
+    return text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")[:100]
+
+
+def model_names(spec: str, folder: Path) -> tuple[str, tuple[str, ...]]:
+    """The id clients should send (the official hub id where there is one, else the folder's name) and the other
+    names accepted for it (what was given to --model)."""
+    from vl2cli.engine.loading import ALIASES
+    bare = spec.removeprefix("hf:")
+    model_id = ALIASES.get(spec, bare if bare in ALIASES.values() else folder.name)
+    return model_id, tuple(dict.fromkeys(n for n in (spec, bare, folder.name) if n != model_id))
+
+
+def serve(reader: Reader, settings: ServeSettings, host: str, port: int,
+          ready: Callable[[str], None] | None = None) -> None:
+    """Run until a signal; the first one drains (running requests finish within the drain time, queued ones get
+    503), then the process leaves."""
+    import uvicorn
+
+    app = create_app(reader, settings)
+    server: Server = app.state.server
+
+    class Uvicorn(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            if not server.draining:
+                threading.Thread(target=server.drain, daemon=True, name="vl2-drain").start()
+            super().handle_exit(sig, frame)
+
+        async def startup(self, sockets: Any = None) -> None:
+            await super().startup(sockets)
+            if ready is not None and self.started:
+                ready(f"http://{host}:{self.servers[0].sockets[0].getsockname()[1] if port == 0 else port}")
+
+    config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
+                            timeout_graceful_shutdown=int(settings.drain_seconds) + 5)
+    Uvicorn(config).run()
