@@ -64,12 +64,12 @@ function drawBoxes(figure, record) {
   const ctx = canvas.getContext("2d");
   ctx.lineWidth = Math.max(2, width / 300);
   ctx.font = `${Math.max(12, width / 50)}px sans-serif`;
-  for (const obj of (record.fields && record.fields.objects) || []) {
+  for (const obj of record.objects || []) {
     const [x0, y0, x1, y1] = obj.box;
     ctx.strokeStyle = "#e11d48"; ctx.strokeRect(x0, y0, x1 - x0, y1 - y0);
     ctx.fillStyle = "#e11d48"; ctx.fillText(obj.label || "", x0 + 3, Math.max(y0 - 4, 14));
   }
-  figure.dataset.boxes = String(((record.fields && record.fields.objects) || []).length);
+  figure.dataset.boxes = String((record.objects || []).length);
 }
 
 function figureFor(record) {
@@ -92,7 +92,7 @@ function figureFor(record) {
 }
 
 function answerHtml(record) {
-  const f = record.fields || {};
+  const f = record;  // the task's fields sit at the top of a record (see the page-record schema)
   if (record.status !== "ok") return `<p>${escapeHtml(record.error || record.status)}</p>`;
   switch (record.task) {
     case "table":
