@@ -5,9 +5,11 @@ Real-size shapes come from the variant presets with random weights; --smoke shri
 
 from __future__ import annotations
 
+import io
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 
@@ -402,8 +404,10 @@ def bench_ocr(smoke: bool) -> dict:
 
 def bench_continuous(smoke: bool) -> dict:
     """A mixed workload (answers of 8 to 256 tokens) at the same maximum batch: padded static batches (every row runs
-    to its batch's longest answer), static batches whose finished rows leave (the engine's own), and continuous
-    batching (a finished row's place is taken at the next step). Useful tokens per second."""
+    to its batch's longest answer), static batches whose finished rows leave, and continuous batching (a finished
+    row's place is taken at the next step). Useful tokens per second, measured here; and useful tokens per decode
+    step, which is what tokens/s becomes where a step costs the same whatever its rows (a GPU decoding a small
+    batch is bound by reading the weights; a CPU is not: its MoE step grows with the experts its rows pick)."""
     import random
 
     from vl2cli.engine.generation import Engine, SamplingParams
@@ -417,33 +421,107 @@ def bench_continuous(smoke: bool) -> dict:
     texts = [[0, *range(2, 2 + rng.randint(8, 48))] for _ in range(n)]
     prompts = [Prepared("", ids, [False] * len(ids), _no_pixels(), []) for ids in texts]
     tokens = sum(lengths)
+    steps: dict[str, int] = {}
+    real_step = engine.decode_step
 
-    def static() -> float:
-        start = time.perf_counter()
+    def counted(name: str, run: Callable[[], None]) -> Callable[[], float]:
+        def timed() -> float:
+            calls = 0
+
+            def step(*args: Any) -> Any:
+                nonlocal calls
+                calls += 1
+                return real_step(*args)
+            engine.decode_step = step  # type: ignore[method-assign]
+            start = time.perf_counter()
+            run()
+            seconds = time.perf_counter() - start
+            engine.decode_step = real_step  # type: ignore[method-assign]
+            steps[name] = calls
+            return seconds
+        return timed
+
+    def static() -> None:
         for i in range(0, n, batch):
             generate(engine, prompts[i:i + batch], SamplingParams(max_new_tokens=max(lengths[i:i + batch])),
-                            budgets=lengths[i:i + batch])
-        return time.perf_counter() - start
+                     budgets=lengths[i:i + batch])
 
-    def padded() -> float:  # classic static batching: every row computes until its batch's longest answer ends
-        start = time.perf_counter()
+    def padded() -> None:  # classic static batching: every row computes until its batch's longest answer ends
         for i in range(0, n, batch):
             generate(engine, prompts[i:i + batch], SamplingParams(max_new_tokens=max(lengths[i:i + batch])))
-        return time.perf_counter() - start
 
-    def continuous() -> float:
+    def continuous() -> None:
         scheduler = Scheduler(engine, max_batch=batch)
-        start = time.perf_counter()
         for p, length in zip(prompts, lengths):
             scheduler.submit(p, SamplingParams(max_new_tokens=length))
         scheduler.run()
-        return time.perf_counter() - start
 
-    t = _best_of({"padded": padded, "static": static, "continuous": continuous}, 1 if smoke else 2)
+    t = _best_of({name: counted(name, run) for name, run in
+                  {"padded": padded, "static": static, "continuous": continuous}.items()}, 1 if smoke else 2)
     return {"bench": "continuous_batching", "requests": n, "max_batch": batch, "answer_tokens": tokens,
             "padded_static_tokens_per_s": tokens / t["padded"], "static_tokens_per_s": tokens / t["static"],
             "continuous_tokens_per_s": tokens / t["continuous"], "ratio_vs_padded": t["padded"] / t["continuous"],
-            "ratio": t["static"] / t["continuous"], "target": ">= 1.5"}
+            "ratio": t["static"] / t["continuous"], "decode_steps": steps,
+            "tokens_per_step_ratio_vs_padded": steps["padded"] / steps["continuous"],
+            "tokens_per_step_ratio_vs_static": steps["static"] / steps["continuous"], "target": ">= 1.5"}
+
+
+def bench_server(smoke: bool) -> dict:
+    """What the HTTP layer costs: the same chat requests (one image, a short answer), one at a time, through a real
+    uvicorn server and the openai client vs straight through the library (prepare + generate)."""
+    import base64
+    import threading
+
+    import openai
+    import uvicorn
+    from gpucheck import letter_page
+
+    from vl2cli.engine.generation import SamplingParams
+    from vl2cli.engine.scheduler import generate
+    from vl2cli.reader import Reader
+    from vl2cli.serve.app import ServeSettings, create_app
+    from vl2cli.serve.chat import Limits, parse_chat
+
+    reader = Reader.load(_bench_ckpt(), device="cpu", dtype="float32", quant="none")
+    buffer = io.BytesIO()
+    letter_page().resize((640, 828)).save(buffer, "PNG")
+    url = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+    body = {"model": "tiny", "max_tokens": 8, "messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "Read the page."}]}]}
+    n = 5 if smoke else 30
+
+    def library() -> float:
+        start = time.perf_counter()
+        for _ in range(n):
+            call = parse_chat(body, Limits())
+            prepared = reader.loaded.processor.prepare(call.messages)
+            generate(reader.engine, [prepared], SamplingParams(max_new_tokens=8))
+        return (time.perf_counter() - start) / n
+
+    direct = min(library() for _ in range(2))
+    app = create_app(reader, ServeSettings("tiny"))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.02)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0)
+
+    def over_http() -> float:
+        start = time.perf_counter()
+        for _ in range(n):
+            client.chat.completions.create(**body)
+        return (time.perf_counter() - start) / n
+    try:
+        served = min(over_http() for _ in range(2))
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+        app.state.server.loop.drain(1.0)
+    return {"bench": "server_overhead", "requests": n, "image_bytes": len(buffer.getvalue()),
+            "library_seconds_per_request": direct, "server_seconds_per_request": served,
+            "overhead_ms_per_request": (served - direct) * 1000, "overhead_ratio": served / direct}
 
 
 def _no_pixels():
@@ -461,7 +539,8 @@ def bench_syncs(smoke: bool) -> dict:
 
 BENCHES = {"moe": bench_moe, "kv": bench_kv, "batching": bench_batching, "memory": bench_memory,
            "pages": bench_pages, "loading": bench_loading, "coldstart": bench_coldstart, "syncs": bench_syncs,
-           "grammar": bench_grammar, "ocr": bench_ocr, "continuous": bench_continuous}
+           "grammar": bench_grammar, "ocr": bench_ocr, "continuous": bench_continuous,
+           "server": bench_server}
 
 
 def run(which: str = "all", smoke: bool = False) -> Iterator[dict]:
