@@ -11,9 +11,12 @@ def test_benchmarks_smoke():
     results = {r["bench"]: r for r in run("all", smoke=True)}
     assert set(results) == {"moe_dispatch", "kv_cache", "batching", "memory", "pages_in", "loading_peak_ram",
                             "cold_start", "decode_step_counts", "constrained_decoding",
-                            "ocr_vs_vl2", "continuous_batching", "server_overhead"}
+                            "ocr_vs_vl2", "continuous_batching", "server_overhead",
+                            "ray_batch"}
     assert results["continuous_batching"]["tokens_per_step_ratio_vs_padded"] > 1.0
     assert results["server_overhead"]["server_seconds_per_request"] > 0
+    assert results["ray_batch"]["pages_in_index"] == results["ray_batch"]["pages"]
+    assert results["ray_batch"]["page_tiles_bytes"] > results["ray_batch"]["page_png_bytes"]
     assert results["loading_peak_ram"]["within_budget"]
     assert results["kv_cache"]["mla_cache_bytes_per_token_small_bf16"] == (512 + 64) * 27 * 2  # measured cache
     assert results["kv_cache"]["mha_cache_bytes_per_token_tiny_bf16"] == 2 * 10 * 128 * 12 * 2  # K and V

@@ -207,6 +207,9 @@ class ReadRequest:
     summary_json: bool = False
     auto_batch: bool = False  # no --batch-size given: choose from the device's free memory
     per_document: bool = False  # extract: one merged record per document
+    ray: str | None = None  # batch --ray: local, auto or a cluster address
+    workers: int = 2
+    gpus_per_worker: float | None = None
 
 
 def _validated(req: ReadRequest) -> tuple[str, list[Source], list[str]]:
@@ -252,7 +255,9 @@ def _read(req: ReadRequest) -> None:
     summary = Summary()
     try:
         work = plan_work(job, sources, sink, summary)
-        if work:
+        if work and req.ray:
+            _read_on_ray(req, job, work, sink, summary, folder)
+        elif work:
             reader = req.choice.load(folder, req.verbose)
             reader.use_mode(req.read.ocr_mode)  # before the rendering thread cuts pages into views
             if req.auto_batch:
@@ -263,6 +268,14 @@ def _read(req: ReadRequest) -> None:
     finally:
         written = sink.close(sources)
     _report(req, summary, written)
+
+
+def _read_on_ray(req: ReadRequest, job: Job, work: list[PageItem], sink: Any, summary: Summary, folder: Path) -> None:
+    from vl2cli.scale import ModelSpec, run_work_on_ray
+    spec = ModelSpec(str(folder.resolve()), req.choice.device, req.choice.dtype, req.choice.quant)
+    with RayInterrupts() as stop, ProgressReporter(req.quiet) as progress:
+        run_work_on_ray(req.ray or "local", job, work, sink, summary, spec, req.workers, req.gpus_per_worker,
+                        progress, stop)
 
 
 def _folder_sink(req: ReadRequest, job: Job) -> Any:
@@ -392,6 +405,21 @@ class Interrupts:
     def __exit__(self, *exc: object) -> None:
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
+
+
+class RayInterrupts(Interrupts):
+    """--ray: the first signal stops taking results (pages in flight on the workers are dropped, not recorded: a rerun
+    reads them); the second leaves at once."""
+
+    def __init__(self) -> None:
+        from vl2cli.pipeline import StopFlag
+        self.flag, self.previous = StopFlag(), {}
+
+    def _on_signal(self, signum: int, _frame: object) -> None:
+        if self.flag.signal:
+            raise KeyboardInterrupt
+        self.flag.signal = signum
+        err(f"vl2: {signal.Signals(signum).name} received: stopping after the page being written (again to stop now)")
 
 
 def _in_main_thread() -> bool:
@@ -548,6 +576,11 @@ def batch(
     strict: Annotated[bool | None, typer.Option("--strict/--no-strict", show_default=False,
                                                 help="Grammar-constrained answers: ground (default on), table "
                                                      "(default off).")] = None,
+    ray: Annotated[str | None, typer.Option("--ray", help="Read on Ray Data: local (a Ray instance on this machine), "
+                                                          "auto (the cluster this machine is in) or an address.")] = None,
+    workers: Annotated[int, typer.Option(help="--ray: model actors (each loads the model once).")] = 2,
+    gpus_per_worker: Annotated[float | None, typer.Option(help="--ray: GPUs per actor (default 1 when the cluster "
+                                                               "has GPUs, else CPU).")] = None,
 ) -> None:
     """Read every page of many documents into --out; rerun to resume.
 
@@ -559,7 +592,8 @@ def batch(
                    temperature=temperature, prompt_file=prompt_file, pages=pages, dpi=dpi, password=password,
                    batch_size=batch_size, split=split, text_layer=text_layer, max_pixels=max_pixels, glob=glob,
                    redo=redo, named_files=False, verbose=verbose, quiet=quiet, summary_json=json_out, schema=schema,
-                   fields=fields, per=per, strict=strict, ocr_mode=ocr_mode, no_repeat=no_repeat))
+                   fields=fields, per=per, strict=strict, ocr_mode=ocr_mode, no_repeat=no_repeat, ray=ray,
+                   workers=workers, gpus_per_worker=gpus_per_worker))
 
 
 # ---------------------------------------------------------------------- ask

@@ -93,6 +93,7 @@ class Summary:
     failures: list[tuple[str, str]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     interrupted_by: int | None = None
+    workers: dict[str, int] = field(default_factory=dict)  # pages read per Ray worker (--ray)
 
     @property
     def pages_left(self) -> int:
@@ -108,7 +109,8 @@ class Summary:
         return {"pages_done": self.pages_done, "pages_skipped": self.pages_skipped, "pages_failed": self.pages_failed,
                 "files_failed": self.files_failed, "pages_left": self.pages_left, "loops_flagged": self.loops_flagged,
                 "generated_tokens": self.generated_tokens, "seconds": round(self.seconds, 2), "out": out,
-                "failures": [{"input": a, "error": b} for a, b in self.failures]}
+                "failures": [{"input": a, "error": b} for a, b in self.failures],
+                **({"workers": self.workers} if self.workers else {})}
 
 
 class StopFlag:
@@ -282,7 +284,7 @@ def _run(reader: Reader, job: Job, work: list[PageItem], sink: Sink, summary: Su
         pairs = ((pair, pair[1]) for pair in rendered)
         for (item, page), result in reader.read_stream(job.task, pairs, job.read, on_generated=tick,
                                                        cancelled=lambda: stop.cancelled):
-            _emit(sink, summary, item, result, page)
+            record_result(sink, summary, item, result, page)
             if progress:
                 progress(min(generated, len(work)), len(work), summary.generated_tokens)
     finally:
@@ -307,12 +309,13 @@ def _rendered(q: queue.Queue, job: Job, sink: Sink, summary: Summary, tick: Call
             log.debug("reading %s", outcome.label)
             yield item, outcome
         else:
-            _emit(sink, summary, item, failed_page(item.source.label, item.number, job.task.name, outcome,
+            record_result(sink, summary, item, failed_page(item.source.label, item.number, job.task.name, outcome,
                                                    job.read.text), None)
             tick()
 
 
-def _emit(sink: Sink, summary: Summary, item: PageItem, result: PageResult, page: Page | None) -> None:
+def record_result(sink: Sink, summary: Summary, item: PageItem, result: PageResult, page: Page | None) -> None:
+    """A final result into the sink and the summary (an interrupted page is neither: a rerun reads it)."""
     if result.status == "interrupted":
         return  # neither written nor recorded: a rerun reads it again
     result = sink.emit(item, result, page)
