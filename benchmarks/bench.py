@@ -121,7 +121,8 @@ def bench_pages(smoke: bool) -> dict:
     import tempfile
     from pathlib import Path
 
-    from vl2cli import PageOptions, Reader, ReadOptions
+    import vl2cli
+    from vl2cli import PageOptions, ReadOptions
     from vl2cli.engine.processor import tile_image
     from vl2cli.pages import Inputs, iter_pages
     from vl2cli.pdfwrite import text_pdf
@@ -131,7 +132,7 @@ def bench_pages(smoke: bool) -> dict:
 
     n = 5 if smoke else 50
     dpi = 144
-    reader = Reader.load(_bench_ckpt(), device="cpu", dtype="float32", quant="none")
+    reader = vl2cli.load(_bench_ckpt(), device="cpu", dtype="float32", quant="none")
     page_opts = PageOptions(dpi=dpi)
     cfg = reader.loaded.cfg
     with tempfile.TemporaryDirectory() as tmp:
@@ -476,13 +477,13 @@ def bench_server(smoke: bool) -> dict:
     import uvicorn
     from gpucheck import letter_page
 
+    import vl2cli
     from vl2cli.engine.generation import SamplingParams
     from vl2cli.engine.scheduler import generate
-    from vl2cli.reader import Reader
     from vl2cli.serve.app import ServeSettings, create_app
     from vl2cli.serve.chat import Limits, parse_chat
 
-    reader = Reader.load(_bench_ckpt(), device="cpu", dtype="float32", quant="none")
+    reader = vl2cli.load(_bench_ckpt(), device="cpu", dtype="float32", quant="none")
     buffer = io.BytesIO()
     letter_page().resize((640, 828)).save(buffer, "PNG")
     url = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
@@ -547,10 +548,10 @@ def bench_ray(smoke: bool) -> dict:
     from gpucheck import letter_page
     from PIL import Image
 
+    import vl2cli
     from vl2cli.options import PageOptions, ReadOptions
     from vl2cli.pages import expand_inputs
     from vl2cli.pipeline import Job, Summary, plan_inputs, plan_work, run_work
-    from vl2cli.reader import Reader
     from vl2cli.scale import ModelSpec, connect, run_on_ray
     from vl2cli.sinks import FolderSink
     from vl2cli.tasks import get_task
@@ -570,7 +571,7 @@ def bench_ray(smoke: bool) -> dict:
         return plan_work(job, sources, sink, summary), sink, summary
 
     work, sink, summary = plan(folder / "local")
-    reader = Reader.load(ckpt, device="cpu", dtype="float32", quant="none")
+    reader = vl2cli.load(ckpt, device="cpu", dtype="float32", quant="none")
     start = time.perf_counter()
     run_work(reader, job, work, sink, summary)
     local = time.perf_counter() - start

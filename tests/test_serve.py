@@ -301,3 +301,25 @@ def test_a_drain_finishes_running_requests_and_refuses_queued_ones(module_reader
 def test_binding_beyond_loopback_needs_a_key():
     result = vl2("serve", "--host", "0.0.0.0", tokens=None)
     assert result.exit_code == 2 and "--api-key" in result.stderr
+
+
+@pytest.mark.slow
+def test_vl2_serve_starts_answers_and_stops_on_ctrl_c():
+    import signal
+    import subprocess
+    import sys
+    proc = subprocess.Popen([sys.executable, "-m", "vl2cli.cli", "serve", "--model", TINY, "--port", "0"],
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stderr is not None
+        line = proc.stderr.readline()
+        while line and "serving" not in line:
+            line = proc.stderr.readline()
+        url = line.split(" at ")[1].split("/ ")[0]
+        assert httpx.get(url + "/health").json() == {"status": "ok", "model": "tiny"}
+        page = httpx.get(url + "/").text
+        assert "<title>vl2 · tiny</title>" in page and "http" not in page.split("<body>")[1]  # nothing remote
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=60) == 0
+    finally:
+        proc.kill()

@@ -32,7 +32,8 @@ __all__ = ["AskResult", "PageOptions", "PageResult", "ReadOptions", "Reader", "V
 def load(model: str = "tiny", *, device: str | None = None, dtype: str | None = None, quant: str = "auto",
          revision: str | None = None, offline: bool | None = None) -> Reader:
     """Load a model once; read with it as often as you like."""
-    return Reader.load(model, device=device, dtype=dtype, quant=quant, revision=revision, offline=offline)
+    from vl2cli.engine.loading import load_model
+    return Reader(load_model(model, device=device, dtype=dtype, quant=quant, revision=revision, offline=offline))
 
 
 def read(reader: Reader, paths: list[str], task: str = "ocr", question: str | None = None, pages: str | None = None,

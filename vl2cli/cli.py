@@ -473,6 +473,8 @@ def _print_summary(summary: Summary, out: Path, written: list[str]) -> None:
     for k in ("pages_done", "pages_skipped", "pages_failed", "files_failed", "pages_left", "loops_flagged",
               "generated_tokens", "seconds"):
         table.add_row(k.replace("_", " "), str(data[k]))
+    for worker, pages in sorted(summary.workers.items()):
+        table.add_row(f"worker {worker}", f"{pages} pages")
     table.add_row("output", str(out))
     for rel in written:
         table.add_row("", rel)

@@ -82,12 +82,6 @@ class Reader:
         self.deadline: float | None = None  # time.monotonic() after which generation stops ("interrupted")
         self.loop: EngineLoop | None = None  # a server's engine thread: all generation goes through it
 
-    @classmethod
-    def load(cls, model: str = "tiny", *, device: str | None = None, dtype: str | None = None, quant: str = "auto",
-             revision: str | None = None, offline: bool | None = None) -> Reader:
-        from vl2cli.engine.loading import load_model
-        return cls(load_model(model, device=device, dtype=dtype, quant=quant, revision=revision, offline=offline))
-
     def auto_batch_size(self) -> int:
         """Pages per batch for this device: on a GPU, what its free memory holds now that the weights are in."""
         if self.loaded.device.type != "cuda":

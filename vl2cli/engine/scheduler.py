@@ -397,7 +397,7 @@ class LocalBatch:
 
 @dataclass
 class LoopStats:
-    """What /metrics shows: counters since start, and the state now."""
+    """Counters since the loop started (what /metrics shows, with the queue depth and batch size read live)."""
 
     requests: int = 0
     failed: int = 0
@@ -418,7 +418,7 @@ class EngineLoop:
         self._inbox: deque[tuple[Request, Callable[[Request], None]]] = deque()
         self._watchers: dict[int, Callable[[Request], None]] = {}
         self._wake = threading.Condition()
-        self._closed = False
+        self._closed = self._abort = False
         self._thread = threading.Thread(target=self._loop, daemon=True, name="vl2-engine")
         self._thread.start()
 
@@ -450,21 +450,17 @@ class EngineLoop:
     def running(self) -> int:
         return len(self.runner.scheduler.in_flight)
 
-    def drain(self, seconds: float) -> list[Request]:
-        """Stop taking requests; let those running finish for at most `seconds`; the queued ones are handed back
-        (ended with reason 'shutdown') and so are those still running at the deadline."""
+    def drain(self, seconds: float) -> int:
+        """Stop taking requests; the queued ones end at once ('cancelled'), those running may finish within
+        `seconds`, then they are cancelled too. Returns how many were queued. The engine thread does the cancelling:
+        only it touches the scheduler's queue and batch."""
         with self._wake:
+            queued = self.queue_depth
             self._closed = True
-            queued = [r for r, _ in self._inbox] + list(self.runner.scheduler.waiting)
-            for r in queued:
-                r.cancelled = True
             self._wake.notify()
-        deadline = time.monotonic() + seconds
-        while time.monotonic() < deadline and not self.runner.idle:
-            time.sleep(0.02)
+        self._thread.join(timeout=seconds)
         with self._wake:
-            for r in self.runner.scheduler.in_flight:
-                r.cancelled = True
+            self._abort = True
             self._wake.notify()
         self._thread.join(timeout=max(1.0, seconds))
         return queued
@@ -482,6 +478,11 @@ class EngineLoop:
                     self._watchers[request.id] = on_end
                     self.stats.requests += 1
                     self.stats.prompt_tokens += len(request.prompt.input_ids)
+                scheduler = self.runner.scheduler
+                for request in (scheduler.waiting if self._closed else ()):
+                    request.cancelled = True  # draining: the queue gets no place in the batch
+                for request in (scheduler.in_flight if self._abort else ()):
+                    request.cancelled = True  # the drain's time is up
             started, decoding = time.perf_counter(), bool(self.runner.scheduler.running)
             ended = self.runner.step()
             if decoding:
@@ -505,13 +506,21 @@ class LoopBatch:
         self.changed = threading.Condition()
 
     def add(self, request: Request) -> None:
-        self.loop.submit(request, self._on_end)
+        """Queue one of this caller's requests; a full queue makes it wait its turn (a document's pages are not
+        refused half-way through, as a new client request would be)."""
+        while True:
+            try:
+                self.loop.submit(request, self._on_end)
+                break
+            except QueueFull:
+                time.sleep(0.05)
         self.pending.add(id(request))
         self.requests.append(request)
 
     @property
     def room(self) -> int:
-        """Keep a few of this caller's requests queued so the shared batch never waits for it."""
+        """How many more of this caller's requests may wait: at most a full batch of them at a time, so one long
+        document never fills the shared queue."""
         return self.loop.runner.scheduler.max_batch - len(self.pending)
 
     @property
