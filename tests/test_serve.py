@@ -226,7 +226,7 @@ def test_metrics_are_prometheus_text(served):
 @pytest.fixture
 def slow_decoding(module_reader, monkeypatch):
     """Every decode step takes 20 ms and no answer stops early: requests stay in flight long enough to watch."""
-    from vl2cli.serve import app as app_module
+    from vl2cli import reader as reader_module
     engine = module_reader.engine
     real = engine.decode_step
 
@@ -234,7 +234,7 @@ def slow_decoding(module_reader, monkeypatch):
         time.sleep(0.02)
         return real(tokens, cache)
     monkeypatch.setattr(engine, "decode_step", slow)
-    monkeypatch.setattr(app_module, "find_loop", lambda ids: None)
+    monkeypatch.setattr(reader_module, "find_loop", lambda ids: None)
     monkeypatch.setattr(engine, "eos_id", -1)
 
 
@@ -298,6 +298,20 @@ def test_a_drain_finishes_running_requests_and_refuses_queued_ones(module_reader
         _error_shape(_post(url, "/v1/chat/completions", json=body), 503)
 
 
+def test_a_bug_in_one_request_is_a_500_and_the_server_goes_on(module_reader, monkeypatch):
+    def broken(ids, constrained):
+        raise AttributeError("a bug only this request meets")
+    with running_server(module_reader) as (url, server):
+        client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=60)
+        with monkeypatch.context() as patch:
+            patch.setattr(module_reader, "stop_rule", broken)
+            with pytest.raises(openai.InternalServerError, match="a bug only this request meets"):
+                client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}],
+                                               max_tokens=4)
+        reply = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=4)
+        assert reply.usage.completion_tokens == 4 and server.loop.stats.failed == 1
+
+
 def test_binding_beyond_loopback_needs_a_key():
     result = vl2("serve", "--host", "0.0.0.0", tokens=None)
     assert result.exit_code == 2 and "--api-key" in result.stderr
@@ -320,6 +334,7 @@ def test_vl2_serve_starts_answers_and_stops_on_ctrl_c():
         page = httpx.get(url + "/").text
         assert "<title>vl2 · tiny</title>" in page and "http" not in page.split("<body>")[1]  # nothing remote
         proc.send_signal(signal.SIGINT)
-        assert proc.wait(timeout=60) == 0
+        assert proc.wait(timeout=60) == 130  # drained, then the usual Ctrl-C exit status
+        assert "Traceback" not in proc.stderr.read()
     finally:
         proc.kill()

@@ -130,7 +130,8 @@ class Reader:
             self._llg_tokenizer = grammar_tokenizer(tok.tok.to_str(), self.loaded.cfg.language.vocab_size, tok.eos_id)
         return self._llg_tokenizer
 
-    def _stop_rule(self, ids: list[int], constrained: bool) -> str | None:
+    def stop_rule(self, ids: list[int], constrained: bool) -> str | None:
+        """The drain deadline, and runaway loops outside a grammar."""
         if self.deadline is not None and time.monotonic() >= self.deadline:
             return "interrupted"
         # A grammar bounds its answer's length: repetition inside it (identical table rows) is not a runaway.
@@ -154,7 +155,7 @@ class Reader:
     def _generate(self, prompts: list[Prepared], params: SamplingParams, budgets: list[int],
                   on_token: Callable[[int, int], None] | None = None) -> list[Generation | PageFailed]:
         """One outcome per prompt: a Generation, or the PageFailed that this prompt alone ran into."""
-        requests = [Request(p, params, budget, None, self._stop_rule,
+        requests = [Request(p, params, budget, None, self.stop_rule,
                             on_token=None if on_token is None else functools.partial(on_token, row))
                     for row, (p, budget) in enumerate(zip(prompts, budgets))]
         self._run(requests)
@@ -180,7 +181,7 @@ class Reader:
             grammar = task.grammar(opts, budget)
         except UsageError as exc:  # a schema that cannot fit this page's budget fails this page
             return PageFailed(str(exc))
-        return Request(prompt, params, budget, grammar, self._stop_rule)
+        return Request(prompt, params, budget, grammar, self.stop_rule)
 
     def _answer(self, request: Request, params: SamplingParams, opts: ReadOptions) -> _Answer | PageFailed:
         """A finished request's answer: loops re-read, flags set; or the failure it ended with."""

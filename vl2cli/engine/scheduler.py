@@ -176,7 +176,7 @@ class Scheduler:
         if finished is None:
             return ended
         logits, cache = finished
-        joining, self.joining, self._prefill = self.joining, [], None
+        joining, self._prefill = self.joining, None
         for r in joining:
             if r.params.seed is not None:
                 r.generator = torch.Generator(device=logits.device).manual_seed(r.params.seed)
@@ -187,7 +187,9 @@ class Scheduler:
             if r.params.repetition_penalty != 1.0:
                 r.seen = torch.tensor([i for i, m in zip(r.prompt.input_ids, r.prompt.image_mask) if not m],
                                       dtype=torch.long, device=logits.device)
-        return ended + self._advance(joining, logits, cache)
+        ended += self._advance(joining, logits, cache)
+        self.joining = []  # only now: a step that fails before here hands them back through `abandon`
+        return ended
 
     def _choose(self, rows: list[Request], logits: torch.Tensor) -> list[int]:
         """Each row's next token under its own rules; greedy rows share one argmax and one host sync."""
@@ -492,7 +494,10 @@ class EngineLoop:
                 self.stats.generated_tokens += len(request.result.ids)
                 self.stats.failed += request.failure is not None
                 self.stats.cancelled += request.result.finish_reason == "cancelled"
-                self._watchers.pop(request.id)(request)
+                try:
+                    self._watchers.pop(request.id)(request)
+                except Exception:  # a caller's bug must not stop the thread every other caller waits on
+                    log.exception("an engine loop watcher failed")
 
 
 class LoopBatch:

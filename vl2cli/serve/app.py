@@ -30,7 +30,6 @@ from starlette.staticfiles import StaticFiles
 from vl2cli.engine.scheduler import Closed, EngineLoop, QueueFull
 from vl2cli.engine.scheduler import Request as EngineRequest
 from vl2cli.errors import UsageError
-from vl2cli.parsers import find_loop
 from vl2cli.serve.chat import (
     ApiError,
     ChatCall,
@@ -90,12 +89,12 @@ class Server:
 
     def stop_rule(self, stops: StopText) -> Callable[[list[int], bool], str | None]:
         """Loops end an answer (finish_reason 'length'); so does a stop string ('stop')."""
-        decode = self.reader.decode
+        reader = self.reader
 
         def rule(ids: list[int], constrained: bool) -> str | None:
-            if stops.stops and stops.cut(decode(ids))[1]:
+            if stops.stops and stops.cut(reader.decode(ids))[1]:
                 return "stop"
-            return "loop" if not constrained and find_loop(ids) else None
+            return reader.stop_rule(ids, constrained)
         return rule
 
     def drain(self) -> None:
