@@ -576,12 +576,8 @@ def _metrics(server: Server) -> str:
     for name, kind, text, value in lines:
         out += [f"# HELP {name} {text}", f"# TYPE {name} {kind}", f"{name} {value}"]
     out += ["# HELP vl2_http_requests_total HTTP requests by path", "# TYPE vl2_http_requests_total counter"]
-    out += [f'vl2_http_requests_total{{path="{_label(p)}"}} {n}' for p, n in sorted(server.http_requests.items())]
+    out += [f'vl2_http_requests_total{{path="{p}"}} {n}' for p, n in sorted(server.http_requests.items())]
     return "\n".join(out) + "\n"
-
-
-def _label(text: str) -> str:
-    return text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")[:100]
 
 
 def model_names(spec: str, folder: Path) -> tuple[str, tuple[str, ...]]:
