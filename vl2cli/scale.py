@@ -66,7 +66,8 @@ def connect(address: str) -> bool:
 def render_row(row: dict[str, Any], page_opts: PageOptions) -> dict[str, Any]:
     """A page reference -> its PNG bytes (and text layer), or the reason it cannot be rendered. Runs in a Ray task."""
     source = Source(row["path"], row["label"], kind=row["kind"])
-    out = {"i": row["i"], "png": b"", "text_layer": "", "has_text": False, "error": ""}
+    out = {"i": row["i"], "label": row["label"], "number": row["number"], "png": b"", "text_layer": "",
+           "has_text": False, "error": ""}
     try:
         page = next(render_pages(source, page_opts, [row["number"]]))
     except Exception as exc:  # a damaged page fails alone
@@ -82,7 +83,7 @@ def render_row(row: dict[str, Any], page_opts: PageOptions) -> dict[str, Any]:
 class PageReader:
     """A Ray Data actor: loads the model once, then reads batches of rendered pages."""
 
-    def __init__(self, spec: ModelSpec, job: Job, labels: dict[int, tuple[str, int]], threads: int):
+    def __init__(self, spec: ModelSpec, job: Job, threads: int):
         import socket
 
         import torch
@@ -96,7 +97,7 @@ class PageReader:
                               "needs the model at the same path: a shared folder, or `vl2 models download` on each)")
         self.reader = Reader(load_model(spec.folder, device=spec.device, dtype=spec.dtype, quant=spec.quant))
         self.reader.use_mode(job.read.ocr_mode)
-        self.job, self.labels = job, labels
+        self.job = job
         self.name = f"{socket.gethostname()}:{os.getpid()}"
         self.keep_image = job.task.name in IMAGE_TASKS or self.reader.family == "ocr"
 
@@ -104,9 +105,10 @@ class PageReader:
         from PIL import Image
         pages: list[tuple[int, Page]] = []
         results: dict[int, Any] = {}
-        for i, png, text, has_text, error in zip(batch["i"], batch["png"], batch["text_layer"], batch["has_text"],
-                                                 batch["error"]):
-            label, number = self.labels[int(i)]
+        for i, label, number, png, text, has_text, error in zip(
+                batch["i"], batch["label"], batch["number"], batch["png"], batch["text_layer"], batch["has_text"],
+                batch["error"]):
+            label, number = str(label), int(number)
             if error:
                 results[int(i)] = failed_page(label, number, self.job.task.name, str(error), self.job.read.text)
                 continue
@@ -135,14 +137,14 @@ def run_on_ray(job: Job, work: list[PageItem], sink: Sink, summary: Summary, spe
     cpus = ray.cluster_resources().get("CPU", 1)
     rows = [{"i": n, "path": os.path.abspath(item.source.path), "label": item.source.label,
              "kind": item.source.kind, "number": item.number} for n, item in enumerate(work)]
-    labels = {n: (item.source.label, item.number) for n, item in enumerate(work)}
     actor_cpus = 1.0 if per_gpu else max(0.25, min(1.0, cpus / (workers + 1)))
     threads = max(1, int(cpus // workers)) if not per_gpu else 0
     ds: Any = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows), 16 * workers)))
     ds = ds.map(render_row, fn_kwargs={"page_opts": job.pages}, num_cpus=0.25)
-    ds = ds.map_batches(PageReader, fn_constructor_args=(spec, job, labels, threads), batch_size=job.read.batch_size,
-                        concurrency=workers, num_cpus=actor_cpus, num_gpus=per_gpu,
-                        max_restarts=-1, max_task_retries=-1)  # a killed actor is replaced, its batch redone
+    ds = ds.map_batches(PageReader, fn_constructor_args=(spec, job, threads), batch_size=job.read.batch_size,
+                        concurrency=workers, num_cpus=actor_cpus, num_gpus=per_gpu)
+    # Ray Data's actor pool restarts a dead actor without limit and retries its batch (max_restarts and
+    # max_task_retries -1 by default; tests/test_ray.py kills one mid-run).
     started, done = time.perf_counter(), 0
     tokens_before = summary.generated_tokens
     workers_seen: dict[str, int] = {}
