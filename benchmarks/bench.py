@@ -471,16 +471,14 @@ def bench_server(smoke: bool) -> dict:
     """What the HTTP layer costs: the same chat requests (one image, a short answer), one at a time, through a real
     uvicorn server and the openai client vs straight through the library (prepare + generate)."""
     import base64
-    import threading
 
     import openai
-    import uvicorn
     from gpucheck import letter_page
 
     import vl2cli
     from vl2cli.engine.generation import SamplingParams
     from vl2cli.engine.scheduler import generate
-    from vl2cli.serve.app import ServeSettings, create_app
+    from vl2cli.serve.app import ServeSettings, serve_in_thread
     from vl2cli.serve.chat import Limits, parse_chat
 
     reader = vl2cli.load(_bench_ckpt(), device="cpu", dtype="float32", quant="none")
@@ -500,26 +498,15 @@ def bench_server(smoke: bool) -> dict:
         return (time.perf_counter() - start) / n
 
     direct = min(library() for _ in range(2))
-    app = create_app(reader, ServeSettings("tiny"))
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.02)
-    port = server.servers[0].sockets[0].getsockname()[1]
-    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0)
+    with serve_in_thread(reader, ServeSettings("tiny")) as (url, _):
+        client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
 
-    def over_http() -> float:
-        start = time.perf_counter()
-        for _ in range(n):
-            client.chat.completions.create(**body)
-        return (time.perf_counter() - start) / n
-    try:
+        def over_http() -> float:
+            start = time.perf_counter()
+            for _ in range(n):
+                client.chat.completions.create(**body)
+            return (time.perf_counter() - start) / n
         served = min(over_http() for _ in range(2))
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
-        app.state.server.loop.drain(1.0)
     return {"bench": "server_overhead", "requests": n, "image_bytes": len(buffer.getvalue()),
             "library_seconds_per_request": direct, "server_seconds_per_request": served,
             "overhead_ms_per_request": (served - direct) * 1000, "overhead_ratio": served / direct}

@@ -67,30 +67,5 @@ def index_entries(out: Path) -> list[dict]:
 
 def running_server(reader, **settings):
     """A real uvicorn server on 127.0.0.1 (a free port) in a thread, serving `reader`; yields (base URL, Server)."""
-    import contextlib
-    import threading
-    import time
-
-    import uvicorn
-
-    from vl2cli.serve.app import ServeSettings, create_app
-
-    @contextlib.contextmanager
-    def run():
-        app = create_app(reader, ServeSettings("tiny", ("vl2-tiny",), **settings))
-        server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
-        thread = threading.Thread(target=server.run, daemon=True)
-        thread.start()
-        deadline = time.monotonic() + 30
-        while not server.started:
-            assert time.monotonic() < deadline and thread.is_alive(), "the server did not start"
-            time.sleep(0.02)
-        port = server.servers[0].sockets[0].getsockname()[1]
-        try:
-            yield f"http://127.0.0.1:{port}", app.state.server
-        finally:
-            server.should_exit = True
-            thread.join(timeout=30)
-            app.state.server.loop.drain(1.0)
-            reader.loop, reader.engine.prefill_chunk = None, None
-    return run()
+    from vl2cli.serve.app import ServeSettings, serve_in_thread
+    return serve_in_thread(reader, ServeSettings("tiny", ("vl2-tiny",), **settings))

@@ -8,13 +8,14 @@ runs in worker threads, never on the event loop.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import json
 import logging
 import tempfile
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -74,6 +75,7 @@ class Server:
 
     def __init__(self, reader: Reader, settings: ServeSettings):
         self.reader, self.settings = reader, settings
+        self.chunk_was = reader.engine.prefill_chunk
         if reader.engine.prefill_chunk is None:
             reader.engine.prefill_chunk = DEFAULT_PREFILL_CHUNK
         self.loop = EngineLoop(reader.engine, settings.max_batch, settings.limits.max_queue)
@@ -96,6 +98,12 @@ class Server:
                 return "stop"
             return reader.stop_rule(ids, constrained)
         return rule
+
+    def close(self) -> None:
+        """Drain briefly and give the reader back to its owner (reading on the caller's thread again)."""
+        self.draining = True
+        self.loop.drain(1.0)
+        self.reader.loop, self.reader.engine.prefill_chunk = None, self.chunk_was
 
     def drain(self) -> None:
         self.draining = True
@@ -395,41 +403,59 @@ class _DocumentJob:
     failed: list[PageResult]
 
 
-def _plan_document(server: Server, task: str, name: str, data: bytes, words: dict[str, str]) -> _DocumentJob:
-    from vl2cli.pipeline import Job, ListSink, Summary, plan_inputs, plan_work, task_options
-    limits = server.settings.limits
+def _document_options(server: Server, task: str, words: dict[str, str]) -> tuple[Any, Any, Any]:
+    """The form's words as the CLI's options (the same defaults and checks); ApiError(400) says which is wrong."""
+    from vl2cli.pipeline import task_options
+    given: dict[str, Any] = {"text": words.get("question"), "pages": words.get("pages"),
+                             "password": words.get("password"), "fields": words.get("fields")}
+    for word, option in (("dpi", "dpi"), ("max_tokens", "max_new_tokens")):
+        if word in words:
+            given[option] = _int_word(words, word)
+    for word in ("split", "text_layer", "ocr_mode"):
+        if word in words:
+            given[word] = words[word]
+    if "strict" in words:
+        given["strict"] = words["strict"].lower() in ("1", "true", "yes", "on")
     try:
-        schema = json.loads(words["schema"]) if "schema" in words else None
-        task_obj, read, page_opts = task_options(
-            task, words.get("format", "json"), text=words.get("question"), pages=words.get("pages"),
-            dpi=_int_word(words, "dpi", 144), max_new_tokens=_int_word(words, "max_tokens", 2048),
-            temperature=float(words.get("temperature", 0.0)), split=words.get("split", "auto"),
-            text_layer=words.get("text_layer", "off"), schema=schema, fields=words.get("fields"),
-            strict=None if "strict" not in words else words["strict"].lower() in ("1", "true", "yes", "on"),
-            password=words.get("password"), ocr_mode=words.get("ocr_mode", "gundam"),
-            max_pixels=limits.max_image_pixels, batch_size=server.settings.max_batch)
+        if "temperature" in words:
+            given["temperature"] = float(words["temperature"])
+        if "schema" in words:
+            given["schema"] = json.loads(words["schema"])
+        options = task_options(task, words.get("format", "json"), max_pixels=server.settings.limits.max_image_pixels,
+                               batch_size=server.settings.max_batch, **given)
     except (UsageError, ValueError) as exc:
         raise ApiError(400, str(exc)) from None
-    if task_obj.name in ("ask", "ground") and not read.text:
+    if task in ("ask", "ground") and not options[1].text:
         raise ApiError(400, f"{task}: give the {'question' if task == 'ask' else 'object to find'} as 'question'",
                        param="question")
+    return options
+
+
+def _plan_document(server: Server, task: str, name: str, data: bytes, words: dict[str, str]) -> _DocumentJob:
+    """Options checked, the upload written to a private folder and planned (pages, limits); records and errors
+    name the client's file, never the server's path."""
+    from vl2cli.pipeline import Job, ListSink, Summary, plan_inputs, plan_work
+    task_obj, read, page_opts = _document_options(server, task, words)
+    limits = server.settings.limits
     folder = tempfile.TemporaryDirectory(prefix="vl2-upload-")
     path = Path(folder.name) / "upload"
-    path.write_bytes(data)
     try:
-        sources, _ = plan_inputs(_named(str(path), name), page_opts, strict=False)
-    except UsageError as exc:
+        path.write_bytes(data)
+        try:
+            sources, _ = plan_inputs(_named(str(path), name), page_opts, strict=False)
+        except UsageError as exc:
+            raise ApiError(400, str(exc).replace(str(path), name)) from None
+        for source in sources:
+            source.label = name
+            if source.error:
+                raise ApiError(400, source.error.replace(str(path), name))
+            if len(source.numbers) > limits.max_pages:
+                raise ApiError(413, f"{name}: {len(source.numbers)} pages to read; this server reads at most "
+                                    f"{limits.max_pages} per request (choose some with 'pages')",
+                               code="too_many_pages")
+    except BaseException:
         folder.cleanup()
-        raise ApiError(400, str(exc).replace(str(path), name)) from None
-    for source in sources:
-        source.label = name
-        if source.error:
-            folder.cleanup()
-            raise ApiError(400, source.error.replace(str(path), name))
-        if len(source.numbers) > limits.max_pages:
-            folder.cleanup()
-            raise ApiError(413, f"{name}: {len(source.numbers)} pages to read; this server reads at most "
-                                f"{limits.max_pages} per request (choose some with 'pages')", code="too_many_pages")
+        raise
     template = task_obj.template(read.prompt_file, server.reader.family, read.plain)
     job = Job(task_obj, read, page_opts, words.get("format", "json"), server.settings.model_id, template)
     sink = ListSink()
@@ -442,10 +468,8 @@ def _named(path: str, name: str) -> Any:
     return Inputs([path], {path: name})
 
 
-def _int_word(words: dict[str, str], key: str, default: int) -> int:
-    value = words.get(key)
-    if value is None:
-        return default
+def _int_word(words: dict[str, str], key: str) -> int:
+    value = words[key]
     if not value.strip().lstrip("-").isdigit():
         raise ApiError(400, f"{key} {value!r}: expected a whole number", param=key)
     return int(value)
@@ -587,6 +611,31 @@ def model_names(spec: str, folder: Path) -> tuple[str, tuple[str, ...]]:
     bare = spec.removeprefix("hf:")
     model_id = ALIASES.get(spec, bare if bare in ALIASES.values() else folder.name)
     return model_id, tuple(dict.fromkeys(n for n in (spec, bare, folder.name) if n != model_id))
+
+
+@contextlib.contextmanager
+def serve_in_thread(reader: Reader, settings: ServeSettings, host: str = "127.0.0.1",
+                    port: int = 0) -> Iterator[tuple[str, Server]]:
+    """The server on a background thread, for as long as the block runs: (its base URL, the Server). For tests,
+    benchmarks and programs that embed vl2; `port=0` takes a free port."""
+    import uvicorn
+
+    app = create_app(reader, settings)
+    runner = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
+    thread = threading.Thread(target=runner.run, daemon=True, name="vl2-http")
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not runner.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError(f"the server did not start on {host}:{port}")
+        time.sleep(0.02)
+    bound = runner.servers[0].sockets[0].getsockname()[1]
+    try:
+        yield f"http://{host}:{bound}", app.state.server
+    finally:
+        runner.should_exit = True
+        thread.join(timeout=30)
+        app.state.server.close()
 
 
 def serve(reader: Reader, settings: ServeSettings, host: str, port: int,
