@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import json
 import re
 import time
 import urllib.request
@@ -24,7 +25,7 @@ from vl2cli.engine.generation import SamplingParams
 from vl2cli.engine.grammar import Grammar, GrammarError
 from vl2cli.engine.processor import GROUNDING_TOKENS, Message, UserText
 from vl2cli.errors import InputError
-from vl2cli.extract import bound_schema
+from vl2cli.extract import schema_grammar
 from vl2cli.options import DEFAULT_MAX_PIXELS
 from vl2cli.pages import open_image_bytes
 
@@ -66,17 +67,16 @@ class ChatCall:
     include_usage: bool = False
     stop: tuple[str, ...] = ()
     grammar: Grammar | None = None
-    schema: dict[str, Any] | None = None  # json_schema: bounded to the budget once it is known
+    schema_json: str | None = None  # json_schema: bounded to the budget once it is known
     model: str = ""
     images: list[Image.Image] = field(default_factory=list)
 
     def grammar_for(self, budget: int) -> Grammar | None:
         """The answer's grammar at its budget: a json_schema is narrowed so that any answer it admits fits."""
-        if self.schema is None:
+        if self.schema_json is None:
             return self.grammar
         try:
-            bounded, _ = bound_schema(self.schema, budget)
-            return Grammar.from_json_schema(bounded)
+            return schema_grammar(self.schema_json, budget)  # compiled once per schema and budget
         except GrammarError as exc:
             raise ApiError(400, f"response_format: {exc}", param="response_format") from None
 
@@ -145,7 +145,7 @@ def _response_format(fmt: Any, call: ChatCall) -> None:
         if not isinstance(schema, dict):
             raise ApiError(400, "response_format.json_schema.schema: expected a JSON Schema object",
                            param="response_format")
-        call.schema = schema
+        call.schema_json = json.dumps(schema, separators=(",", ":"), ensure_ascii=False)
         call.grammar_for(call.max_tokens or 4096)  # a schema that cannot compile is refused now, not per token
         return
     raise ApiError(400, f"response_format.type {kind!r}: expected text, json_object or json_schema",
