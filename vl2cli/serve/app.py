@@ -204,18 +204,35 @@ async def _json_body(request: Request) -> Any:
 # ---------------------------------------------------------------------------------------------- chat
 
 
-class _Answer:
-    """The engine thread's tokens, handed to the event loop: an asyncio queue of token ids, None at the end."""
+class _Handover:
+    """Items from a worker thread (the engine loop, a document's pipeline) to the event loop, through an asyncio
+    queue; None marks the end."""
 
     def __init__(self) -> None:
-        self.queue: asyncio.Queue[int | None] = asyncio.Queue()
+        self.queue: asyncio.Queue[Any] = asyncio.Queue()
         self.event_loop = asyncio.get_running_loop()
 
-    def _put(self, item: int | None) -> None:
+    def _put(self, item: Any) -> None:
         try:
             self.event_loop.call_soon_threadsafe(self.queue.put_nowait, item)
         except RuntimeError:  # the event loop is gone (the server is stopping): nobody is listening
             pass
+
+    async def next(self, http: Request) -> Any:
+        """The next item, or GONE once the client has disconnected (looked at every 0.25 s while waiting)."""
+        while True:
+            try:
+                return await asyncio.wait_for(self.queue.get(), timeout=0.25)
+            except asyncio.TimeoutError:
+                if await http.is_disconnected():
+                    return GONE
+
+
+GONE = object()
+
+
+class _Answer(_Handover):
+    """The engine thread's tokens for one chat request: token ids, None at the end."""
 
     def on_token(self, token: int) -> None:
         self._put(token)
@@ -286,16 +303,10 @@ def _ended_badly(request: EngineRequest) -> ApiError | None:
 
 async def _until_done(http: Request, server: Server, request: EngineRequest, answer: _Answer) -> None:
     """Wait for the answer; a client that goes away cancels it (its row leaves the batch at the next step)."""
-    while True:
-        try:
-            item = await asyncio.wait_for(answer.queue.get(), timeout=0.25)
-        except asyncio.TimeoutError:
-            if await http.is_disconnected():
-                server.loop.cancel(request)
-                raise ApiError(499, "the client closed the request") from None
-            continue
-        if item is None:
-            break
+    while (item := await answer.next(http)) is not None:
+        if item is GONE:
+            server.loop.cancel(request)
+            raise ApiError(499, "the client closed the request")
     bad = _ended_badly(request)
     if bad is not None:
         raise bad
@@ -347,17 +358,14 @@ async def _stream(server: Server, call: ChatCall, request: EngineRequest, answer
 class _DocumentSink:
     """Hands each page record to the event loop as the pipeline finishes it."""
 
-    def __init__(self, answer_queue: asyncio.Queue[Any], event_loop: asyncio.AbstractEventLoop):
-        self.queue, self.event_loop = answer_queue, event_loop
+    def __init__(self, put: Callable[[Any], None]):
+        self.put = put
 
     def done(self, _item: PageItem) -> bool:
         return False
 
     def emit(self, _item: PageItem, result: PageResult, _page: Any) -> PageResult:
-        try:
-            self.event_loop.call_soon_threadsafe(self.queue.put_nowait, result)
-        except RuntimeError:  # the event loop is gone (the server is stopping): nobody is listening
-            pass
+        self.put(result)
         return result
 
 
@@ -475,28 +483,24 @@ def _int_word(words: dict[str, str], key: str) -> int:
     return int(value)
 
 
-class _DocumentRun:
+class _DocumentRun(_Handover):
     """One document request's pages on the reading pipeline (in its own thread, generating through the engine
-    loop); its records come back through an asyncio queue, None after the last."""
+    loop); its records come back through the handover queue, None after the last."""
 
     def __init__(self, server: Server, planned: _DocumentJob):
         from vl2cli.pipeline import StopFlag
+        super().__init__()
         self.server, self.planned = server, planned
-        self.results: asyncio.Queue[Any] = asyncio.Queue()
-        self.event_loop = asyncio.get_running_loop()
         self.stop = StopFlag()
         self.total = len(planned.work) + len(planned.failed)
         self.ended = False
         threading.Thread(target=self._work, daemon=True, name="vl2-document").start()
 
-    def _put(self, item: Any) -> None:
-        self.event_loop.call_soon_threadsafe(self.results.put_nowait, item)
-
     def _work(self) -> None:
         from vl2cli.pipeline import Summary, run_work
         try:
-            run_work(self.server.reader, self.planned.job, self.planned.work, _DocumentSink(self.results,
-                     self.event_loop), Summary(), stop=self.stop)
+            run_work(self.server.reader, self.planned.job, self.planned.work, _DocumentSink(self._put),
+                     Summary(), stop=self.stop)
         except Exception as exc:  # reported to the client as a server error, not lost in a thread
             log.exception("document request failed")
             self._put(ApiError(500, f"{type(exc).__name__}: {exc}", kind="server_error"))
@@ -509,13 +513,7 @@ class _DocumentRun:
         for failed in self.planned.failed:
             yield failed
         try:
-            while True:
-                try:
-                    item = await asyncio.wait_for(self.results.get(), timeout=0.25)
-                except asyncio.TimeoutError:
-                    if await http.is_disconnected():
-                        return
-                    continue
+            while (item := await self.next(http)) is not GONE:
                 if item is None:
                     self.ended = True
                     return
