@@ -4,12 +4,14 @@ mid-run lose no page and write none twice."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -108,39 +110,39 @@ def _actor_pids() -> list[int]:
                                                                    for part in (p.info["cmdline"] or []))]
 
 
-def test_a_killed_actor_is_replaced_and_its_pages_redone_once(corpus, tmp_path):
-    out = tmp_path / "out"
+@contextlib.contextmanager
+def _ray_run(corpus: Path, out: Path, pages_first: int) -> Iterator[subprocess.Popen]:
+    """`vl2 batch --ray local` in its own process group, handed over once `pages_first` pages are in the index;
+    afterwards the group (the driver and the Ray instance it started) is killed, whatever happened."""
     proc = subprocess.Popen(_ray(corpus, out), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
     try:
-        _wait_for(out, 4, proc)
+        _wait_for(out, pages_first, proc)
+        yield proc
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait(timeout=60)
+
+
+def test_a_killed_actor_is_replaced_and_its_pages_redone_once(corpus, tmp_path):
+    out = tmp_path / "out"
+    with _ray_run(corpus, out, 4) as proc:
         pids = _actor_pids()
         assert pids, "no model actor found"
         os.kill(pids[0], signal.SIGKILL)
         assert len(_index(out)) < PAGES, "the run ended before the kill: nothing was tested"
         _, stderr = proc.communicate(timeout=900)
         assert proc.returncode == 1, stderr
-    finally:
-        _kill_group(proc)
     _check_complete(out)
-
-
-def _kill_group(proc: subprocess.Popen) -> None:
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    proc.wait(timeout=60)
 
 
 def test_a_killed_driver_resumes_from_the_index(corpus, tmp_path):
     out = tmp_path / "out"
-    proc = subprocess.Popen(_ray(corpus, out), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            start_new_session=True)
-    try:
-        _wait_for(out, 4, proc)
-    finally:
-        _kill_group(proc)  # the driver and the Ray instance it started
+    with _ray_run(corpus, out, 4):
+        pass  # leaving the block kills the driver and its Ray instance mid-run
     before = {e["key"] for e in _index(out)}
     assert len(before) < PAGES + 1, "the run ended before the kill: nothing was tested"
     rerun = subprocess.run([*_ray(corpus, out), "--json"], capture_output=True, text=True, timeout=900)
@@ -152,16 +154,11 @@ def test_a_killed_driver_resumes_from_the_index(corpus, tmp_path):
 
 def test_ctrl_c_stops_cleanly_and_a_rerun_finishes(corpus, tmp_path):
     out = tmp_path / "out"
-    proc = subprocess.Popen(_ray(corpus, out), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    try:
-        _wait_for(out, 3, proc)
+    with _ray_run(corpus, out, 3) as proc:
         proc.send_signal(signal.SIGINT)
         _, stderr = proc.communicate(timeout=300)
         assert proc.returncode == 130, stderr
         assert "Traceback" not in stderr
-    finally:
-        _kill_group(proc)
     rerun = subprocess.run(_ray(corpus, out), capture_output=True, text=True, timeout=900)
     assert rerun.returncode == 0, rerun.stderr
     _check_complete(out)
