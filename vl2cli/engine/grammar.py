@@ -30,8 +30,8 @@ class GrammarError(UsageError):
 
 @dataclass(frozen=True)
 class Grammar:
-    kind: str  # "json_schema" | "lark"
-    source: str  # the schema (compact JSON) or the Lark text, as the record shows it
+    kind: str  # "json_schema" | "lark" | "regex"
+    source: str  # the schema (compact JSON), the Lark text or the regex, as the record shows it
     compiled: str  # llguidance's grammar definition
 
     @classmethod
@@ -48,10 +48,16 @@ class Grammar:
         import llguidance
         return cls("lark", text, _checked(llguidance.LLMatcher.grammar_from_lark(text)))
 
+    @classmethod
+    def from_regex(cls, pattern: str) -> Grammar:
+        """The whole answer matches `pattern` (Rust regex syntax, as llguidance reads it)."""
+        import llguidance
+        return cls("regex", pattern, _checked(llguidance.LLMatcher.grammar_from_regex(pattern)))
+
     def to_json(self) -> dict[str, Any]:
         if self.kind == "json_schema":
             return {"kind": self.kind, "schema": json.loads(self.source)}
-        return {"kind": self.kind, "lark": self.source}
+        return {"kind": self.kind, "regex" if self.kind == "regex" else "lark": self.source}
 
 
 def _checked(compiled: str) -> str:

@@ -13,7 +13,6 @@ import base64
 import binascii
 import json
 import re
-import time
 import urllib.request
 import uuid
 from dataclasses import dataclass, field
@@ -28,21 +27,24 @@ from vl2cli.errors import InputError
 from vl2cli.extract import schema_grammar
 from vl2cli.options import DEFAULT_MAX_PIXELS
 from vl2cli.pages import open_image_bytes
+from vl2cli.serve.protocol import (
+    AnswerMessage,
+    ApiError,
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatMessage,
+    ChatRequest,
+    Choice,
+    ChunkChoice,
+    Delta,
+    FinishReason,
+    ImagePart,
+    TextPart,
+    Usage,
+    parse_request,
+)
 
-MAX_STOP_STRINGS = 4  # as OpenAI
 _SPECIAL = re.compile("(" + "|".join(re.escape(t) for t in GROUNDING_TOKENS) + ")")
-
-
-class ApiError(Exception):
-    """An error a client gets as HTTP `status` and OpenAI's error body."""
-
-    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None):
-        super().__init__(message)
-        self.status, self.message, self.kind, self.param, self.code = status, message, kind, param, code
-
-    def body(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
 
 
 @dataclass(frozen=True)
@@ -67,7 +69,8 @@ class ChatCall:
     include_usage: bool = False
     stop: tuple[str, ...] = ()
     grammar: Grammar | None = None
-    schema_json: str | None = None  # json_schema: bounded to the budget once it is known
+    schema_json: str | None = None  # a JSON schema: bounded to the budget once it is known
+    constraint: str | None = None  # the request field the grammar or schema came from (errors name it)
     model: str = ""
     images: list[Image.Image] = field(default_factory=list)
 
@@ -78,78 +81,107 @@ class ChatCall:
         try:
             return schema_grammar(self.schema_json, budget)  # compiled once per schema and budget
         except GrammarError as exc:
-            raise ApiError(400, f"response_format: {exc}", param="response_format") from None
-
-
-def _number(body: dict[str, Any], name: str, low: float, high: float, default: float | None) -> float | None:
-    value = body.get(name)
-    if value is None:
-        return default
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
-        raise ApiError(400, f"{name}: expected a number in [{low}, {high}], got {value!r}", param=name)
-    return float(value)
-
-
-def _integer(body: dict[str, Any], name: str, low: int) -> int | None:
-    value = body.get(name)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ApiError(400, f"{name}: expected an integer >= {low}, got {value!r}", param=name)
-    return value
+            raise ApiError(400, f"{self.constraint}: {exc}", param=self.constraint) from None
 
 
 def parse_chat(body: Any, limits: Limits) -> ChatCall:
     """A chat completions body -> ChatCall; ApiError (400) names the field that is wrong."""
-    if not isinstance(body, dict):
-        raise ApiError(400, "the request body must be a JSON object")
+    request: ChatRequest = parse_request(ChatRequest, body)
     for unsupported in ("tools", "functions", "audio"):
-        if body.get(unsupported):
+        if getattr(request, unsupported):
             raise ApiError(400, f"{unsupported}: not supported by vl2", param=unsupported)
-    if body.get("logprobs") or body.get("top_logprobs"):
+    if request.logprobs or request.top_logprobs:
         raise ApiError(400, "logprobs: not supported by vl2", param="logprobs")
-    if body.get("n", 1) != 1:
+    if request.n not in (None, 1):
         raise ApiError(400, "n: vl2 returns one choice per request (n must be 1)", param="n")
-    max_tokens = _integer(body, "max_completion_tokens", 1)
-    max_tokens = max_tokens if max_tokens is not None else _integer(body, "max_tokens", 1)
-    temperature = _number(body, "temperature", 0.0, 2.0, 0.0)  # omitted: greedy, the reading default
-    top_p = _number(body, "top_p", 0.0, 1.0, 1.0)
-    if top_p == 0.0:
-        raise ApiError(400, "top_p: must be above 0", param="top_p")
-    seed = _integer(body, "seed", -(2**63))
-    stop = body.get("stop")
-    stops = (stop,) if isinstance(stop, str) else tuple(stop or ())
-    if len(stops) > MAX_STOP_STRINGS or not all(isinstance(s, str) and s for s in stops):
-        raise ApiError(400, f"stop: expected a string or up to {MAX_STOP_STRINGS} non-empty strings", param="stop")
-    stream_options = body.get("stream_options") or {}
-    call = ChatCall([], SamplingParams(max_tokens or 1, temperature or 0.0, top_p or 1.0, 1.0, seed), max_tokens,
-                    stream=bool(body.get("stream")), include_usage=bool(stream_options.get("include_usage")),
-                    stop=stops, model=str(body.get("model") or ""))
-    _response_format(body.get("response_format"), call)
-    call.messages, call.images = _messages(body.get("messages"), limits)
+    max_tokens = request.max_completion_tokens if request.max_completion_tokens is not None else request.max_tokens
+    temperature = request.temperature if request.temperature is not None else 0.0  # omitted: greedy, as vl2 reads
+    top_p = request.top_p if request.top_p is not None else 1.0
+    stops = (request.stop,) if isinstance(request.stop, str) else tuple(request.stop or ())
+    call = ChatCall([], SamplingParams(max_tokens or 1, temperature, top_p, 1.0, request.seed), max_tokens,
+                    stream=bool(request.stream),
+                    include_usage=bool(request.stream_options and request.stream_options.include_usage),
+                    stop=stops, model=request.model)
+    _constraint(request, call)
+    call.messages, call.images = _messages(request.messages, limits)
     return call
 
 
-def _response_format(fmt: Any, call: ChatCall) -> None:
-    if fmt is None:
+# ---------------------------------------------------------------------------------------------- constraints
+# One constraint per request, from OpenAI's response_format or vLLM's extras; each compiles through llguidance.
+# vLLM's options that vl2 cannot honour are refused by name, never dropped.
+
+def _constraints(request: ChatRequest) -> list[tuple[str, str, Any]]:
+    """(the field, the kind of constraint, its value) for every constraint the request asks for."""
+    found: list[tuple[str, str, Any]] = []
+    fmt = request.response_format
+    if fmt is not None and fmt.type == "json_object":
+        found.append(("response_format", "json_object", True))
+    elif fmt is not None and fmt.type == "json_schema":
+        if fmt.json_schema is None:
+            raise ApiError(400, "response_format.json_schema: required with type json_schema",
+                           param="response_format.json_schema")
+        found.append(("response_format", "json", fmt.json_schema.schema_))
+    for name, kind in (("guided_json", "json"), ("guided_regex", "regex"), ("guided_choice", "choice"),
+                       ("guided_grammar", "grammar")):
+        if getattr(request, name) is not None:
+            found.append((name, kind, getattr(request, name)))
+    outputs = request.structured_outputs
+    if outputs is not None:
+        for kind in ("json", "regex", "choice", "grammar", "json_object"):
+            value = getattr(outputs, "json_" if kind == "json" else kind)
+            if value is not None and value is not False:
+                found.append((f"structured_outputs.{kind}", kind, value))
+    return found
+
+
+def _refuse_unsupported(request: ChatRequest) -> None:
+    outputs = request.structured_outputs
+    unsupported = {
+        "structural_tag": request.structural_tag is not None,
+        "guided_whitespace_pattern": request.guided_whitespace_pattern is not None,
+        "structured_outputs.structural_tag": outputs is not None and outputs.structural_tag is not None,
+        "structured_outputs.whitespace_pattern": outputs is not None and outputs.whitespace_pattern is not None,
+        "structured_outputs.disable_additional_properties": outputs is not None
+        and outputs.disable_additional_properties,
+    }
+    for name, asked in unsupported.items():
+        if asked:
+            raise ApiError(400, f"{name}: not supported by vl2 (it constrains answers with a JSON schema, a regex, "
+                                "a choice or a Lark grammar)", param=name)
+
+
+def _constraint(request: ChatRequest, call: ChatCall) -> None:
+    _refuse_unsupported(request)
+    found = _constraints(request)
+    if len(found) > 1:
+        raise ApiError(400, f"{found[1][0]}: one constraint per request, and {found[0][0]} is one already",
+                       param=found[1][0])
+    if not found:
         return
-    kind = fmt.get("type") if isinstance(fmt, dict) else None
-    if kind == "text":
-        return
-    if kind == "json_object":  # any JSON object; a budget may cut it (finish_reason "length"), as with OpenAI
-        call.grammar = Grammar.from_json_schema({"type": "object"})
-        return
-    if kind == "json_schema":
-        spec = fmt.get("json_schema")
-        schema = spec.get("schema") if isinstance(spec, dict) else None
-        if not isinstance(schema, dict):
-            raise ApiError(400, "response_format.json_schema.schema: expected a JSON Schema object",
-                           param="response_format")
-        call.schema_json = json.dumps(schema, separators=(",", ":"), ensure_ascii=False)
-        call.grammar_for(call.max_tokens or 4096)  # a schema that cannot compile is refused now, not per token
-        return
-    raise ApiError(400, f"response_format.type {kind!r}: expected text, json_object or json_schema",
-                   param="response_format")
+    name, kind, value = found[0]
+    call.constraint = name
+    try:
+        if kind == "json_object":  # any JSON object; a budget may cut it (finish_reason "length"), as with OpenAI
+            call.grammar = Grammar.from_json_schema({"type": "object"})
+        elif kind == "json":
+            schema = json.loads(value) if isinstance(value, str) else value
+            if not isinstance(schema, dict):
+                raise ApiError(400, f"{name}: expected a JSON Schema object", param=name)
+            call.schema_json = json.dumps(schema, separators=(",", ":"), ensure_ascii=False)
+            call.grammar_for(call.max_tokens or 4096)  # a schema that cannot compile is refused now, not per token
+        elif kind == "regex":
+            call.grammar = Grammar.from_regex(value)
+        elif kind == "choice":
+            if not value:
+                raise ApiError(400, f"{name}: expected at least one choice", param=name)
+            call.grammar = Grammar.from_lark("start: " + " | ".join(json.dumps(c, ensure_ascii=False) for c in value))
+        else:
+            call.grammar = Grammar.from_lark(value)
+    except GrammarError as exc:
+        raise ApiError(400, f"{name}: {exc}", param=name) from None
+    except ValueError as exc:  # a schema given as JSON text that is not JSON
+        raise ApiError(400, f"{name}: not valid JSON ({exc})", param=name) from None
 
 
 def user_text(text: str) -> list[str]:
@@ -158,34 +190,26 @@ def user_text(text: str) -> list[str]:
     return [p if p in GROUNDING_TOKENS else UserText(p) for p in _SPECIAL.split(text) if p]
 
 
-def _messages(raw: Any, limits: Limits) -> tuple[list[Message], list[Image.Image]]:
-    if not isinstance(raw, list) or not raw:
-        raise ApiError(400, "messages: expected a non-empty list", param="messages")
+def _messages(raw: list[ChatMessage], limits: Limits) -> tuple[list[Message], list[Image.Image]]:
     system: list[str] = []
     turns: list[tuple[str, list[str], list[Image.Image]]] = []
     images: list[Image.Image] = []
     for i, message in enumerate(raw):
         where = f"messages[{i}]"
-        if not isinstance(message, dict):
-            raise ApiError(400, f"{where}: expected an object", param="messages")
-        role = message.get("role")
-        if role in ("system", "developer"):
-            pieces, found = _content(message.get("content"), where, limits, allow_images=False)
+        if message.role in ("system", "developer"):
+            pieces, found = _content(message, where, limits)
             system.append("".join(pieces))
             continue
-        if role not in ("user", "assistant"):
-            raise ApiError(400, f"{where}.role {role!r}: expected system, developer, user or assistant",
-                           param="messages")
-        pieces, found = _content(message.get("content"), where, limits, allow_images=role == "user")
+        pieces, found = _content(message, where, limits)
         images += found
         if len(images) > limits.max_images:
             raise ApiError(400, f"{len(images)} images: this server takes at most {limits.max_images} per request",
                            param="messages")
-        if turns and turns[-1][0] == role:  # consecutive turns of one role read as one
+        if turns and turns[-1][0] == message.role:  # consecutive turns of one role read as one
             turns[-1][1].extend(["\n", *pieces])
             turns[-1][2].extend(found)
         else:
-            turns.append((role, pieces, found))
+            turns.append((message.role, pieces, found))
     if not turns or turns[-1][0] != "user":
         raise ApiError(400, "messages: the conversation must end with a user message", param="messages")
     if turns[0][0] != "user":
@@ -196,28 +220,25 @@ def _messages(raw: Any, limits: Limits) -> tuple[list[Message], list[Image.Image
     return [Message(role, pieces, list(found)) for role, pieces, found in turns], images
 
 
-def _content(content: Any, where: str, limits: Limits, allow_images: bool) -> tuple[list[str], list[Image.Image]]:
-    if isinstance(content, str):
-        return user_text(content), []
-    if not isinstance(content, list):
-        raise ApiError(400, f"{where}.content: expected a string or a list of parts", param="messages")
+def _content(message: ChatMessage, where: str, limits: Limits) -> tuple[list[str], list[Image.Image]]:
+    """A message's text as prompt pieces, with an image mark where each image goes; only user messages may carry
+    images. An assistant turn without content (a tool call elsewhere) is empty."""
+    if message.content is None:
+        if message.role == "user":
+            raise ApiError(400, f"{where}.content: required", param=f"{where}.content")
+        return [], []
+    if isinstance(message.content, str):
+        return user_text(message.content), []
     pieces: list[str] = []
     images: list[Image.Image] = []
-    for j, part in enumerate(content):
-        kind = part.get("type") if isinstance(part, dict) else None
-        if kind == "text" and isinstance(part.get("text"), str):
-            pieces += user_text(part["text"])
-        elif kind == "image_url" and allow_images:
-            spec = part.get("image_url")
-            url = spec.get("url") if isinstance(spec, dict) else spec
-            if not isinstance(url, str):
-                raise ApiError(400, f"{where}.content[{j}].image_url.url: expected a string", param="messages")
-            images.append(load_image(url, f"{where}.content[{j}]", limits))
+    for j, part in enumerate(message.content):
+        if isinstance(part, TextPart):
+            pieces += user_text(part.text)
+        elif isinstance(part, ImagePart) and message.role == "user":
+            images.append(load_image(part.url, f"{where}.content[{j}]", limits))
             pieces.append("<image>\n")  # a template mark: the image goes here, in order
-        elif kind == "image_url":
-            raise ApiError(400, f"{where}.content[{j}]: only user messages may carry images", param="messages")
         else:
-            raise ApiError(400, f"{where}.content[{j}]: expected a text or image_url part", param="messages")
+            raise ApiError(400, f"{where}.content[{j}]: only user messages may carry images", param="messages")
     return pieces, images
 
 
@@ -267,34 +288,27 @@ def completion_id() -> str:
     return f"chatcmpl-{uuid.uuid4().hex}"
 
 
-def finish_reason(reason: str) -> str:
+def finish_reason(reason: str) -> FinishReason:
     """The engine's reasons in OpenAI's words: a runaway loop or a cut by the budget is 'length'."""
     return "stop" if reason == "stop" else "length"
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+    return Usage.of(prompt_tokens, completion_tokens).model_dump()
 
 
 def completion_body(cid: str, model: str, content: str, reason: str, prompt_tokens: int,
                     completion_tokens: int) -> dict[str, Any]:
-    return {"id": cid, "object": "chat.completion", "created": int(time.time()), "model": model,
-            "system_fingerprint": None,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": content, "refusal": None},
-                         "logprobs": None, "finish_reason": finish_reason(reason)}],
-            "usage": usage(prompt_tokens, completion_tokens)}
+    return ChatCompletion(id=cid, model=model, choices=[Choice(message=AnswerMessage(content=content),
+                                                               finish_reason=finish_reason(reason))],
+                          usage=Usage.of(prompt_tokens, completion_tokens)).model_dump()
 
 
 def chunk_body(cid: str, model: str, delta: dict[str, Any], reason: str | None = None,
                include_usage: bool = False) -> dict[str, Any]:
-    body: dict[str, Any] = {"id": cid, "object": "chat.completion.chunk", "created": int(time.time()),
-                            "model": model, "system_fingerprint": None,
-                            "choices": [{"index": 0, "delta": delta, "logprobs": None,
-                                         "finish_reason": None if reason is None else finish_reason(reason)}]}
-    if include_usage:
-        body["usage"] = None  # OpenAI: null on every chunk but the last, which carries it
-    return body
+    chunk = ChatCompletionChunk(id=cid, model=model, choices=[ChunkChoice(
+        delta=Delta(**delta), finish_reason=None if reason is None else finish_reason(reason))])
+    return chunk.body(include_usage)
 
 
 class StopText:
