@@ -65,7 +65,7 @@ def index_entries(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "index.jsonl").read_text().splitlines() if line.strip()]
 
 
-def running_server(reader, **settings):
-    """A real uvicorn server on 127.0.0.1 (a free port) in a thread, serving `reader`; yields (base URL, Server)."""
+def running_server(reader, host: str = "127.0.0.1", **settings):
+    """A real uvicorn server on `host` (a free port) in a thread, serving `reader`; yields (base URL, Server)."""
     from vl2cli.serve.app import ServeSettings, serve_in_thread
-    return serve_in_thread(reader, ServeSettings("tiny", ("vl2-tiny",), **settings))
+    return serve_in_thread(reader, ServeSettings("tiny", ("vl2-tiny",), **settings), host=host)

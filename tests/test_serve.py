@@ -185,7 +185,8 @@ def test_bad_requests_get_400_with_an_openai_error_body(served):
     assert "n must be 1" in messages["n"] and "not a readable image" in messages["image"]
     assert "--allow-remote-images" in messages["remote"] and "scheme" in messages["file"]
     assert "maximum context length" in messages["context"] and "temperature" in messages["temperature"]
-    _error_shape(_post(url, "/v1/chat/completions", content=b"{not json"), 400)
+    _error_shape(_post(url, "/v1/chat/completions", content=b"{not json",
+                       headers={"Content-Type": "application/json"}), 400)
 
 
 def test_documents_give_the_same_records_as_the_cli(served):

@@ -704,6 +704,9 @@ def serve(
     max_pages: Annotated[int, typer.Option(help="Pages per document request; beyond it, 413.")] = 200,
     max_pixels: MaxPixels = DEFAULT_MAX_PIXELS,
     drain_seconds: Annotated[float, typer.Option(help="On Ctrl-C, how long running requests may finish.")] = 30.0,
+    allowed_origins: Annotated[list[str] | None, typer.Option(
+        "--allowed-origins", help="Web origins (https://app.example.com) whose pages may use the server from a "
+                                  "browser; repeat or separate with commas. Other sites' pages are refused.")] = None,
 ) -> None:
     """An OpenAI-compatible server (chat completions with images, streaming, JSON schemas), document endpoints,
     metrics and a page to drop files on.
@@ -723,16 +726,21 @@ def serve(
         from vl2cli.serve.app import ServeSettings, model_names
         from vl2cli.serve.app import serve as run_server
         from vl2cli.serve.chat import Limits
+        from vl2cli.serve.guard import check_origin
     except ImportError as exc:
         raise UsageError(f"vl2 serve needs the server extra ({exc.name} is missing): pip install 'vl2cli[serve]'") \
             from None
+    try:
+        origins = tuple(check_origin(o.strip()) for given in allowed_origins or () for o in given.split(",") if o.strip())
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
     choice = ModelChoice(model, quant, device, dtype, revision, offline)
     folder = choice.resolve()
     reader = choice.load(folder, verbose)
     model_id, aliases = model_names(model, folder)
     limits = Limits(max_body_bytes=max_upload_mb * 1024 * 1024, max_image_pixels=max_pixels, max_images=max_images,
                     max_pages=max_pages, max_queue=max_queue, allow_remote_images=allow_remote_images)
-    settings = ServeSettings(model_id, aliases, api_key, limits, max_batch, drain_seconds)
+    settings = ServeSettings(model_id, aliases, api_key, limits, max_batch, drain_seconds, origins)
     run_server(reader, settings, host, port, ready=lambda url: err(f"vl2: serving {model_id} at {url}/ "
                                                                    "(Ctrl-C drains and stops)"))
 

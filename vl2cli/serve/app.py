@@ -9,22 +9,24 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import json
 import logging
+import re
 import tempfile
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect, Request
 from starlette.staticfiles import StaticFiles
 
@@ -42,6 +44,17 @@ from vl2cli.serve.chat import (
     parse_chat,
     usage,
 )
+from vl2cli.serve.guard import (
+    BodyTooLarge,
+    Connections,
+    Gate,
+    Guard,
+    check_origin,
+    http_protocol,
+    internal_error,
+    is_loopback_host,
+    too_large,
+)
 
 if TYPE_CHECKING:
     from vl2cli.pipeline import PageItem
@@ -51,7 +64,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("vl2cli")
 DEFAULT_PREFILL_CHUNK = 512  # tokens per prefill step: running decodes wait at most this long for a new prompt
 DOCUMENT_TASKS = ("ocr", "ask", "table", "chart", "ground", "caption", "extract")
-COUNTED_ROUTES = {"/v1/chat/completions", "/v1/documents/{task}", "/v1/models", "/health", "/metrics", "/"}
 DOCUMENT_FIELDS = {"pages", "dpi", "question", "schema", "fields", "split", "text_layer", "max_tokens",
                    "temperature", "strict", "password", "ocr_mode", "format"}
 
@@ -64,10 +76,8 @@ class ServeSettings:
     limits: Limits = field(default_factory=Limits)
     max_batch: int = 8
     drain_seconds: float = 30.0
-
-
-class BodyTooLarge(Exception):
-    pass
+    allowed_origins: tuple[str, ...] = ()  # browser apps elsewhere that may use the server (CORS)
+    connections: Connections = field(default_factory=Connections)
 
 
 class Server:
@@ -112,11 +122,15 @@ class Server:
             log.warning("vl2 serve: %d queued request(s) refused with 503 while shutting down", queued)
 
 
-def create_app(reader: Reader, settings: ServeSettings) -> FastAPI:
+def create_app(reader: Reader, settings: ServeSettings, host: str = "127.0.0.1") -> FastAPI:
+    """The app for a server bound to `host` (bound to loopback, it answers only to loopback Host names)."""
+    origins = tuple(check_origin(o) for o in settings.allowed_origins)
     server = Server(reader, settings)
     app = FastAPI(title="vl2", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.server = server
-    _guards(app, server)
+    gate = Gate(settings.api_key, is_loopback_host(host), origins, settings.limits.max_body_bytes)
+    app.add_middleware(Guard, gate=gate, counts=server.http_requests)
+    _error_handlers(app)
     _chat_routes(app, server)
     _document_routes(app, server)
     _info_routes(app, server)
@@ -125,80 +139,79 @@ def create_app(reader: Reader, settings: ServeSettings) -> FastAPI:
     return app
 
 
-# ---------------------------------------------------------------------------------------------- guards
+# ---------------------------------------------------------------------------------------------- errors
 
 
-def _guards(app: FastAPI, server: Server) -> None:
-    settings = server.settings
-    open_paths = ("/health", "/", "/static/")
-
-    @app.middleware("http")
-    async def guard(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-        path = request.url.path
-        route = "/v1/documents/{task}" if path.startswith("/v1/documents/") else path
-        route = route if route in COUNTED_ROUTES else "other"  # a client's made-up paths do not grow the table
-        server.http_requests[route] = server.http_requests.get(route, 0) + 1
-        if settings.api_key and not (path in open_paths or path.startswith("/static/")):
-            given = request.headers.get("authorization", "")
-            if not hmac.compare_digest(given.encode(), f"Bearer {settings.api_key}".encode()):
-                return _error(ApiError(401, "Incorrect API key provided: send it as 'Authorization: Bearer KEY'",
-                                       code="invalid_api_key"))
-        length = request.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > settings.limits.max_body_bytes:
-            return _error(_too_large(settings.limits))
-        _limit_body(request, settings.limits.max_body_bytes)
-        return await call_next(request)
+def _error_handlers(app: FastAPI) -> None:
+    """Every refusal in OpenAI's shape: ours, starlette's (404, 405, a malformed form) and FastAPI's validation
+    (422 with its own body otherwise), with no Python reprs in the message."""
 
     @app.exception_handler(ApiError)
     async def api_error(_request: Request, exc: ApiError) -> JSONResponse:
         return _error(exc)
 
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 404:
+            return _error(ApiError(404, f"no route {request.method} {request.url.path}", code="not_found"))
+        if exc.status_code == 405:
+            return _error(ApiError(405, f"{request.method} is not allowed on {request.url.path}"))
+        return _error(ApiError(exc.status_code, str(exc.detail),
+                               kind="server_error" if exc.status_code >= 500 else "invalid_request_error"))
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0] if exc.errors() else {}
+        where = ".".join(str(p) for p in first.get("loc", ())[1:]) or "request"
+        return _error(ApiError(400, f"{where}: {first.get('msg', 'invalid')}", param=where))
+
     @app.exception_handler(BodyTooLarge)
-    async def too_large(_request: Request, _exc: BodyTooLarge) -> JSONResponse:
-        return _error(_too_large(settings.limits))
+    async def too_large_body(_request: Request, _exc: BodyTooLarge) -> JSONResponse:
+        return _error(too_large(app.state.server.settings.limits.max_body_bytes))
 
-    @app.exception_handler(404)
-    async def not_found(request: Request, _exc: Exception) -> JSONResponse:
-        return _error(ApiError(404, f"no route {request.method} {request.url.path}", code="not_found"))
-
-    @app.exception_handler(405)
-    async def not_allowed(request: Request, _exc: Exception) -> JSONResponse:
-        return _error(ApiError(405, f"{request.method} is not allowed on {request.url.path}"))
-
-
-def _limit_body(request: Request, limit: int) -> None:
-    """Count the body as it arrives (a chunked upload has no Content-Length): past the limit, 413."""
-    receive = request.receive
-    seen = 0
-
-    async def counted() -> Any:
-        nonlocal seen
-        message = await receive()
-        seen += len(message.get("body", b""))
-        if seen > limit:
-            raise BodyTooLarge()
-        return message
-    request._receive = counted  # starlette reads the body through this callable
-
-
-def _too_large(limits: Limits) -> ApiError:
-    return ApiError(413, f"the request is larger than this server's {limits.max_body_bytes} byte limit",
-                    code="request_too_large")
+    @app.exception_handler(Exception)
+    async def bug(_request: Request, _exc: Exception) -> JSONResponse:  # the Guard logs and answers first; a backstop
+        return _error(internal_error())
 
 
 def _error(exc: ApiError) -> JSONResponse:
     return JSONResponse(exc.body(), status_code=exc.status)
 
 
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def _parse_json(raw: bytes) -> Any:
+    """A JSON body, or ApiError(400) saying what is wrong with it in words (never a parser's repr)."""
+    try:
+        body = json.loads(raw)
+    except RecursionError:
+        raise ApiError(400, "the request body is nested too deeply") from None
+    except UnicodeDecodeError:
+        raise ApiError(400, "the request body is not UTF-8") from None
+    except ValueError as exc:
+        raise ApiError(400, f"the request body is not valid JSON ({str(exc)[:120]})") from None
+    if _SURROGATE_ESCAPE.search(raw):  # only an escape can make one: raw UTF-8 never holds a surrogate
+        try:
+            json.dumps(body, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            raise ApiError(400, "the request body holds a lone surrogate escape (\\ud800-\\udfff): not text") \
+                from None
+    return body
+
+
 async def _json_body(request: Request) -> Any:
+    """The body as JSON, only when sent as JSON: a web page can send `text/plain` to any server without asking (a
+    CORS "simple request"), never `application/json`. Parsed in a worker thread (a large body would stall the loop)."""
+    kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if kind != "application/json":
+        raise ApiError(415, f"expected Content-Type: application/json, got {kind or 'none'!r}",
+                       code="unsupported_media_type")
     try:
         raw = await request.body()
     except ClientDisconnect:
         raise ApiError(400, "the client went away while sending") from None
-    try:
-        return json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise ApiError(400, f"the request body is not valid JSON ({exc})") from None
+    return await run_in_threadpool(_parse_json, raw)
 
 
 # ---------------------------------------------------------------------------------------------- chat
@@ -371,9 +384,14 @@ class _DocumentSink:
 
 def _document_routes(app: FastAPI, server: Server) -> None:
     @app.post("/v1/documents/{task}", response_model=None)
-    async def documents(task: str, request: Request, stream: bool = False) -> Response:
+    async def documents(task: str, request: Request) -> Response:
         if task not in DOCUMENT_TASKS:
             raise ApiError(404, f"unknown task {task!r}: expected one of {', '.join(DOCUMENT_TASKS)}", param="task")
+        stream = _flag(request.query_params.get("stream"), "stream")
+        kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if kind != "multipart/form-data":
+            raise ApiError(415, f"expected a multipart/form-data upload, got Content-Type {kind or 'none'!r}",
+                           code="unsupported_media_type")
         if server.draining:
             raise ApiError(503, "the server is shutting down", kind="server_error", code="shutting_down")
         try:
@@ -395,6 +413,18 @@ def _document_routes(app: FastAPI, server: Server) -> None:
         name = _client_name(upload.filename)
         job = await run_in_threadpool(_plan_document, server, task, name, data, words)
         return await _run_document(request, server, job, stream)
+
+
+def _flag(value: str | None, name: str) -> bool:
+    """A query flag: absent, true or false (also 1/0, yes/no, on/off); anything else is a 400."""
+    if value is None:
+        return False
+    word = value.strip().lower()
+    if word in ("true", "1", "yes", "on", ""):
+        return True
+    if word in ("false", "0", "no", "off"):
+        return False
+    raise ApiError(400, f"{name}: expected true or false, got {value[:40]!r}", param=name)
 
 
 def _client_name(filename: str | None) -> str:
@@ -618,8 +648,8 @@ def serve_in_thread(reader: Reader, settings: ServeSettings, host: str = "127.0.
     benchmarks and programs that embed vl2; `port=0` takes a free port."""
     import uvicorn
 
-    app = create_app(reader, settings)
-    runner = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
+    app = create_app(reader, settings, host)
+    runner = uvicorn.Server(_uvicorn_config(app, settings, host, port))
     thread = threading.Thread(target=runner.run, daemon=True, name="vl2-http")
     thread.start()
     deadline = time.monotonic() + 60
@@ -642,7 +672,7 @@ def serve(reader: Reader, settings: ServeSettings, host: str, port: int,
     503), then the process leaves."""
     import uvicorn
 
-    app = create_app(reader, settings)
+    app = create_app(reader, settings, host)
     server: Server = app.state.server
 
     class Uvicorn(uvicorn.Server):
@@ -656,6 +686,12 @@ def serve(reader: Reader, settings: ServeSettings, host: str, port: int,
             if ready is not None and self.started:
                 ready(f"http://{host}:{self.servers[0].sockets[0].getsockname()[1] if port == 0 else port}")
 
-    config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
-                            timeout_graceful_shutdown=int(settings.drain_seconds) + 5)
-    Uvicorn(config).run()
+    Uvicorn(_uvicorn_config(app, settings, host, port, timeout_graceful_shutdown=int(settings.drain_seconds) + 5)).run()
+
+
+def _uvicorn_config(app: FastAPI, settings: ServeSettings, host: str, port: int, **extra: Any) -> Any:
+    """uvicorn with vl2's HTTP/1.1 protocol (a header deadline, a connection cap) and its keep-alive timeout."""
+    import uvicorn
+    limits = settings.connections
+    return uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False, http=http_protocol(limits),
+                          timeout_keep_alive=limits.keep_alive_timeout, ws="none", lifespan="off", **extra)
