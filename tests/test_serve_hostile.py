@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import json
 import socket
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from urllib.parse import urlsplit
 
 import httpx
@@ -188,3 +190,138 @@ def test_every_refusal_and_failure_is_openai_shaped(served, monkeypatch):
     failed = httpx.post(url + CHAT, json=HI, timeout=60)
     error = _error_shape(failed, 500)
     assert "/srv/secret" not in failed.text and "KeyError" not in failed.text and error["type"] == "server_error"
+
+
+# ---------------------------------------------------------------------------------------------- work bounded by size
+
+
+def test_stop_strings_are_bounded_and_matched_in_linear_work(served):
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from vl2cli.serve.chat import StopText
+    from vl2cli.serve.protocol import MAX_STOP_CHARS
+
+    @settings(max_examples=300, deadline=None)
+    @given(st.lists(st.text("ab", min_size=1, max_size=8), min_size=1, max_size=4), st.text("abc", max_size=30))
+    def same_as_every_prefix_tried(stops, text):
+        before, found = StopText(tuple(stops)).cut(text)
+        held = 0 if found else max((n for s in stops for n in range(1, len(s)) if before.endswith(s[:n])), default=0)
+        assert StopText(tuple(stops)).safe(text) == before[:len(before) - held]
+    same_as_every_prefix_tried()
+    url = served[0]
+    long_stop = _error_shape(httpx.post(url + CHAT, json={**HI, "stop": ["x" * (MAX_STOP_CHARS + 1)]}), 400)
+    assert long_stop["param"] == "stop" and str(MAX_STOP_CHARS) in long_stop["message"]
+    megabyte = _error_shape(httpx.post(url + CHAT, json={**HI, "stop": "y" * (1 << 20)}, timeout=60), 400)
+    assert megabyte["param"] == "stop"
+    longest = [c * MAX_STOP_CHARS for c in "wxyz"]
+    reply = httpx.post(url + CHAT, json={**HI, "stop": longest, "max_tokens": 8}, timeout=60)
+    assert reply.status_code == 200
+
+
+def test_seeds_outside_the_generators_range_are_refused(served):
+    url = served[0]
+    for seed in (2**64, 2**63, -1):
+        assert _error_shape(httpx.post(url + CHAT, json={**HI, "seed": seed}), 400)["param"] == "seed"
+    assert httpx.post(url + CHAT, json={**HI, "seed": 2**63 - 1, "temperature": 0.7}, timeout=60).status_code == 200
+
+
+def test_text_past_what_the_context_can_hold_is_refused_before_tokenizing(served, module_reader, monkeypatch):
+    url, server = served
+    processor = module_reader.loaded.processor
+    real, tokenized = processor.prepare, []
+    monkeypatch.setattr(processor, "prepare", lambda messages, *a: tokenized.append(1) or real(messages, *a))
+    huge = {**HI, "messages": [{"role": "user", "content": "word " * (server.max_prompt_chars // 5 + 1)}]}
+    error = _error_shape(httpx.post(url + CHAT, json=huge, timeout=60), 400)
+    assert error["code"] == "context_length_exceeded" and tokenized == []
+    # Tokenizing runs in a worker thread: the event loop answers /health while a prompt is being tokenized.
+    tokenizing, health_answered = threading.Event(), threading.Event()
+
+    def waits_for_health(messages, *a):
+        tokenizing.set()
+        assert health_answered.wait(30), "/health did not answer while a prompt was being tokenized"
+        return real(messages, *a)
+    monkeypatch.setattr(processor, "prepare", waits_for_health)
+    with ThreadPoolExecutor(1) as pool:
+        chat = pool.submit(httpx.post, url + CHAT, json=HI, timeout=60)
+        assert tokenizing.wait(30)
+        assert httpx.get(url + "/health", timeout=30).status_code == 200  # the loop is free while it tokenizes
+        health_answered.set()
+        assert chat.result().status_code == 200
+
+
+def test_image_urls_must_be_images_from_public_addresses(served, monkeypatch):
+    import base64
+    url = served[0]
+
+    def with_image(image_url: str) -> dict:
+        return {**HI, "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": image_url}},
+                                                               {"type": "text", "text": "read"}]}]}
+    png = base64.b64encode(open(IMG, "rb").read()).decode()
+    for mime in ("text/html", "application/pdf", ""):
+        error = _error_shape(httpx.post(url + CHAT, json=with_image(f"data:{mime};base64,{png}")), 400)
+        assert "not an image type" in error["message"]
+    garbage = _error_shape(httpx.post(url + CHAT, json=with_image("data:image/png;base64,AAAA")), 400)
+    assert "not a readable image" in garbage["message"]  # in words, no Pillow object repr (checked by _error_shape)
+
+
+def test_remote_images_are_never_fetched_from_loopback_private_or_link_local_addresses(module_reader, monkeypatch):
+    import http.server
+    from ipaddress import ip_address
+
+    from vl2cli.serve import fetch
+    from vl2cli.serve.chat import Limits
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    listener.setblocking(False)
+    target = listener.getsockname()[1]
+
+    def with_image(image_url: str) -> dict:
+        return {**HI, "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": image_url}},
+                                                               {"type": "text", "text": "read"}]}]}
+    with running_server(module_reader, limits=Limits(allow_remote_images=True, remote_timeout=5)) as (url, _):
+        for where, kind in ((f"http://127.0.0.1:{target}/x.png", "loopback"), (f"http://localhost:{target}/x.png",
+                            "loopback"), (f"http://[::ffff:127.0.0.1]:{target}/", "loopback"),
+                            ("http://169.254.169.254/latest/meta-data/", "link-local"),
+                            ("http://10.1.2.3/x.png", "private"), ("http://[fd00::1]/x.png", "private")):
+            error = _error_shape(httpx.post(url + CHAT, json=with_image(where), timeout=60), 400)
+            assert f"{kind} address" in error["message"], (where, error)
+        with pytest.raises(BlockingIOError):
+            listener.accept()  # refused before connecting: nothing ever reached the listener
+        listener.close()
+
+        # Let loopback through (as if it were public) to see what a client learns of a failed fetch: words only.
+        monkeypatch.setattr(fetch, "address_refusal",
+                            lambda ip: None if ip_address(ip) == ip_address("127.0.0.1") else "a private address")
+        refused = _error_shape(httpx.post(url + CHAT, json=with_image(f"http://127.0.0.1:{target}/x.png"),
+                                          timeout=60), 400)
+        assert "the connection was refused" in refused["message"] and "Errno" not in refused["message"]
+        image = open(IMG, "rb").read()
+
+        class Images(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                if self.path == "/elsewhere":  # a redirect is checked like the URL itself
+                    self.send_response(302)
+                    self.send_header("Location", "http://10.9.9.9/x.png")
+                    self.end_headers()
+                    return
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(image)))
+                self.end_headers()
+                self.wfile.write(image)
+
+            def log_message(self, *args):
+                pass
+        images = http.server.HTTPServer(("127.0.0.1", 0), Images)
+        threading.Thread(target=images.serve_forever, daemon=True).start()
+        try:
+            port = images.server_address[1]
+            fetched = httpx.post(url + CHAT, json=with_image(f"http://127.0.0.1:{port}/note.png"), timeout=60)
+            assert fetched.status_code == 200, fetched.text
+            moved = _error_shape(httpx.post(url + CHAT, json=with_image(f"http://127.0.0.1:{port}/elsewhere"),
+                                            timeout=60), 400)
+            assert "10.9.9.9 is a private address" in moved["message"]
+        finally:
+            images.shutdown()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import re
 import sys
 import threading
 import warnings
@@ -20,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from vl2cli.errors import InputError, UsageError
 from vl2cli.options import PageOptions
@@ -153,6 +154,8 @@ def _open_image(where: str, data: io.BytesIO | Path, max_pixels: int) -> Image.I
             img.size  # noqa: B018 - header read
     except Image.DecompressionBombError:
         raise InputError(f"{where}: image dimensions are huge (a possible decompression bomb); refused") from None
+    except UnidentifiedImageError:  # its message names Pillow's file object: "<_io.BytesIO object at 0x...>"
+        raise InputError(f"{where}: not a readable image (not PNG, JPEG, WebP, TIFF, BMP or GIF data)") from None
     except Exception as exc:  # Pillow raises many types on hostile files (OSError, ValueError, SyntaxError, ...)
         raise InputError(f"{where}: not a readable image ({_short(exc)})") from None
     return img
@@ -241,9 +244,13 @@ def display_path(path: str) -> str:
     return path.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
+_REPR = re.compile(r"<[\w.]+ object at 0x[0-9a-fA-F]+>")
+
+
 def _short(exc: BaseException) -> str:
+    """An exception's first line for a message a user reads, without Python object reprs in it."""
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    return text[:160]
+    return _REPR.sub("the data", text)[:160]
 
 
 def sniff_kind(head: bytes) -> str:

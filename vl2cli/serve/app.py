@@ -92,6 +92,7 @@ class Server:
         reader.loop = self.loop  # documents read through the same loop as chats
         self.documents = 0
         self.http_requests: dict[str, int] = {}
+        self.max_prompt_chars = reader.context * _longest_token(reader)
         self.draining = False
 
     def check_model(self, name: str) -> None:
@@ -120,6 +121,15 @@ class Server:
         queued = self.loop.drain(self.settings.drain_seconds)
         if queued:  # logged: the drain runs on a signal, with nobody else to tell
             log.warning("vl2 serve: %d queued request(s) refused with 503 while shutting down", queued)
+
+
+def _longest_token(reader: Reader) -> int:
+    """The most characters one token can stand for: a byte-level vocabulary's longest entry (a text longer than
+    context x this cannot fit the context however it tokenizes). A tokenizer that normalizes may fold several
+    characters into one, so it gets a margin."""
+    tok = reader.loaded.processor.tokenizer.tok
+    longest = max(len(t) for t in tok.get_vocab(with_added_tokens=True))
+    return longest if tok.normalizer is None else 4 * longest
 
 
 def create_app(reader: Reader, settings: ServeSettings, host: str = "127.0.0.1") -> FastAPI:
@@ -280,6 +290,12 @@ def _chat_routes(app: FastAPI, server: Server) -> None:
 def _engine_request(server: Server, call: ChatCall) -> EngineRequest:
     """Tokenise and tile (CPU work, in a worker thread), size the budget, compile the grammar."""
     reader = server.reader
+    chars = sum(len(piece) for m in call.messages for piece in ([m.content] if isinstance(m.content, str) else m.content))
+    if chars > server.max_prompt_chars:  # refused before tokenizing: the work stays bounded by the context
+        raise ApiError(400, f"This model's maximum context length is {reader.context} tokens; the messages hold "
+                            f"{chars} characters, more than any {reader.context} tokens can spell (at most "
+                            f"{server.max_prompt_chars}). Please reduce the length of the messages.",
+                       param="messages", code="context_length_exceeded")
     try:
         prepared = reader.loaded.processor.prepare(call.messages)
     except UsageError as exc:

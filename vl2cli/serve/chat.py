@@ -13,7 +13,6 @@ import base64
 import binascii
 import json
 import re
-import urllib.request
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,6 +26,7 @@ from vl2cli.errors import InputError
 from vl2cli.extract import schema_grammar
 from vl2cli.options import DEFAULT_MAX_PIXELS
 from vl2cli.pages import open_image_bytes
+from vl2cli.serve.fetch import FetchError, fetch
 from vl2cli.serve.protocol import (
     AnswerMessage,
     ApiError,
@@ -252,6 +252,9 @@ def load_image(url: str, where: str, limits: Limits) -> Image.Image:
         match = _DATA_URL.match(url)
         if match is None or not match.group("b64"):
             raise ApiError(400, f"{where}: expected a base64 data URL (data:image/png;base64,...)", param="messages")
+        if not (match.group("mime") or "").lower().startswith("image/"):
+            raise ApiError(400, f"{where}: the data URL's type is {match.group('mime') or 'missing'!r}, not an image "
+                                "type (data:image/png;base64,...)", param="messages")
         try:
             data = base64.b64decode(url[match.end():], validate=False)
         except (binascii.Error, ValueError):
@@ -273,12 +276,9 @@ def load_image(url: str, where: str, limits: Limits) -> Image.Image:
 
 def _fetch(url: str, where: str, limits: Limits) -> bytes:
     try:
-        with urllib.request.urlopen(url, timeout=limits.remote_timeout) as response:  # the scheme is http(s): checked above
-            data: bytes = response.read(limits.max_body_bytes + 1)
-    except Exception as exc:
-        raise ApiError(400, f"{where}: cannot fetch the image ({type(exc).__name__}: {str(exc)[:120]})",
-                       param="messages") from None
-    return data
+        return fetch(url, limits.remote_timeout, limits.max_body_bytes)
+    except FetchError as exc:
+        raise ApiError(400, f"{where}: cannot fetch the image ({exc})", param="messages") from None
 
 
 # ---------------------------------------------------------------------------------------------- answers
@@ -313,10 +313,13 @@ def chunk_body(cid: str, model: str, delta: dict[str, Any], reason: str | None =
 
 class StopText:
     """Stop strings over the decoded answer: where the answer ends, and how much of it is safe to show while
-    streaming (never the start of what may turn out to be a stop string)."""
+    streaming (never the start of what may turn out to be a stop string). Each call is linear in the text: a
+    search per stop, and a prefix match of each stop against only the text's last len(stop)-1 characters (the
+    protocol bounds stops in number and length)."""
 
     def __init__(self, stops: tuple[str, ...]):
         self.stops = stops
+        self.fails = [_prefix_function(s) for s in stops]
 
     def cut(self, text: str) -> tuple[str, bool]:
         """The text before the first stop string, and whether one was found."""
@@ -328,5 +331,30 @@ class StopText:
         text, found = self.cut(text)
         if found:
             return text
-        hold = max((n for s in self.stops for n in range(1, len(s)) if text.endswith(s[:n])), default=0)
+        hold = max((_overlap(text, s, fail) for s, fail in zip(self.stops, self.fails)), default=0)
         return text[:len(text) - hold]
+
+
+def _prefix_function(stop: str) -> list[int]:
+    """Knuth-Morris-Pratt: for each i, the length of the longest proper prefix of stop[:i+1] that is also its
+    suffix."""
+    fail, k = [0] * len(stop), 0
+    for i in range(1, len(stop)):
+        while k and stop[i] != stop[k]:
+            k = fail[k - 1]
+        if stop[i] == stop[k]:
+            k += 1
+        fail[i] = k
+    return fail
+
+
+def _overlap(text: str, stop: str, fail: list[int]) -> int:
+    """The length of the longest proper prefix of `stop` that `text` ends with: the stop's matcher run over the last
+    len(stop)-1 characters only (a longer match would be the whole stop, which `cut` has already ruled out)."""
+    k = 0
+    for ch in text[max(0, len(text) - len(stop) + 1):]:
+        while k and stop[k] != ch:
+            k = fail[k - 1]
+        if stop[k] == ch:
+            k += 1
+    return k

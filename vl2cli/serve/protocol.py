@@ -141,7 +141,7 @@ class ChatRequest(_Wire):
     max_completion_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=0, le=2**63 - 1)  # as vLLM: a seed the generator takes, or a 400
     stop: Annotated[Annotated[str, Tag("string")] | Annotated[list[str], Tag("list")],
                     Discriminator(_json_type, custom_error_type="stop_type",
                                   custom_error_message="expected a string or a list of strings")] | None = None
@@ -172,10 +172,13 @@ class ChatRequest(_Wire):
             raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings")
         if (isinstance(value, list) and not all(value)) or value == "":
             raise ValueError("stop strings must not be empty")
+        if any(len(s) > MAX_STOP_CHARS for s in ([value] if isinstance(value, str) else value or ())):
+            raise ValueError(f"a stop string may be at most {MAX_STOP_CHARS} characters long")
         return value
 
 
 MAX_STOP_STRINGS = 4  # as OpenAI
+MAX_STOP_CHARS = 256  # each: matching a stop costs its length per token streamed
 
 
 def parse_request(model: type[_Wire], body: Any) -> Any:
