@@ -325,3 +325,160 @@ def test_remote_images_are_never_fetched_from_loopback_private_or_link_local_add
             assert "10.9.9.9 is a private address" in moved["message"]
         finally:
             images.shutdown()
+
+
+# ---------------------------------------------------------------------------------------------- clients that leave
+
+
+@pytest.fixture
+def slow_decoding(module_reader, monkeypatch):
+    """Every decode step takes 20 ms and no answer stops early: requests stay in flight long enough to watch."""
+    from vl2cli import reader as reader_module
+    engine = module_reader.engine
+    real = engine.decode_step
+
+    def slow(tokens, cache):
+        time.sleep(0.02)
+        return real(tokens, cache)
+    monkeypatch.setattr(engine, "decode_step", slow)
+    monkeypatch.setattr(reader_module, "find_loop", lambda ids: None)
+    monkeypatch.setattr(engine, "eos_id", -1)
+
+
+def _sent(url: str, request: httpx.Request) -> socket.socket:
+    """A request written whole to a raw socket, its answer never read (a client that will go away)."""
+    sock = _raw(url)
+    head = f"{request.method} {request.url.raw_path.decode()} HTTP/1.1\r\n"
+    head += "".join(f"{k}: {v}\r\n" for k, v in request.headers.items()) + "\r\n"
+    sock.sendall(head.encode() + request.read())
+    return sock
+
+
+def _until(condition, what: str) -> None:
+    """Wait for an event the server will get to (a generous deadline only so a broken server fails the test)."""
+    deadline = time.monotonic() + 60
+    while not condition():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.02)
+
+
+def _pdf(pages: int) -> bytes:
+    import io
+
+    from PIL import Image
+    out = io.BytesIO()
+    Image.new("RGB", (200, 200), "white").save(out, "PDF", save_all=True,
+                                              append_images=[Image.new("RGB", (200, 200), "white")] * (pages - 1))
+    return out.getvalue()
+
+
+def test_every_kind_of_request_is_cancelled_when_its_client_leaves(module_reader, slow_decoding):
+    long_chat = {**HI, "max_tokens": 2000}
+    with running_server(module_reader, max_batch=1) as (url, server):
+        stats, loop = server.loop.stats, server.loop
+        # A running chat that was not streamed.
+        running = _sent(url, httpx.Request("POST", url + CHAT, json=long_chat))
+        _until(lambda: loop.running == 1, "the chat never ran")
+        # A queued one behind it: it leaves the queue at the next step, while the first still runs.
+        queued = _sent(url, httpx.Request("POST", url + CHAT, json=long_chat))
+        _until(lambda: loop.queue_depth == 1, "the second chat was never queued")
+        queued.close()
+        _until(lambda: stats.cancelled == 1, "the queued chat was not cancelled")
+        assert loop.running == 1 and loop.queue_depth == 0
+        running.close()
+        _until(lambda: stats.cancelled == 2 and loop.running == 0, "the running chat was not cancelled")
+        assert stats.generated_tokens < 1000  # stopped long before its 2000 tokens
+        # Documents, read whole or streamed: the page in flight is cancelled, the pages after it never start.
+        for stream in ("false", "true"):
+            before, requests_before = stats.cancelled, stats.requests
+            document = _sent(url, httpx.Request("POST", url + f"/v1/documents/ocr?stream={stream}",
+                                                files={"file": ("three.pdf", _pdf(3))},
+                                                data={"max_tokens": "2000", "split": "never"}))
+            _until(lambda: loop.running == 1, "the document's first page never ran")
+            document.close()
+            _until(lambda before=before: stats.cancelled == before + 1 and loop.running == 0 and loop.queue_depth == 0,
+                   f"the document (stream={stream}) was not cancelled")
+            assert stats.requests - requests_before == 1  # its other pages were never queued
+        counted = httpx.get(url + "/metrics").text
+        assert "vl2_requests_cancelled_total 4" in counted.splitlines()
+
+
+def test_documents_get_429_when_the_queue_is_full(module_reader, slow_decoding):
+    from vl2cli.serve.chat import Limits
+    with running_server(module_reader, max_batch=1, limits=Limits(max_queue=1)) as (url, server):
+        long_chat = {**HI, "max_tokens": 2000}
+        first = _sent(url, httpx.Request("POST", url + CHAT, json=long_chat))
+        _until(lambda: server.loop.running == 1, "the first chat never ran")
+        second = _sent(url, httpx.Request("POST", url + CHAT, json=long_chat))
+        _until(lambda: server.loop.queue_depth == 1, "the second chat was never queued")
+        full = httpx.post(url + "/v1/documents/ocr", files={"file": ("n.png", open(IMG, "rb"))}, timeout=60)
+        assert _error_shape(full, 429)["type"] == "rate_limit_error"
+        first.close(), second.close()
+        _until(lambda: server.loop.running == server.loop.queue_depth == 0, "the chats were not cancelled")
+
+
+def test_a_document_in_flight_at_shutdown_gets_503(module_reader, slow_decoding):
+    with running_server(module_reader, max_batch=1, drain_seconds=0.5) as (url, server):
+        with ThreadPoolExecutor(2) as pool:
+            document = pool.submit(httpx.post, url + "/v1/documents/ocr", files={"file": ("three.pdf", _pdf(3))},
+                                   data={"max_tokens": "2000", "split": "never"}, timeout=60)
+            _until(lambda: server.loop.running == 1, "the document never started")
+            pool.submit(server.drain).result()
+            error = _error_shape(document.result(), 503)
+            assert error["code"] == "shutting_down"
+
+
+def test_document_options_and_bodies_are_checked(module_reader):
+    from vl2cli.serve.chat import Limits
+    with running_server(module_reader, limits=Limits(max_body_bytes=64 * 1024)) as (url, server):
+        pdf = _pdf(3)
+        for pages in ("999999", "0", "1-3,a", "4-"):
+            bad = httpx.post(url + "/v1/documents/ocr", files={"file": ("three.pdf", pdf)}, data={"pages": pages})
+            assert _error_shape(bad, 400)["param"] == "pages", pages
+        bad_format = httpx.post(url + "/v1/documents/table", files={"file": ("three.pdf", pdf)},
+                                data={"format": "docx"})
+        assert _error_shape(bad_format, 400)["param"] == "format"
+        deep = httpx.post(url + "/v1/documents/extract", files={"file": ("three.pdf", pdf)},
+                          data={"schema": "[" * 3000 + "]" * 3000})
+        _error_shape(deep, 400)
+
+        def chunks(body: bytes):  # no Content-Length: the body is counted as it arrives
+            yield from (body[i:i + 4096] for i in range(0, len(body), 4096))
+        long_text = json.dumps({**HI, "messages": [{"role": "user", "content": "x" * 200_000}]}).encode()
+        assert "Content-Length" not in httpx.Request("POST", url, content=chunks(long_text)).headers
+        chat = httpx.post(url + CHAT, content=chunks(long_text), headers={"Content-Type": "application/json"})
+        assert _error_shape(chat, 413)["code"] == "request_too_large"
+        form = httpx.Request("POST", url, files={"file": ("big.png", b"x" * 200_000)})
+        upload = httpx.post(url + "/v1/documents/ocr", content=chunks(form.read()),
+                            headers={"Content-Type": form.headers["Content-Type"]})
+        assert _error_shape(upload, 413)["code"] == "request_too_large"
+        assert server.loop.stats.requests == 0
+
+
+def test_a_callers_first_request_is_refused_by_a_full_queue_and_its_later_ones_wait(module_reader, slow_decoding):
+    from vl2cli.engine.generation import SamplingParams
+    from vl2cli.engine.scheduler import EngineLoop, QueueFull, Request
+    prompt = module_reader.loaded.processor.prepare_prompt("a question", [])
+    loop = EngineLoop(module_reader.engine, max_batch=1, max_queue=1)
+
+    def request() -> Request:
+        return Request(prompt, SamplingParams(max_new_tokens=2000), 2000)
+    try:
+        running, queued = request(), request()
+        loop.submit(running, lambda r: None)
+        _until(lambda: loop.running == 1, "the first request never ran")
+        loop.submit(queued, lambda r: None)
+        with pytest.raises(QueueFull):  # a new caller (a document's first page): refused, the server says 429
+            loop.batch().add(request())
+        document = loop.batch()
+        document.requests.append(running)  # a caller with a page already read: its next page waits its turn
+        later = request()
+        with ThreadPoolExecutor(1) as pool:
+            adding = pool.submit(document.add, later)
+            time.sleep(0.2)
+            assert not adding.done() and not later.done
+            loop.cancel(queued)  # the queue moves: the page waiting to be added gets its place
+            adding.result(timeout=60)
+        assert later in document.requests
+    finally:
+        loop.drain(0.1)

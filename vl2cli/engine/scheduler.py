@@ -511,14 +511,18 @@ class LoopBatch:
         self.changed = threading.Condition()
 
     def add(self, request: Request) -> None:
-        """Queue one of this caller's requests; a full queue makes it wait its turn (a document's pages are not
-        refused half-way through, as a new client request would be)."""
+        """Queue one of this caller's requests. A full queue refuses the caller's first (QueueFull, as any new
+        client request is refused: a server answers 429); a later one waits for the queue to move (a document's
+        pages are not refused half-way through). A closed loop refuses any (Closed)."""
         while True:
             try:
                 self.loop.submit(request, self._on_end)
                 break
             except QueueFull:
-                time.sleep(0.05)
+                if not self.requests:
+                    raise
+                with self.changed:
+                    self.changed.wait(0.05)
         self.pending.add(id(request))
         self.requests.append(request)
 

@@ -62,6 +62,7 @@ if TYPE_CHECKING:
     from vl2cli.results import PageResult
 
 log = logging.getLogger("vl2cli")
+DISCONNECT_CHECK_SECONDS = 0.25  # how often a request that is not streamed looks whether its client is still there
 DEFAULT_PREFILL_CHUNK = 512  # tokens per prefill step: running decodes wait at most this long for a new prompt
 DOCUMENT_TASKS = ("ocr", "ask", "table", "chart", "ground", "caption", "extract")
 DOCUMENT_FIELDS = {"pages", "dpi", "question", "schema", "fields", "split", "text_layer", "max_tokens",
@@ -234,6 +235,7 @@ class _Handover:
     def __init__(self) -> None:
         self.queue: asyncio.Queue[Any] = asyncio.Queue()
         self.event_loop = asyncio.get_running_loop()
+        self.look_at = time.monotonic() + DISCONNECT_CHECK_SECONDS
 
     def _put(self, item: Any) -> None:
         try:
@@ -242,13 +244,17 @@ class _Handover:
             pass
 
     async def next(self, http: Request) -> Any:
-        """The next item, or GONE once the client has disconnected (looked at every 0.25 s while waiting)."""
+        """The next item, or GONE once the client has disconnected: looked at every DISCONNECT_CHECK_SECONDS, whether
+        items are arriving (a running answer's tokens) or not (a queued request)."""
         while True:
-            try:
-                return await asyncio.wait_for(self.queue.get(), timeout=0.25)
-            except asyncio.TimeoutError:
+            if time.monotonic() >= self.look_at:
+                self.look_at = time.monotonic() + DISCONNECT_CHECK_SECONDS
                 if await http.is_disconnected():
                     return GONE
+            try:
+                return await asyncio.wait_for(self.queue.get(), timeout=DISCONNECT_CHECK_SECONDS)
+            except asyncio.TimeoutError:
+                pass
 
 
 GONE = object()
@@ -316,10 +322,17 @@ def _submit(server: Server, request: EngineRequest, on_end: Callable[[EngineRequ
     try:
         server.loop.submit(request, on_end)
     except QueueFull as exc:
-        raise ApiError(429, f"the server is busy ({exc}); retry later", kind="rate_limit_error",
-                       code="queue_full") from None
+        raise _busy(exc) from None
     except Closed:
-        raise ApiError(503, "the server is shutting down", kind="server_error", code="shutting_down") from None
+        raise _shutting_down() from None
+
+
+def _busy(why: object) -> ApiError:
+    return ApiError(429, f"the server is busy ({why}); retry later", kind="rate_limit_error", code="queue_full")
+
+
+def _shutting_down() -> ApiError:
+    return ApiError(503, "the server is shutting down", kind="server_error", code="shutting_down")
 
 
 def _ended_badly(request: EngineRequest) -> ApiError | None:
@@ -409,7 +422,10 @@ def _document_routes(app: FastAPI, server: Server) -> None:
             raise ApiError(415, f"expected a multipart/form-data upload, got Content-Type {kind or 'none'!r}",
                            code="unsupported_media_type")
         if server.draining:
-            raise ApiError(503, "the server is shutting down", kind="server_error", code="shutting_down")
+            raise _shutting_down()
+        waiting, bound = server.loop.queue_depth, server.settings.limits.max_queue
+        if waiting >= bound:  # refused before the upload is read (a page that finds it full later waits its turn)
+            raise _busy(f"{waiting} requests are waiting (the bound is {bound})")
         try:
             form = await request.form(max_files=1, max_fields=len(DOCUMENT_FIELDS) + 1)
         except ClientDisconnect:
@@ -460,6 +476,7 @@ class _DocumentJob:
 def _document_options(server: Server, task: str, words: dict[str, str]) -> tuple[Any, Any, Any]:
     """The form's words as the CLI's options (the same defaults and checks); ApiError(400) says which is wrong."""
     from vl2cli.pipeline import task_options
+    fmt = _format_and_pages(task, words)
     given: dict[str, Any] = {"text": words.get("question"), "pages": words.get("pages"),
                              "password": words.get("password"), "fields": words.get("fields")}
     for word, option in (("dpi", "dpi"), ("max_tokens", "max_new_tokens")):
@@ -475,14 +492,30 @@ def _document_options(server: Server, task: str, words: dict[str, str]) -> tuple
             given["temperature"] = float(words["temperature"])
         if "schema" in words:
             given["schema"] = json.loads(words["schema"])
-        options = task_options(task, words.get("format", "json"), max_pixels=server.settings.limits.max_image_pixels,
+        options = task_options(task, fmt, max_pixels=server.settings.limits.max_image_pixels,
                                batch_size=server.settings.max_batch, **given)
+    except RecursionError:
+        raise ApiError(400, "the schema or fields are nested too deeply") from None
     except (UsageError, ValueError) as exc:
         raise ApiError(400, str(exc)) from None
     if task in ("ask", "ground") and not options[1].text:
         raise ApiError(400, f"{task}: give the {'question' if task == 'ask' else 'object to find'} as 'question'",
                        param="question")
     return options
+
+
+def _format_and_pages(task: str, words: dict[str, str]) -> str:
+    """The format asked for (one the task writes) once `pages` is known to read as page numbers; else a 400."""
+    from vl2cli.pages import parse_page_ranges
+    from vl2cli.tasks import get_task
+    fmt = words.get("format", "json")
+    if fmt not in get_task(task).formats:
+        raise ApiError(400, f"format {fmt[:40]!r}: {task} writes {', '.join(get_task(task).formats)}", param="format")
+    try:
+        parse_page_ranges(words.get("pages"))
+    except UsageError as exc:
+        raise ApiError(400, str(exc).replace("--pages", "pages"), param="pages") from None
+    return fmt
 
 
 def _plan_document(server: Server, task: str, name: str, data: bytes, words: dict[str, str]) -> _DocumentJob:
@@ -496,9 +529,9 @@ def _plan_document(server: Server, task: str, name: str, data: bytes, words: dic
     try:
         path.write_bytes(data)
         try:
-            sources, _ = plan_inputs(_named(str(path), name), page_opts, strict=False)
-        except UsageError as exc:
-            raise ApiError(400, str(exc).replace(str(path), name)) from None
+            sources, _ = plan_inputs(_named(str(path), name), page_opts, strict=True)
+        except UsageError as exc:  # pages past the end among them: a 400, never an empty answer
+            raise ApiError(400, str(exc).replace(str(path), name).replace("--pages", "pages"), param="pages") from None
         for source in sources:
             source.label = name
             if source.error:
@@ -547,9 +580,13 @@ class _DocumentRun(_Handover):
         try:
             run_work(self.server.reader, self.planned.job, self.planned.work, _DocumentSink(self._put),
                      Summary(), stop=self.stop)
-        except Exception as exc:  # reported to the client as a server error, not lost in a thread
+        except QueueFull as exc:  # its first page found the queue full (later pages wait for their turn)
+            self._put(_busy(exc))
+        except Closed:  # the server began shutting down before every page was queued
+            self._put(_shutting_down())
+        except Exception:  # reported to the client as a server error, not lost in a thread
             log.exception("document request failed")
-            self._put(ApiError(500, f"{type(exc).__name__}: {exc}", kind="server_error"))
+            self._put(internal_error())
         finally:
             self.planned.folder.cleanup()
             self._put(None)
@@ -575,9 +612,13 @@ async def _run_document(http: Request, server: Server, planned: _DocumentJob, st
     headers = {"X-Vl2-Pages": str(run.total)}
     if stream:
         async def lines() -> AsyncIterator[str]:
+            sent = 0
             async for item in run.records(http):
                 body = item.body() if isinstance(item, ApiError) else item.to_json()
+                sent += 1
                 yield json.dumps(body, ensure_ascii=False) + "\n"
+            if sent < run.total and server.draining and run.ended:  # pages left unread: say why, as the last line
+                yield json.dumps(_shutting_down().body()) + "\n"
         return StreamingResponse(lines(), media_type="application/x-ndjson", headers=headers)
     done: list[dict[str, Any]] = []
     async for item in run.records(http):
@@ -586,7 +627,7 @@ async def _run_document(http: Request, server: Server, planned: _DocumentJob, st
         done.append(item.to_json())
     if len(done) < run.total:
         if server.draining:
-            raise ApiError(503, "the server is shutting down", kind="server_error", code="shutting_down")
+            raise _shutting_down()
         raise ApiError(499, "the client closed the request")
     done.sort(key=lambda r: r["page"])
     return JSONResponse(done, headers=headers)
