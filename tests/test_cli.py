@@ -171,6 +171,25 @@ def test_batch_resume_and_names_never_collide(tmp_path):
     assert len(index_entries(out)) == 2
 
 
+def test_two_inputs_of_one_name_keep_two_whole_documents(tmp_path):
+    from vl2cli.pdfwrite import text_pdf
+    for sub, words in (("a", "Alpha letter"), ("b", "Beta letter")):
+        (tmp_path / sub).mkdir()
+        (tmp_path / sub / "letter.pdf").write_bytes(text_pdf(words))
+    out = tmp_path / "out"
+    result = vl2("batch", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(out), "--text-layer", "only",
+                 "--json")
+    assert result.exit_code == 0, result.output
+    documents = sorted(p.name for p in out.glob("letter.pdf.ocr*.md"))
+    assert len(documents) == 2, documents
+    assert "Alpha letter" in (out / "letter.pdf.ocr.md").read_text()  # the first input keeps the plain name
+    other = next(name for name in documents if name != "letter.pdf.ocr.md")
+    assert "Beta letter" in (out / other).read_text()
+    again = vl2("batch", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(out), "--text-layer", "only",
+                "--json")
+    assert sorted(p.name for p in out.glob("letter.pdf.ocr*.md")) == documents  # a rerun writes the same names
+
+
 def test_text_layer_only_reads_pdf_text(tmp_path):
     from vl2cli.pdfwrite import text_pdf
     pdf = tmp_path / "t.pdf"

@@ -138,9 +138,13 @@ class FolderSink:
     def _stem(self, item: PageItem) -> str:
         name = safe_name(item.source.name or item.source.label)
         stem = f"{name}.p{item.number:04d}.{self.job.task.name}" if item.number else f"{name}.{self.job.task.name}"
-        if self.owner.get(stem, item.key) != item.key:
-            stem = f"{stem}-{item.key[:8]}"
-        self.owner[stem] = item.key
+        return self._claim(stem, item.key)
+
+    def _claim(self, stem: str, key: str) -> str:
+        """The plain stem for its first owner; anything else asked for under it gets `-<8 hex of its key>`."""
+        if self.owner.get(stem, key) != key:
+            stem = f"{stem}-{key[:8]}"
+        self.owner[stem] = key
         return stem
 
     def emit(self, item: PageItem, result: PageResult, page: Page | None) -> PageResult:
@@ -219,7 +223,9 @@ class FolderSink:
 
     def _write_whole(self, source: Source, ext: str, text: str) -> str:
         """A file for a whole document, `<name>.<task><ext>`, beside its pages' files."""
-        rel = f"{safe_name(source.name or source.label)}.{self.job.task.name}{ext}"
+        # keyed like the document's page 0: two inputs of one name (a/letter.pdf, b/letter.pdf) get two files
+        stem = f"{safe_name(source.name or source.label)}.{self.job.task.name}"
+        rel = self._claim(stem, self.job.page_key(source, 0)) + ext
         self._check_inside(rel)
         atomic_write_text(self.out / rel, text)
         return rel
