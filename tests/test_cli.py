@@ -190,6 +190,28 @@ def test_two_inputs_of_one_name_keep_two_whole_documents(tmp_path):
     assert sorted(p.name for p in out.glob("letter.pdf.ocr*.md")) == documents  # a rerun writes the same names
 
 
+def test_ask_chat_keeps_stdout_for_answers_and_prompts_only_a_terminal(monkeypatch, capsys):
+    result = vl2("ask", IMG, "What is this?", "--chat", "--json", stdin="And the total?\nAnd the date?\n", tokens=3)
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert len(lines) == 3 and [json.loads(line)["question"] for line in lines] == [
+        "What is this?", "And the total?", "And the date?"]
+    assert ">" not in result.stderr  # piped questions: no prompt anywhere
+    import io
+
+    from vl2cli.cli import _follow_up
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    monkeypatch.setattr("sys.stdin", Terminal("next?\n"))
+    assert _follow_up() == "next?"
+    assert _follow_up() is None  # end of input ends the chat
+    shown = capsys.readouterr()
+    assert shown.err == "> > " and shown.out == ""
+
+
 def test_text_layer_only_reads_pdf_text(tmp_path):
     from vl2cli.pdfwrite import text_pdf
     pdf = tmp_path / "t.pdf"

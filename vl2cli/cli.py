@@ -645,14 +645,21 @@ def ask(
         _write_answer(out, sources, result.to_json(), quiet)
     history = [(question, result.answer)]
     while chat:
-        try:
-            follow = input("> ").strip()
-        except EOFError:
-            break
-        if follow in ("", "exit", "quit"):
+        follow = _follow_up()
+        if follow in (None, "", "exit", "quit"):
             break
         result = _answer(reader, images, follow, opts, history, labels, json_out)
         history.append((follow, result.answer))
+
+
+def _follow_up() -> str | None:
+    """The next question of `ask --chat` (None at the end of input). Stdout holds answers only: the `> ` prompt
+    goes to stderr, and only when a person types at a terminal (not for piped questions)."""
+    if sys.stdin.isatty():
+        sys.stderr.write("> ")
+        sys.stderr.flush()
+    line = sys.stdin.readline()
+    return line.strip() if line else None
 
 
 def _answer(reader: Reader, images: list, question: str, opts: ReadOptions, history: list[tuple[str, str]],
