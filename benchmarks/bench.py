@@ -292,6 +292,44 @@ def bench_coldstart(smoke: bool) -> dict:
             "bf16": plain, "nf4": nf4, "quantize_s": nf4["load_s"] - plain["load_s"]}
 
 
+def bench_cli(smoke: bool) -> dict:
+    """How long `vl2` takes for what needs no model: `--help`, `--version`, a usage error, `vl2 models` (target:
+    under 0.5 s each, so torch and the engine are imported only by the commands that read). Each command runs in a
+    fresh interpreter `rounds` times; the median wall time is kept, beside a bare `python -c pass` (the floor) and
+    whether the command imported torch."""
+    import statistics
+    import subprocess
+    import sys
+
+    code = ("import atexit, sys; atexit.register(lambda: print('torch' in sys.modules, file=sys.__stdout__)); "
+            "from vl2cli.cli import main; sys.argv = ['vl2', *sys.argv[1:]]; main()")
+    commands = {"--help": ["--help"], "--version": ["--version"], "ocr --help": ["ocr", "--help"],
+                "usage error (ocr, no input)": ["ocr"], "usage error (--dpi 0)": ["ocr", "x.png", "--dpi", "0"],
+                "models": ["models"], "models --json": ["models", "--json"]}
+    rounds = 3 if smoke else 7
+
+    def medians(argv: list[str]) -> dict:
+        """Median wall and CPU (user + system) seconds: on a busy machine the CPU time is what an idle one's wall
+        time would be (the start-up runs on one thread)."""
+        import resource
+        walls, cpus, torch_loaded = [], [], False
+        for _ in range(rounds):
+            before = resource.getrusage(resource.RUSAGE_CHILDREN)
+            start = time.perf_counter()
+            out = subprocess.run(argv, capture_output=True, text=True).stdout.split()
+            walls.append(time.perf_counter() - start)
+            after = resource.getrusage(resource.RUSAGE_CHILDREN)
+            cpus.append(after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime)
+            torch_loaded = torch_loaded or (out[-1:] == ["True"])
+        return {"wall_s": round(statistics.median(walls), 3), "cpu_s": round(statistics.median(cpus), 3),
+                "imports_torch": torch_loaded}
+
+    floor = medians([sys.executable, "-c", "pass"])
+    results = {name: medians([sys.executable, "-c", code, *args]) for name, args in commands.items()}
+    return {"bench": "cli_start", "rounds": rounds, "python_floor": {k: floor[k] for k in ("wall_s", "cpu_s")},
+            "load_average": round(os.getloadavg()[0], 1), "commands": results}
+
+
 INVOICE_FIELDS = "invoice_number, date:date, vendor:{name, address}, total:number, currency, items:[{description, " \
                  "quantity:integer, unit_price:number, amount:number}]"
 
@@ -592,7 +630,7 @@ def bench_ray(smoke: bool) -> dict:
 
 
 BENCHES = {"moe": bench_moe, "kv": bench_kv, "batching": bench_batching, "memory": bench_memory,
-           "pages": bench_pages, "loading": bench_loading, "coldstart": bench_coldstart, "syncs": bench_syncs,
+           "pages": bench_pages, "loading": bench_loading, "coldstart": bench_coldstart, "cli": bench_cli, "syncs": bench_syncs,
            "grammar": bench_grammar, "ocr": bench_ocr, "continuous": bench_continuous,
            "server": bench_server, "ray": bench_ray}
 

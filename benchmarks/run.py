@@ -1,4 +1,4 @@
-"""Run the benchmarks: `python benchmarks/run.py [moe|kv|batching|pages|memory|coldstart|all] [--smoke]`.
+"""Run the benchmarks: `python benchmarks/run.py [moe|kv|batching|pages|memory|coldstart|cli|all] [--smoke]`.
 
 Each benchmark prints one JSON object per line (same as `vl2 bench`).
 """

@@ -138,11 +138,37 @@ def test_param_arithmetic_equals_the_built_model():
         assert param_counts(cfg)["total"] == sum(p.numel() for p in model.parameters())
 
 
-def test_offline_missing_model_says_what_to_do(monkeypatch, tmp_path):
-    monkeypatch.setenv("HF_HOME", str(tmp_path))
+def test_offline_missing_model_says_what_happened_where_the_cache_is_and_what_to_do(monkeypatch, tmp_path):
+    import huggingface_hub
+    from huggingface_hub import constants, errors
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
     result = vl2("ocr", IMG, "--offline", model="small")
     assert result.exit_code == 1
-    assert "--model /path/to/checkpoint" in result.output
+    message = result.stderr.strip()
+    assert f"not in the local cache ({tmp_path})" in message and "--offline" in message
+    assert "on a connected machine run `vl2 models download small`" in message and "--model /path/to" in message
+    assert "Error" not in message and "\n" not in message  # one line, no exception class names
+
+    def no_network(*_args, **_kwargs):  # what huggingface_hub raises when the hub cannot be reached
+        raise errors.LocalEntryNotFoundError("An error happened while trying to locate the files on the Hub ...")
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", no_network)
+    result = vl2("models", "download", "ocr", model=None, tokens=None)
+    assert result.exit_code == 1
+    assert "cannot reach huggingface.co (no network?)" in result.stderr and "LocalEntryNotFound" not in result.stderr
+
+
+def test_models_tells_what_is_in_the_cache_without_the_hub(monkeypatch, tmp_path):
+    import huggingface_hub
+    from huggingface_hub import constants
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda *a, **k: pytest.fail("asked the hub"))
+    repo = tmp_path / "models--deepseek-ai--deepseek-vl2-tiny"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("abc123")
+    (repo / "snapshots" / "abc123").mkdir(parents=True)
+    (repo / "snapshots" / "abc123" / "config.json").write_text("{}")
+    rows = {row["name"]: row["cached"] for row in json.loads(vl2("models", "--json", model=None, tokens=None).stdout)}
+    assert rows["tiny"] == str(repo / "snapshots" / "abc123") and rows["small"] is None
 
 
 def test_model_names_are_never_sent_to_the_hub_unasked(monkeypatch):
@@ -185,8 +211,8 @@ def test_two_inputs_of_one_name_keep_two_whole_documents(tmp_path):
     assert "Alpha letter" in (out / "letter.pdf.ocr.md").read_text()  # the first input keeps the plain name
     other = next(name for name in documents if name != "letter.pdf.ocr.md")
     assert "Beta letter" in (out / other).read_text()
-    again = vl2("batch", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(out), "--text-layer", "only",
-                "--json")
+    vl2("batch", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(out), "--text-layer", "only",
+        "--json")
     assert sorted(p.name for p in out.glob("letter.pdf.ocr*.md")) == documents  # a rerun writes the same names
 
 
@@ -264,7 +290,7 @@ def test_int8_weights_run_on_cpu(loaded_tiny, page_image):
 def test_revision_and_offline_reach_the_hub_client(monkeypatch):
     import huggingface_hub
 
-    from vl2cli.engine.loading import resolve_model
+    from vl2cli.engine.hub import resolve_model
     seen = {}
 
     def fake_download(repo_id, **kwargs):

@@ -13,12 +13,28 @@ Files -> pages (`pages`) -> tiles and tokens (`engine.processor`) -> model (`eng
 from __future__ import annotations
 
 from importlib.metadata import PackageNotFoundError, version
+from typing import TYPE_CHECKING, Any
 
 from vl2cli.errors import Vl2Error
 from vl2cli.options import PageOptions, ReadOptions
-from vl2cli.reader import Reader
-from vl2cli.results import AskResult, PageResult
-from vl2cli.tasks import get_task
+
+if TYPE_CHECKING:
+    from vl2cli.reader import Reader
+    from vl2cli.results import AskResult, PageResult
+    from vl2cli.tasks import get_task
+
+# Imported on first use (PEP 562), not with the package: `import vl2cli.cli` (every `vl2 --help`) must not pay
+# for torch, which the reader pulls in.
+_LAZY = {"Reader": "vl2cli.reader", "AskResult": "vl2cli.results", "PageResult": "vl2cli.results",
+         "get_task": "vl2cli.tasks"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'vl2cli' has no attribute {name!r}")
+
 
 try:
     __version__ = version("vl2cli")
@@ -33,6 +49,7 @@ def load(model: str = "tiny", *, device: str | None = None, dtype: str | None = 
          revision: str | None = None, offline: bool | None = None) -> Reader:
     """Load a model once; read with it as often as you like."""
     from vl2cli.engine.loading import load_model
+    from vl2cli.reader import Reader
     return Reader(load_model(model, device=device, dtype=dtype, quant=quant, revision=revision, offline=offline))
 
 
@@ -43,6 +60,7 @@ def read(reader: Reader, paths: list[str], task: str = "ocr", question: str | No
 
     from vl2cli.pages import expand_inputs
     from vl2cli.pipeline import Job, ListSink, plan_inputs, read_documents
+    from vl2cli.tasks import get_task
     the_task = get_task(task)
     opts = options or ReadOptions()
     if question is not None:

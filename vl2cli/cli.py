@@ -152,7 +152,7 @@ class ModelChoice:
     offline: bool
 
     def resolve(self) -> Path:
-        from vl2cli.engine.loading import resolve_model
+        from vl2cli.engine.hub import resolve_model
         return resolve_model(self.model, revision=self.revision, offline=self.offline or None)
 
     def family(self) -> str:
@@ -245,10 +245,12 @@ def _read(req: ReadRequest) -> None:
     """The body of ocr, table, chart, ground, caption and batch: one pipeline, a stdout or a folder sink."""
     from vl2cli.pipeline import Job, Summary, plan_work, run_work
     _setup_logging(req.verbose, req.quiet)
-    template, sources, notes = _validated(req)
+    with StartingUp() as starting:
+        template, sources, notes = _validated(req)
+        starting.check()
+        folder = req.choice.resolve()
     for note in notes:
         log.warning("%s", note)
-    folder = req.choice.resolve()
     job = Job(req.task, req.read, req.pages, req.fmt, str(folder.resolve()), template)
     sink: Any = (_folder_sink(req, job) if req.out is not None
                  else StdoutSink(job, req.quiet, sources, req.per_document))
@@ -258,7 +260,8 @@ def _read(req: ReadRequest) -> None:
         if work and req.ray:
             _read_on_ray(req, job, work, sink, summary, folder)
         elif work:
-            reader = req.choice.load(folder, req.verbose)
+            with StartingUp():
+                reader = req.choice.load(folder, req.verbose)
             reader.use_mode(req.read.ocr_mode)  # before the rendering thread cuts pages into views
             if req.auto_batch:
                 job = replace(job, read=replace(job.read, batch_size=reader.auto_batch_size()))
@@ -375,6 +378,41 @@ class StdoutSink:
             for r in results:
                 typer.echo(self.job.task.render(r, self.job.fmt))
         return []
+
+
+class StartingUp:
+    """Ctrl-C while a command starts: imports, resolving and loading the model. Python's own handler raises
+    KeyboardInterrupt wherever the main thread is, and in the middle of a library's import or a C++ call that goes
+    wrong: numpy's import swallows it (so a server went on serving), pydantic turns it into a SchemaError, torch's
+    pybind11 aborts the process. Here the first Ctrl-C is only noted and acted on when the step in progress ends
+    (KeyboardInterrupt, exit 130); a second one leaves at once (nothing is written yet)."""
+
+    def __init__(self) -> None:
+        self.received = False
+        self.previous: Any = None
+
+    def __enter__(self) -> StartingUp:
+        if _in_main_thread():
+            self.previous = signal.signal(signal.SIGINT, self._on_sigint)
+        return self
+
+    def _on_sigint(self, _signum: int, _frame: object) -> None:
+        if self.received:
+            os.write(2, b"vl2: interrupted\n")  # os.write: safe whatever the main thread was writing
+            os._exit(130)
+        self.received = True
+        os.write(2, b"vl2: interrupted: stopping once the start-up step in progress ends (again to stop now)\n")
+
+    def check(self) -> None:
+        """A step boundary: stop here if Ctrl-C came during the step."""
+        if self.received:
+            raise KeyboardInterrupt
+
+    def __exit__(self, exc_type: object, *_rest: object) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+        if exc_type is None:
+            self.check()
 
 
 class Interrupts:
@@ -637,7 +675,8 @@ def ask(
         log.warning("%s", note)
     images = [page.image for source in sources for page in render_pages(source, page_opts)]
     choice = ModelChoice(model, quant, device, dtype, revision, offline)
-    reader = choice.load(choice.resolve(), verbose)
+    with StartingUp():
+        reader = choice.load(choice.resolve(), verbose)
     reader.use_mode(opts.ocr_mode)
     labels = [s.label for s in sources]
     result = _answer(reader, images, question, opts, [], labels, json_out)
@@ -729,21 +768,25 @@ def serve(
             raise UsageError(f"{name} {value}: expected a positive number")
     if not 0 <= port <= 65535:
         raise UsageError(f"--port {port}: expected 0..65535")
-    try:
-        from vl2cli.serve.app import ServeSettings, model_names
-        from vl2cli.serve.app import serve as run_server
-        from vl2cli.serve.chat import Limits
-        from vl2cli.serve.guard import check_origin
-    except ImportError as exc:
-        raise UsageError(f"vl2 serve needs the server extra ({exc.name} is missing): pip install 'vl2cli[serve]'") \
-            from None
-    try:
-        origins = tuple(check_origin(o.strip()) for given in allowed_origins or () for o in given.split(",") if o.strip())
-    except ValueError as exc:
-        raise UsageError(str(exc)) from None
-    choice = ModelChoice(model, quant, device, dtype, revision, offline)
-    folder = choice.resolve()
-    reader = choice.load(folder, verbose)
+    with StartingUp() as starting:  # then uvicorn handles the signals: the first drains, the second stops now
+        try:
+            from vl2cli.serve.app import ServeSettings, model_names
+            from vl2cli.serve.app import serve as run_server
+            from vl2cli.serve.chat import Limits
+            from vl2cli.serve.guard import check_origin
+        except ImportError as exc:
+            raise UsageError(f"vl2 serve needs the server extra ({exc.name} is missing): pip install "
+                             "'vl2cli[serve]'") from None
+        try:
+            origins = tuple(check_origin(o.strip()) for given in allowed_origins or () for o in given.split(",")
+                            if o.strip())
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
+        starting.check()
+        choice = ModelChoice(model, quant, device, dtype, revision, offline)
+        folder = choice.resolve()
+        starting.check()
+        reader = choice.load(folder, verbose)
     model_id, aliases = model_names(model, folder)
     limits = Limits(max_body_bytes=max_upload_mb * 1024 * 1024, max_image_pixels=max_pixels, max_images=max_images,
                     max_pages=max_pages, max_queue=max_queue, allow_remote_images=allow_remote_images)
@@ -772,7 +815,7 @@ def trace(
     Example: vl2 trace --model ckpt/ --image page.png --prompt "<image>\\nConvert the document to markdown." --out t
     """
     from vl2cli.engine.config import OCRConfig, load_any_config
-    from vl2cli.engine.loading import resolve_model
+    from vl2cli.engine.hub import resolve_model
     _setup_logging(verbose, False)
     text = prompt.replace("\\n", "\n")
     if isinstance(load_any_config(resolve_model(model)), OCRConfig):
@@ -807,7 +850,7 @@ def models(ctx: typer.Context, json_out: JsonOut = False) -> None:
     """The three variants: parameters, download size, estimated VRAM, and whether each is downloaded."""
     if ctx.invoked_subcommand:
         return
-    from vl2cli.engine.loading import cached_model_path
+    from vl2cli.engine.hub import cached_model_path
     from vl2cli.engine.memory import variant_table
     rows = variant_table()
     for row in rows:
@@ -837,7 +880,7 @@ def models_download(name: Annotated[str, typer.Argument(help="tiny, small, base 
 
     Example: vl2 models download small
     """
-    from vl2cli.engine.loading import resolve_model
+    from vl2cli.engine.hub import resolve_model
     typer.echo(str(resolve_model(name, revision=revision, offline=False, explicit=True)))
 
 

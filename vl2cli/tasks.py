@@ -18,7 +18,6 @@ from PIL import Image, ImageDraw
 from typing_extensions import override
 
 from vl2cli.engine.grammar import Grammar, GrammarError
-from vl2cli.engine.processor import UserText
 from vl2cli.errors import UsageError
 from vl2cli.extract import csv_row, schema_grammar
 from vl2cli.options import ReadOptions
@@ -91,6 +90,7 @@ def image_marks(n: int) -> str:
 
 def fill(template: str, text: str | None, schema: str | None = None) -> list[str]:
     """Template pieces with the user's words, as UserText, where {question} / {query} (and {schema}) stand."""
+    from vl2cli.engine.processor import UserText  # here: the processor's numpy stays out of `vl2 --help`
     parts: list[str] = []
     for piece in re.split(r"(\{question\}|\{query\}|\{schema\})", template):
         if piece in ("{question}", "{query}"):
@@ -128,6 +128,7 @@ class Task:
         self.check_text(text)
         parts = [image_marks(n_images), *fill(template, text, schema)]
         if hint:
+            from vl2cli.engine.processor import UserText
             parts += ["\nThe page's embedded text layer, for reference:\n", UserText(hint[:4000])]
         return parts
 

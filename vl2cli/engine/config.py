@@ -16,7 +16,6 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from vl2cli.engine.rope import yarn_mscale
 from vl2cli.errors import ConfigError
 
 TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
@@ -108,6 +107,7 @@ class LanguageConfig:
         if self.use_mla and self.rope_scaling:
             mscale_all_dim = self.rope_scaling.get("mscale_all_dim", 0)
             if mscale_all_dim:
+                from vl2cli.engine.rope import yarn_mscale  # here: config.py stays free of torch (vl2 --help)
                 m = yarn_mscale(self.rope_scaling["factor"], mscale_all_dim)
                 scale *= m * m
         return scale

@@ -12,12 +12,11 @@ import json
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 
-import torch
-
 from vl2cli.errors import UsageError
 
 if TYPE_CHECKING:
     import llguidance
+    import torch
 
 # Compact JSON (no free whitespace) and no \\u escapes: every character costs at most 4 bytes, so the answer's
 # length in tokens is bounded by the schema's bounds (vl2cli/extract.py sizes them to the budget).
@@ -73,6 +72,7 @@ class RowMasks:
 
     def __init__(self, tokenizer: llguidance.LLTokenizer, grammars: list[Grammar | None], vocab_size: int):
         import llguidance
+        import torch  # here, not at the top: the CLI's --help reaches this module through the tasks
         self.vocab_size = vocab_size
         self.matchers: dict[int, llguidance.LLMatcher] = {}
         for row, grammar in enumerate(grammars):
@@ -99,7 +99,7 @@ class RowMasks:
             matcher.unsafe_compute_mask_ptr(view.data_ptr(), view.numel() * view.element_size())
         words = self.bitmask[positions]  # [n, W] int32, one bit per token
         allowed = ((words[:, :, None] >> self.bits) & 1).bool().flatten(1)[:, : logits.shape[1]]
-        index = torch.tensor(positions, device=logits.device)
+        index = self.bits.new_tensor(positions).to(logits.device)
         logits[index] = logits[index].masked_fill(~allowed.to(logits.device), float("-inf"))
         return logits
 

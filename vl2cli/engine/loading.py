@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,16 +18,15 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from vl2cli.engine.config import PRESETS, OCRConfig, VL2Config, load_any_config
+from vl2cli.engine.config import OCRConfig, VL2Config, load_any_config
+from vl2cli.engine.hub import resolve_model
 from vl2cli.engine.memory import GIB, need_bytes, weight_bytes
 from vl2cli.engine.model import DeepseekVL2
 from vl2cli.engine.ocr import DeepseekOCR, OCRProcessor
 from vl2cli.engine.processor import Processor, VL2Tokenizer
 from vl2cli.engine.quant import quantized_weight, resolve_quant, swap_linear_layers
-from vl2cli.errors import CheckpointError, DeviceError, UsageError
+from vl2cli.errors import CheckpointError, DeviceError
 
-ALIASES = {name: preset["hub_id"] for name, preset in PRESETS.items()} | {"ocr": "deepseek-ai/DeepSeek-OCR"}
-HUB_PREFIX = "hf:"  # `--model hf:ORG/NAME`: the user asks for a download of a repository that is not an alias
 log = logging.getLogger("vl2cli")
 SKIPPED_PREFIXES = ("vision.attn_pool.",)  # SigLIP's pooling head: DeepSeek-VL2 uses patch features only
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
@@ -59,52 +57,6 @@ def model_to_checkpoint_name(name: str) -> str:
     if name.startswith("language.") and not name.startswith("language.lm_head."):
         return "language.model." + name[len("language."):]
     return name
-
-
-def hub_repo_for(spec: str, explicit: bool = False) -> str:
-    """The hub repository a --model value names, or a UsageError/CheckpointError saying why it names none.
-
-    vl2 sends nothing anywhere unasked: it downloads only the aliases, the official ids, `hf:ORG/NAME`, or
-    any id given to `vl2 models download` (explicit). A mistyped folder is never sent to the hub.
-    """
-    if spec.startswith(HUB_PREFIX):
-        return spec[len(HUB_PREFIX):]
-    if spec in ALIASES:
-        return ALIASES[spec]
-    if spec in ALIASES.values() or (explicit and spec.count("/") == 1 and not spec.startswith((".", "/", "~"))):
-        return spec
-    if spec.startswith((".", "/", "~")) or os.sep in spec or (os.altsep and os.altsep in spec):
-        raise CheckpointError(f"{spec}: no such checkpoint folder")
-    raise UsageError(f"--model {spec!r}: not a checkpoint folder nor one of {', '.join(ALIASES)} "
-                     f"(another hub repository: --model {HUB_PREFIX}ORG/NAME)")
-
-
-def resolve_model(spec: str, revision: str | None = None, offline: bool | None = None,
-                  explicit: bool = False) -> Path:
-    """A local folder as is; an alias (tiny/small/base), official id or hf:ID through huggingface_hub's cache."""
-    path = Path(spec).expanduser()
-    if path.is_dir():
-        return path
-    repo_id = hub_repo_for(spec, explicit)
-    if offline is None:
-        offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0", "false", "False")
-    from huggingface_hub import snapshot_download
-    try:
-        folder = snapshot_download(repo_id, revision=revision, local_files_only=offline,
-                                   allow_patterns=["*.json", "*.safetensors"])  # never code, never pickles
-    except Exception as exc:  # network, auth, missing repo: all end the same way for the user
-        how = "it is not in the local cache (offline mode)" if offline else f"download failed: {type(exc).__name__}"
-        raise CheckpointError(f"model {repo_id}: {how}; download it on a connected machine with "
-                              f"`vl2 models download {spec}` or pass --model /path/to/checkpoint") from None
-    return Path(folder)
-
-
-def cached_model_path(spec: str) -> Path | None:
-    """The local snapshot of an alias or hub id, if already downloaded (never touches the network)."""
-    try:
-        return resolve_model(spec, offline=True)
-    except (CheckpointError, UsageError):
-        return None
 
 
 def shard_files(folder: Path) -> list[Path]:

@@ -692,7 +692,7 @@ def _metrics(server: Server) -> str:
 def model_names(spec: str, folder: Path) -> tuple[str, tuple[str, ...]]:
     """The id clients should send (the official hub id where there is one, else the folder's name) and the other
     names accepted for it (what was given to --model)."""
-    from vl2cli.engine.loading import ALIASES
+    from vl2cli.engine.hub import ALIASES
     bare = spec.removeprefix("hf:")
     model_id = ALIASES.get(spec, bare if bare in ALIASES.values() else folder.name)
     return model_id, tuple(dict.fromkeys(n for n in (spec, bare, folder.name) if n != model_id))
@@ -733,10 +733,12 @@ def serve(reader: Reader, settings: ServeSettings, host: str, port: int,
     server: Server = app.state.server
 
     class Uvicorn(uvicorn.Server):
-        def handle_exit(self, sig: int, frame: Any) -> None:
+        async def shutdown(self, sockets: Any = None) -> None:
+            # The drain starts here, on the event loop, not in the signal handler: a handler that starts a thread
+            # can deadlock on threading's own lock when the signal lands while the main thread is starting one.
             if not server.draining:
                 threading.Thread(target=server.drain, daemon=True, name="vl2-drain").start()
-            super().handle_exit(sig, frame)
+            await super().shutdown(sockets)
 
         async def startup(self, sockets: Any = None) -> None:
             await super().startup(sockets)
