@@ -85,6 +85,7 @@ def test_folders_are_searched_recursively_and_globs_filter(tmp_path):
     found = expand_inputs([str(tmp_path / "a")])
     assert [p.split("/")[-1] for p in found.files] == ["x.png", "y.pdf"]
     assert found.hidden_skipped == 1  # left out, and counted so the CLI can say so
+    assert found.other_skipped == 1  # note.txt: not a document, left out and counted too
     assert found.names[found.files[0]] == "b/x.png"  # the name under --out: the path inside the given folder
     assert [p.split("/")[-1] for p in expand_inputs([str(tmp_path / "a")], glob="*.pdf").files] == ["y.pdf"]
 
@@ -108,12 +109,15 @@ def test_glob_patterns_relative_and_absolute(tmp_path, monkeypatch):
         expand_inputs(["s/*.tiff"])
 
 
-def test_hidden_files_skipped_are_reported(tmp_path):
+def test_hidden_files_and_files_that_are_not_documents_skipped_are_reported(tmp_path):
     (tmp_path / "in").mkdir()
     Image.new("RGB", (64, 48), "white").save(tmp_path / "in" / "a.png")
     Image.new("RGB", (64, 48), "white").save(tmp_path / "in" / ".b.png")
+    (tmp_path / "in" / "notes.txt").write_text("not a document")
+    (tmp_path / "in" / "data.csv").write_text("a,b")
     result = CliRunner().invoke(app, ["ocr", str(tmp_path / "in"), "--model", TINY, "--max-new-tokens", "2"])
     assert result.exit_code == 0 and "1 file(s) with names starting with '.' left out" in result.stderr
+    assert "2 file(s) that are not PDFs or images (by extension) left out" in result.stderr
 
 
 def test_batch_with_out_equal_to_the_input_folder_says_why(tmp_path):

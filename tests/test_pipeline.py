@@ -179,7 +179,7 @@ def test_pages_past_the_end(tmp_path):
     assert past.exit_code == 2 and "d.pdf: --pages 5 asks for pages past the end; it has 3 pages" in past.stderr
     clipped = vl2("ocr", str(pdf), "--pages", "2-9", "-f", "json", "--split", "never", tokens=2)
     assert [r["page"] for r in json.loads(clipped.stdout)] == [2, 3]
-    assert "d.pdf has 3 pages: --pages 2-9 reads 2" in clipped.stderr
+    assert "d.pdf has 3 pages: --pages 2-9 reads pages 2-3" in clipped.stderr
 
 
 def test_one_bad_png_never_stops_the_next_file(tmp_path):

@@ -101,7 +101,19 @@ def select_pages(label: str, count: int, ranges: list[tuple[int, int]] | None) -
     if not numbers:
         raise UsageError(f"{label}: --pages {asked} asks for pages past the end; it has {pages}")
     over = [(lo, hi) for lo, hi in ranges if hi > count and hi != sys.maxsize]
-    return numbers, (f"{label} has {pages}: --pages {asked} reads {len(numbers)}" if over else None)
+    return numbers, (f"{label} has {pages}: --pages {asked} reads {_page_list(numbers)}" if over else None)
+
+
+def _page_list(numbers: list[int]) -> str:
+    """[2, 3, 7] -> 'pages 2-3,7' (sorted page numbers, as --pages writes them)."""
+    runs: list[list[int]] = []
+    for n in numbers:
+        if runs and n == runs[-1][1] + 1:
+            runs[-1][1] = n
+        else:
+            runs.append([n, n])
+    text = ",".join(f"{lo}" if lo == hi else f"{lo}-{hi}" for lo, hi in runs)
+    return f"page {text}" if len(numbers) == 1 else f"pages {text}"
 
 
 def normalise_image(img: Image.Image) -> Image.Image:
@@ -335,6 +347,7 @@ class Inputs:
     files: list[str]
     names: dict[str, str] = field(default_factory=dict)  # readable output name of each file (see output_name)
     hidden_skipped: int = 0  # files whose names start with a dot, left out of folders
+    other_skipped: int = 0  # files in folders whose extension is not a PDF's or an image's, left out
 
 
 def output_name(path: str, folder: str | None) -> str:
@@ -354,10 +367,13 @@ def _same_or_inside(path: str, folder: str) -> bool:
 def _folder_files(folder: Path, glob: str | None, inputs: Inputs) -> list[str]:
     found = []
     for p in sorted(folder.rglob(glob or "*")):
-        if not p.is_file() or not (glob or p.suffix.lower() in SUPPORTED):
+        if not p.is_file():
             continue
         if any(part.startswith(".") for part in p.relative_to(folder).parts):
             inputs.hidden_skipped += 1
+            continue
+        if not (glob or p.suffix.lower() in SUPPORTED):
+            inputs.other_skipped += 1
             continue
         found.append(str(p))
     if not found:
@@ -370,7 +386,8 @@ def expand_inputs(items: list[str], glob: str | None = None, exclude: str | Path
     """Files as given; folders searched recursively for supported files (or --glob); sorted, deduplicated.
 
     Files under `exclude` (the output folder, compared by real path so a symlinked --out counts too) are
-    left out. Files and folders whose names start with a dot are left out of folder searches and counted.
+    left out. Files and folders whose names start with a dot, and files that are not PDFs or images (by their
+    extension), are left out of folder searches and counted.
     """
     inputs = Inputs([])
     out: list[str] = []

@@ -179,6 +179,9 @@ def plan_inputs(inputs: Inputs, opts: PageOptions, strict: bool) -> tuple[list[S
         sources.append(source)
     if inputs.hidden_skipped:
         notes.append(f"{inputs.hidden_skipped} file(s) with names starting with '.' left out of folder searches")
+    if inputs.other_skipped:
+        notes.append(f"{inputs.other_skipped} file(s) that are not PDFs or images (by extension) left out of folder "
+                     "searches (--glob picks files by name instead)")
     return sources, notes
 
 
