@@ -238,6 +238,11 @@ def test_ask_chat_keeps_stdout_for_answers_and_prompts_only_a_terminal(monkeypat
     assert shown.err == "> > " and shown.out == ""
 
 
+def test_batch_task_ask_without_a_question_names_the_option(tmp_path):
+    result = vl2("batch", IMG, "--task", "ask", "--out", str(tmp_path / "out"), model="/nonexistent")
+    assert result.exit_code == 2 and 'batch --task ask: give the question with --question "..."' in result.stderr
+
+
 def test_text_layer_only_reads_pdf_text(tmp_path):
     from vl2cli.pdfwrite import text_pdf
     pdf = tmp_path / "t.pdf"

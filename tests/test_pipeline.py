@@ -137,7 +137,33 @@ def test_a_second_run_on_the_same_folder_refuses_at_once(tmp_path):
     result = vl2("ocr", IMG, "--out", str(tmp_path), tokens=2)
     assert result.exit_code == 1 and f"pid {os.getpid()}" in result.stderr
     sink.close([])
-    assert vl2("ocr", IMG, "--out", str(tmp_path), tokens=2).exit_code == 0  # the lock went with the run
+    assert not (tmp_path / ".vl2.lock").exists()  # the lock file goes with the run
+    (tmp_path / ".vl2.lock").write_text("999999999\n")  # what a killed run leaves: a dead pid, no lock held
+    assert vl2("ocr", IMG, "--out", str(tmp_path), tokens=2).exit_code == 0  # taken over
+    assert not (tmp_path / ".vl2.lock").exists()
+
+
+def test_a_lock_file_removed_while_a_run_waits_to_lock_it_is_not_shared(tmp_path, monkeypatch):
+    """Release removes the file while still holding it; a run that opened the old file just before must not
+    believe it holds the folder (it would share it with the next run, which creates a new file)."""
+    import fcntl
+
+    from vl2cli.sinks import FolderLock
+    first = FolderLock(tmp_path)
+    real_flock = fcntl.flock
+
+    def flock_after_release(fd, op):  # the second run opened the file; the first releases before it locks
+        if first.fd >= 0:
+            first.release()
+        return real_flock(fd, op)
+    monkeypatch.setattr(fcntl, "flock", flock_after_release)
+    second = FolderLock(tmp_path)
+    monkeypatch.setattr(fcntl, "flock", real_flock)
+    assert os.fstat(second.fd).st_ino == os.stat(tmp_path / ".vl2.lock").st_ino  # it locked the file now named
+    from vl2cli.errors import OutputBusy
+    with pytest.raises(OutputBusy):
+        FolderLock(tmp_path)
+    second.release()
 
 
 @pytest.mark.slow

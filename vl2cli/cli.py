@@ -627,6 +627,9 @@ def batch(
     Example: vl2 batch samples/ --task table --out results/
     """
     from vl2cli.tasks import get_task
+    needs = get_task(task).needs_text
+    if needs and not (question or "").strip():
+        raise UsageError(f"batch --task {task}: give the {needs} with --question \"...\"")
     _read(_request(task, inputs, question, fmt or get_task(task).formats[0], out=out, model=model, quant=quant,
                    device=device, dtype=dtype, revision=revision, offline=offline, max_new_tokens=max_new_tokens,
                    temperature=temperature, prompt_file=prompt_file, pages=pages, dpi=dpi, password=password,

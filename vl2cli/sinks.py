@@ -1,8 +1,8 @@
 """The folder sink: one file per page result (written atomically), index.jsonl, results.jsonl, whole documents.
 
 A folder is written by one run at a time: a lock file (`.vl2.lock`, an OS lock that dies with its process,
-kill -9 included) makes a second concurrent run refuse at once. Only under the lock are an earlier run's
-own temp files (`.vl2-*.part`) removed; nothing else in the folder is ever deleted.
+kill -9 included; the file is removed at the run's end) makes a second concurrent run refuse at once. Only under
+the lock are an earlier run's own temp files (`.vl2-*.part`) removed; nothing else in the folder is ever deleted.
 
 Names stay readable: `<input name>.pNNNN.<task>.<ext>`. The index maps each page key (what determines the
 result) to its files; a result asked for differently (another query, model or setting) whose plain name an
@@ -11,6 +11,7 @@ earlier result already holds gets `-<8 hex of its key>` added, so it lands next 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -61,25 +62,43 @@ def check_output_folder(out: Path) -> None:
 
 
 class FolderLock:
+    """`.vl2.lock`: an flock held for the run and removed at its end. A file a killed run left (its pid dead) holds
+    no lock: the next run takes it over. Removing the file on release is safe because a run that locked a file
+    which was removed meanwhile sees that the path no longer names it and tries again."""
+
     def __init__(self, out: Path):
         import fcntl
         self.path = out / LOCK_NAME
-        try:
-            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as exc:
-            raise OutputError(f"{self.path}: cannot create the lock file ({exc.strerror or exc})") from None
-        try:
-            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(self.fd, 32, 0).decode(errors="replace").strip() or "?"
-            os.close(self.fd)
-            raise OutputBusy(f"{out}: another vl2 run (pid {holder}) is writing there; wait for it to finish "
-                             "or choose another --out") from None
+        while True:
+            try:
+                self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as exc:
+                raise OutputError(f"{self.path}: cannot create the lock file ({exc.strerror or exc})") from None
+            try:
+                fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(self.fd, 32, 0).decode(errors="replace").strip() or "?"
+                os.close(self.fd)
+                raise OutputBusy(f"{out}: another vl2 run (pid {holder}) is writing there; wait for it to finish "
+                                 "or choose another --out") from None
+            if self._still_named():
+                break
+            os.close(self.fd)  # the run before removed it between our open and our lock: lock the new file
         os.ftruncate(self.fd, 0)
         os.pwrite(self.fd, f"{os.getpid()}\n".encode(), 0)
 
+    def _still_named(self) -> bool:
+        try:
+            named = os.stat(self.path)
+        except FileNotFoundError:
+            return False
+        held = os.fstat(self.fd)
+        return (named.st_dev, named.st_ino) == (held.st_dev, held.st_ino)
+
     def release(self) -> None:
         if self.fd >= 0:
+            with contextlib.suppress(OSError):
+                os.unlink(self.path)  # still locked: no run can take this file between the unlink and the close
             os.close(self.fd)  # closing drops the lock
             self.fd = -1
 
