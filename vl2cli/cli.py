@@ -28,6 +28,7 @@ from vl2cli.options import (
     DEFAULT_DPI,
     DEFAULT_MAX_NEW_TOKENS,
     DEFAULT_MAX_PIXELS,
+    DEFAULT_ROTATE,
     PageOptions,
     ReadOptions,
 )
@@ -131,6 +132,8 @@ BatchSize = Annotated[int | None, typer.Option("--batch-size", help="Pages read 
 Split = Annotated[str, typer.Option(help="Dense pages: auto, never, or N bands.")]
 TextLayer = Annotated[str, typer.Option("--text-layer", help="Born-digital PDFs: off, hint or only.")]
 MaxPixels = Annotated[int, typer.Option("--max-pixels", help="Refuse pages above this many pixels.")]
+Rotate = Annotated[str, typer.Option("--rotate", help="Turn pages upright before reading: auto (from the PDF text layer, "
+                                                      "else Tesseract), off, or 0/90/180/270 (clockwise, every page).")]
 Redo = Annotated[str, typer.Option("--redo", help="With --out: none (resume), failed or all.")]
 SchemaFile = Annotated[str | None, typer.Option("--schema", help="extract: a JSON Schema file.")]
 Fields = Annotated[str | None, typer.Option("--fields", help='extract: shorthand, e.g. "number, total:number, '
@@ -511,6 +514,8 @@ def _print_summary(summary: Summary, out: Path, written: list[str]) -> None:
     for k in ("pages_done", "pages_skipped", "pages_failed", "files_failed", "pages_left", "loops_flagged",
               "generated_tokens", "seconds"):
         table.add_row(k.replace("_", " "), str(data[k]))
+    for source, pages in sorted(summary.turned.items()):
+        table.add_row(f"pages turned ({source.replace('_', ' ')})", str(pages))
     for worker, pages in sorted(summary.workers.items()):
         table.add_row(f"worker {worker}", f"{pages} pages")
     table.add_row("output", str(out))
@@ -524,7 +529,7 @@ def _request(task_name: str, inputs: list[str], text: str | None, fmt: str, *, o
              temperature: float, prompt_file: str | None, pages: str | None, dpi: int, password: str | None,
              batch_size: int | None, split: str, text_layer: str, max_pixels: int, schema: str | None = None,
              fields: str | None = None, per: str = "page", strict: bool | None = None, ocr_mode: str = "gundam",
-             no_repeat: bool = True, **rest: Any) -> ReadRequest:
+             no_repeat: bool = True, rotate: str = DEFAULT_ROTATE, **rest: Any) -> ReadRequest:
     from vl2cli.extract import load_schema_file
     from vl2cli.pipeline import task_options
     if per not in ("page", "document"):
@@ -533,7 +538,7 @@ def _request(task_name: str, inputs: list[str], text: str | None, fmt: str, *, o
         task_name, fmt, text=text, max_new_tokens=max_new_tokens, temperature=temperature, prompt_file=prompt_file,
         pages=pages, dpi=dpi, password=password, batch_size=batch_size, split=split, text_layer=text_layer,
         max_pixels=max_pixels, schema=load_schema_file(schema) if schema is not None else None, fields=fields,
-        strict=strict, ocr_mode=ocr_mode, no_repeat=no_repeat)
+        strict=strict, ocr_mode=ocr_mode, no_repeat=no_repeat, rotate=rotate)
     return ReadRequest(task, inputs, text, fmt, out,
                        ModelChoice(model, quant, device, dtype, revision, offline), read, page_opts,
                        auto_batch=batch_size is None, per_document=per == "document", **rest)
@@ -553,7 +558,7 @@ def _task_command(name: str, help_text: str, needs: str | None = None, default_f
         batch_size: BatchSize = None, split: Split = "auto", text_layer: TextLayer = "off",
         max_pixels: MaxPixels = DEFAULT_MAX_PIXELS, redo: Redo = "none", schema: SchemaFile = None,
         fields: Fields = None, per: Per = "page", strict: bool | None = None, ocr_mode: OcrMode = "gundam",
-        no_repeat: NoRepeat = True,
+        no_repeat: NoRepeat = True, rotate: Rotate = DEFAULT_ROTATE,
     ) -> None:
         text = None
         if needs:
@@ -565,7 +570,7 @@ def _task_command(name: str, help_text: str, needs: str | None = None, default_f
                        temperature=temperature, prompt_file=prompt_file, pages=pages, dpi=dpi, password=password,
                        batch_size=batch_size, split=split, text_layer=text_layer, max_pixels=max_pixels, redo=redo,
                        verbose=verbose, quiet=quiet, summary_json=json_out, schema=schema, fields=fields, per=per,
-                       strict=strict, ocr_mode=ocr_mode, no_repeat=no_repeat))
+                       strict=strict, ocr_mode=ocr_mode, no_repeat=no_repeat, rotate=rotate))
 
     command.__doc__ = help_text
     command.__annotations__["fmt"] = Annotated[str, typer.Option("--format", "-f", help=f"Output format: {formats}.")]
@@ -612,7 +617,7 @@ def batch(
     dpi: Dpi = DEFAULT_DPI, password: Password = None, revision: Revision = None, offline: Offline = False,
     batch_size: BatchSize = None, split: Split = "auto", text_layer: TextLayer = "off",
     max_pixels: MaxPixels = DEFAULT_MAX_PIXELS, redo: Redo = "none", schema: SchemaFile = None, fields: Fields = None,
-    per: Per = "page", ocr_mode: OcrMode = "gundam", no_repeat: NoRepeat = True,
+    per: Per = "page", ocr_mode: OcrMode = "gundam", no_repeat: NoRepeat = True, rotate: Rotate = DEFAULT_ROTATE,
     strict: Annotated[bool | None, typer.Option("--strict/--no-strict", show_default=False,
                                                 help="Grammar-constrained answers: ground (default on), table "
                                                      "(default off).")] = None,
@@ -635,7 +640,7 @@ def batch(
                    temperature=temperature, prompt_file=prompt_file, pages=pages, dpi=dpi, password=password,
                    batch_size=batch_size, split=split, text_layer=text_layer, max_pixels=max_pixels, glob=glob,
                    redo=redo, named_files=False, verbose=verbose, quiet=quiet, summary_json=json_out, schema=schema,
-                   fields=fields, per=per, strict=strict, ocr_mode=ocr_mode, no_repeat=no_repeat, ray=ray,
+                   fields=fields, per=per, strict=strict, ocr_mode=ocr_mode, no_repeat=no_repeat, rotate=rotate, ray=ray,
                    workers=workers, gpus_per_worker=gpus_per_worker))
 
 
@@ -650,7 +655,7 @@ def ask(
     password: Password = None, chat: Annotated[bool, typer.Option("--chat", help="Keep asking follow-ups.")] = False,
     verbose: Verbose = False, quiet: Quiet = False, json_out: JsonOut = False, out: Out = None,
     revision: Revision = None, offline: Offline = False, max_pixels: MaxPixels = DEFAULT_MAX_PIXELS,
-    ocr_mode: OcrMode = "gundam",
+    ocr_mode: OcrMode = "gundam", rotate: Rotate = DEFAULT_ROTATE,
 ) -> None:
     """Ask a question about one or more images or pages (all go into one prompt).
 
@@ -666,7 +671,7 @@ def ask(
     get_task("ask").check_text(question)
     _not_a_file("question", question)
     opts = ReadOptions(max_new_tokens=max_new_tokens, temperature=temperature, text=question, ocr_mode=ocr_mode)
-    page_opts = PageOptions(pages=pages, dpi=dpi, password=password, max_pixels=max_pixels)
+    page_opts = PageOptions(pages=pages, dpi=dpi, password=password, max_pixels=max_pixels, rotate=rotate)
     if out is not None:
         from vl2cli.sinks import check_output_folder
         check_output_folder(out)

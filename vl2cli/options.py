@@ -25,6 +25,8 @@ DEFAULT_ASK_TOKENS = 512
 MAX_BATCH_SIZE = 64
 MAX_SPLIT_BANDS = 16
 LOOP_RETRY_TEMPERATURES = (0.3, 0.5, 0.7)  # the model card advises temperature <= 0.7
+DEFAULT_ROTATE = "auto"  # sideways and upside-down pages are turned upright before reading (vl2cli/orient.py)
+ROTATE_CHOICES = ("auto", "off", "0", "90", "180", "270")
 
 OCR_MODE_NAMES = ("tiny", "small", "base", "large", "gundam")  # engine.config.OCR_MODES holds their sizes
 TextLayer = Literal["off", "hint", "only"]
@@ -44,8 +46,10 @@ class PageOptions:
     password: str | None = None
     max_pixels: int = DEFAULT_MAX_PIXELS
     text_layer: bool = False  # also extract PDF text layers
+    rotate: str = DEFAULT_ROTATE  # auto (detect), off, or the clockwise turn 0/90/180/270 for every page
 
     def __post_init__(self) -> None:
+        _check(self.rotate in ROTATE_CHOICES, f"--rotate {self.rotate!r}: expected auto, off, 0, 90, 180 or 270")
         _check(isinstance(self.dpi, int) and 18 <= self.dpi <= MAX_DPI, f"--dpi {self.dpi}: expected 18..{MAX_DPI}")
         _check(isinstance(self.max_pixels, int) and 4 <= self.max_pixels <= MAX_MAX_PIXELS,
                f"--max-pixels {self.max_pixels}: expected 4..{MAX_MAX_PIXELS}")

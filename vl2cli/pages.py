@@ -25,6 +25,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from vl2cli.errors import InputError, UsageError
 from vl2cli.options import PageOptions
+from vl2cli.orient import orientation, text_layer_rotation, turn
 
 if TYPE_CHECKING:
     from vl2cli.engine.processor import Tiling
@@ -43,10 +44,29 @@ class Page:
     image: Image.Image
     text_layer: str | None = None
     tiling: Tiling | None = None  # cut ahead in the rendering thread
+    rotation: int = 0  # clockwise degrees `image` was turned from the page as given (vl2cli.orient)
+    rotation_source: str | None = None  # "text_layer", "osd", "user", or None
 
     @property
     def label(self) -> str:
         return f"{self.source} p{self.number}"
+
+    @property
+    def size_as_given(self) -> tuple[int, int]:
+        w, h = self.image.size
+        return (h, w) if self.rotation in (90, 270) else (w, h)
+
+    def as_given(self) -> Image.Image:
+        """The page as the file shows it (`image` is the page as it is read, turned upright)."""
+        return turn(self.image, -self.rotation)
+
+
+def upright(page: Page, rotate: str, text_rotation: int | None = None) -> Page:
+    """The page turned as --rotate says (auto: detected), its turn and where the turn came from recorded."""
+    found = orientation(rotate, page.image, text_rotation)
+    page.image = turn(page.image, found.rotation)
+    page.rotation, page.rotation_source = found.rotation, found.source
+    return page
 
 
 @dataclass
@@ -176,14 +196,15 @@ def _open_image(where: str, data: io.BytesIO | Path, max_pixels: int) -> Image.I
 def open_image_bytes(where: str, data: bytes, max_pixels: int) -> Image.Image:
     """An image sent as bytes (a server's data URL), checked as a page is: its first frame, RGB; InputError says why
     it cannot be read."""
-    return next(_image_pages(where, io.BytesIO(data), [1], max_pixels)).image
+    return next(_image_pages(where, io.BytesIO(data), [1], max_pixels, "off")).image
 
 
 def _frames(img: Image.Image) -> int:
     return getattr(img, "n_frames", 1) if img.format == "TIFF" else 1  # GIF/WebP: first frame only
 
 
-def _image_pages(where: str, data: io.BytesIO | Path, numbers: list[int], max_pixels: int) -> Iterator[Page]:
+def _image_pages(where: str, data: io.BytesIO | Path, numbers: list[int], max_pixels: int,
+                 rotate: str) -> Iterator[Page]:
     img = _open_image(where, data, max_pixels)
     for number in numbers:
         label = where if _frames(img) == 1 else f"{where} frame {number}"
@@ -197,7 +218,7 @@ def _image_pages(where: str, data: io.BytesIO | Path, numbers: list[int], max_pi
             raise
         except Exception as exc:
             raise InputError(f"{label}: image data is damaged ({_short(exc)})") from None
-        yield Page(where, number, page)
+        yield upright(Page(where, number, page), rotate)
 
 
 def _open_pdf(where: str, data: bytes | Path, password: str | None):
@@ -224,31 +245,39 @@ def _pdf_pages(where: str, data: bytes | Path, numbers: list[int], opts: PageOpt
             label = f"{where} page {number}"
             try:
                 with PDFIUM:
-                    image, text = _render_pdf_page(pdf, number, label, opts)
+                    image, text, text_rotation = _render_pdf_page(pdf, number, label, opts)
             except InputError:
                 raise
             except Exception as exc:
                 raise InputError(f"{label}: cannot render ({_short(exc)})") from None
-            yield Page(where, number, normalise_image(image), text_layer=text)
+            yield upright(Page(where, number, normalise_image(image), text_layer=text), opts.rotate, text_rotation)
     finally:
         with PDFIUM:
             pdf.close()
 
 
-def _render_pdf_page(pdf: Any, number: int, label: str, opts: PageOptions) -> tuple[Image.Image, str | None]:
+def _render_pdf_page(pdf: Any, number: int, label: str,
+                     opts: PageOptions) -> tuple[Image.Image, str | None, int | None]:
+    """The rendered page, its text layer (when asked for) and the turn its text layer says makes it upright
+    (--rotate auto; None when it cannot tell)."""
     page = pdf[number - 1]
     try:
         w_pt, h_pt = page.get_size()
         _check_size(label, (int(w_pt * opts.dpi / 72), int(h_pt * opts.dpi / 72)), opts.max_pixels)
         image = page.render(scale=opts.dpi / 72).to_pil()
-        text = None
-        if opts.text_layer:
+        text, text_rotation = None, None
+        if opts.text_layer or opts.rotate == "auto":
             textpage = page.get_textpage()
-            text = textpage.get_text_bounded().replace("\r\n", "\n")
-            textpage.close()
+            try:
+                if opts.text_layer:
+                    text = textpage.get_text_bounded().replace("\r\n", "\n")
+                if opts.rotate == "auto":
+                    text_rotation = text_layer_rotation(textpage, page.get_rotation())
+            finally:
+                textpage.close()
     finally:
         page.close()
-    return image, text
+    return image, text, text_rotation
 
 
 def display_path(path: str) -> str:
@@ -330,7 +359,7 @@ def render_pages(source: Source, opts: PageOptions, numbers: list[int] | None = 
         yield from _pdf_pages(source.label, data, wanted, opts)
     else:
         yield from _image_pages(source.label, io.BytesIO(data) if isinstance(data, bytes) else data, wanted,
-                                opts.max_pixels)
+                                opts.max_pixels, opts.rotate)
 
 
 def iter_pages(path: str, opts: PageOptions | None = None) -> Iterator[Page]:

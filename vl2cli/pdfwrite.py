@@ -2,18 +2,27 @@
 
 from __future__ import annotations
 
+# Where the first line starts for text drawn at each angle (counterclockwise), so the lines stay on a letter page.
+_TEXT_ORIGIN = {0: (72, 740), 90: (72, 72), 180: (540, 72), 270: (540, 720)}
+_TEXT_MATRIX = {0: "1 0 0 1", 90: "0 1 -1 0", 180: "-1 0 0 -1", 270: "0 -1 1 0"}
 
-def text_pdf(text: str, pages: int = 1, lines: list[str] | None = None, size: int = 24) -> bytes:
-    """A PDF with Helvetica text: one line per page ("{text} pN"), or the given lines on every page."""
+
+def text_pdf(text: str, pages: int = 1, lines: list[str] | None = None, size: int = 24, angle: int = 0,
+             rotate: int = 0) -> bytes:
+    """A PDF with Helvetica text: one line per page ("{text} pN"), or the given lines on every page. `angle`: the text
+    is drawn turned counterclockwise by it (0, 90, 180, 270); `rotate`: each page's /Rotate."""
     objs = ["<< /Type /Catalog /Pages 2 0 R >>", None, "<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica >>"]
     kids = []
     for i in range(pages):
         page_lines = lines or [f"{text} p{i + 1}"]
         ops = " ".join(f"({_escape(line)}) Tj 0 -{size * 1.2:.1f} Td" for line in page_lines)
-        stream = f"BT /F1 {size} Tf 72 740 Td {ops} ET".encode("latin-1", "replace")
+        x, y = _TEXT_ORIGIN[angle]
+        place = f"{_TEXT_MATRIX[angle]} {x} {y} Tm" if angle else f"{x} {y} Td"
+        stream = f"BT /F1 {size} Tf {place} {ops} ET".encode("latin-1", "replace")
         objs.append(f"<< /Length {len(stream)} >>\nstream\n{stream.decode('latin-1')}\nendstream")
         content_id = len(objs)
-        objs.append(f"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] /Contents {content_id} 0 R "
+        turned = f"/Rotate {rotate} " if rotate else ""
+        objs.append(f"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] {turned}/Contents {content_id} 0 R "
                     "/Resources << /Font << /F1 3 0 R >> >> >>")
         kids.append(f"{len(objs)} 0 R")
     objs[1] = f"<< /Type /Pages /Kids [{' '.join(kids)}] /Count {pages} >>"

@@ -21,7 +21,16 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from vl2cli.errors import InputError, UsageError
 from vl2cli.extract import schema_from_fields, schema_grammar
-from vl2cli.options import DEFAULT_BATCH_SIZE, DEFAULT_DPI, DEFAULT_MAX_NEW_TOKENS, DEFAULT_MAX_PIXELS, PageOptions, ReadOptions
+from vl2cli.options import (
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_DPI,
+    DEFAULT_MAX_NEW_TOKENS,
+    DEFAULT_MAX_PIXELS,
+    DEFAULT_ROTATE,
+    PageOptions,
+    ReadOptions,
+)
+from vl2cli.orient import osd_available
 from vl2cli.pages import Inputs, Page, Source, plan_source, render_pages
 from vl2cli.results import PageResult, failed_page
 from vl2cli.tasks import get_task
@@ -48,7 +57,9 @@ class Job:
     def settings(self) -> dict:
         return {"v": KEY_VERSION, "task": self.task.name, "format": self.fmt, "model": self.model_id,
                 "prompt_sha256": hashlib.sha256(self.template.encode()).hexdigest(), **self.read.settings(),
-                "dpi": self.pages.dpi}
+                "dpi": self.pages.dpi, "rotate": self.pages.rotate,
+                # auto without Tesseract reads scanned pages as given: installing it makes them new results
+                **({"osd": osd_available()} if self.pages.rotate == "auto" else {})}
 
     def settings_digest(self) -> str:
         return self._digest
@@ -94,6 +105,7 @@ class Summary:
     notes: list[str] = field(default_factory=list)
     interrupted_by: int | None = None
     workers: dict[str, int] = field(default_factory=dict)  # pages read per Ray worker (--ray)
+    turned: dict[str, int] = field(default_factory=dict)  # pages read turned, by what decided the turn
 
     @property
     def pages_left(self) -> int:
@@ -109,6 +121,7 @@ class Summary:
         return {"pages_done": self.pages_done, "pages_skipped": self.pages_skipped, "pages_failed": self.pages_failed,
                 "files_failed": self.files_failed, "pages_left": self.pages_left, "loops_flagged": self.loops_flagged,
                 "generated_tokens": self.generated_tokens, "seconds": round(self.seconds, 2), "out": out,
+                "pages_turned": sum(self.turned.values()), "turned_by": dict(sorted(self.turned.items())),
                 "failures": [{"input": a, "error": b} for a, b in self.failures],
                 **({"workers": self.workers} if self.workers else {})}
 
@@ -133,8 +146,8 @@ def task_options(task_name: str, fmt: str = "json", *, text: str | None = None,
                  pages: str | None = None, dpi: int = DEFAULT_DPI, password: str | None = None,
                  batch_size: int | None = None, split: str = "auto", text_layer: str = "off",
                  max_pixels: int = DEFAULT_MAX_PIXELS, schema: dict[str, Any] | None = None, fields: str | None = None,
-                 strict: bool | None = None, ocr_mode: str = "gundam",
-                 no_repeat: bool = True) -> tuple[Task, ReadOptions, PageOptions]:
+                 strict: bool | None = None, ocr_mode: str = "gundam", no_repeat: bool = True,
+                 rotate: str = DEFAULT_ROTATE) -> tuple[Task, ReadOptions, PageOptions]:
     """A reading job's task and options from the CLI's words (the server's document endpoint takes the same);
     every check, the extraction schema's compilation included, happens here, before any model loads."""
     task = get_task(task_name)
@@ -153,7 +166,7 @@ def task_options(task_name: str, fmt: str = "json", *, text: str | None = None,
                        batch_size=DEFAULT_BATCH_SIZE if batch_size is None else batch_size, schema_json=schema_json,
                        strict=strict, ocr_mode=ocr_mode, plain=fmt == "text", no_repeat=no_repeat)
     page_opts = PageOptions(pages=pages, dpi=dpi, password=password, max_pixels=max_pixels,
-                            text_layer=text_layer != "off")
+                            text_layer=text_layer != "off", rotate=rotate)
     return task, read, page_opts
 
 
@@ -326,6 +339,8 @@ def record_result(sink: Sink, summary: Summary, item: PageItem, result: PageResu
         summary.pages_done += 1
         summary.generated_tokens += result.generated_tokens
         summary.loops_flagged += "repetition_loop" in result.flags
+        if result.rotation and result.rotation_source:
+            summary.turned[result.rotation_source] = summary.turned.get(result.rotation_source, 0) + 1
     else:
         summary.pages_failed += 1
         summary.failures.append((result.label, result.error or ""))

@@ -27,6 +27,7 @@ from vl2cli.engine.scheduler import EngineLoop, Failure, LocalBatch, LoopBatch, 
 from vl2cli.errors import OutOfMemory, PageFailed, UsageError
 from vl2cli.extract import describe_json
 from vl2cli.options import DEFAULT_BATCH_SIZE, LOOP_RETRY_TEMPERATURES, ReadOptions
+from vl2cli.orient import fields_as_given
 from vl2cli.parsers import find_loop, trim_loop
 from vl2cli.results import AskResult, PageResult, Split, failed_page
 from vl2cli.tasks import image_marks
@@ -351,8 +352,9 @@ class Reader:
                 seconds: float) -> PageResult:
         if isinstance(answer, PageFailed):
             return failed_page(page.source, page.number, task.name, str(answer), opts.text)
-        w, h = page.image.size
-        fields, task_flags = task.parse(answer.text, (w, h), opts.text)
+        fields, task_flags = task.parse(answer.text, page.image.size, opts.text)  # boxes on the page as read
+        w, h = page.size_as_given
+        fields = fields_as_given(fields, page.rotation, (w, h))  # ... and as given, where the file's own boxes are
         if task.structured and answer.finish_reason != "stop":  # cut by the budget: never passed off as valid
             fields, task_flags = {**fields, "data": None}, ("incomplete_json",)
         flags = list(answer.flags) + list(task_flags)
@@ -360,7 +362,8 @@ class Reader:
             flags.append("no_text_layer")  # asked for the text layer, but this page has none
         reason = "length" if answer.finish_reason == "context" else answer.finish_reason
         return PageResult(page.source, page.number, task.name, "interrupted" if reason == "interrupted" else "ok",
-                          question=opts.text, width=w, height=h, answer=answer.text, finish_reason=reason,
+                          question=opts.text, width=w, height=h, rotation=page.rotation,
+                          rotation_source=page.rotation_source, answer=answer.text, finish_reason=reason,
                           flags=tuple(dict.fromkeys(flags)), prompt_tokens=answer.prompt_tokens,
                           generated_tokens=answer.generated_tokens, retry_temperature=answer.retry_temperature,
                           seconds=seconds, fields=fields,

@@ -38,8 +38,10 @@ class PageResult:
     task: str
     status: Status
     question: str | None = None  # what was asked: the question (ask) or the query (ground); null otherwise
-    width: int | None = None  # of the page as rendered, in pixels
+    width: int | None = None  # of the page as given (rendered, before any turn), in pixels
     height: int | None = None
+    rotation: int = 0  # clockwise degrees the page was turned by before it was read (0, 90, 180, 270)
+    rotation_source: str | None = None  # what decided the turn: text_layer, osd, user; None: nothing did
     answer: str | None = None  # the model's answer, unedited (loops trimmed to one copy)
     finish_reason: str | None = None  # stop | length | loop | split | text_layer | interrupted
     flags: tuple[str, ...] = ()
@@ -63,7 +65,8 @@ class PageResult:
     def to_json(self) -> dict[str, Any]:
         record: dict[str, Any] = {
             "source": self.source, "page": self.page, "task": self.task, "status": self.status,
-            "question": self.question, "width": self.width, "height": self.height, "answer": self.answer,
+            "question": self.question, "width": self.width, "height": self.height, "rotation": self.rotation,
+            "rotation_source": self.rotation_source, "answer": self.answer,
             "finish_reason": self.finish_reason, "flags": list(self.flags), "prompt_tokens": self.prompt_tokens,
             "generated_tokens": self.generated_tokens, "retry_temperature": self.retry_temperature,
             "seconds": round(self.seconds, 3),

@@ -67,7 +67,7 @@ def render_row(row: dict[str, Any], page_opts: PageOptions) -> dict[str, Any]:
     """A page reference -> its PNG bytes (and text layer), or the reason it cannot be rendered. Runs in a Ray task."""
     source = Source(row["path"], row["label"], kind=row["kind"])
     out = {"i": row["i"], "label": row["label"], "number": row["number"], "png": b"", "text_layer": "",
-           "has_text": False, "error": ""}
+           "has_text": False, "error": "", "rotation": 0, "rotation_source": ""}
     try:
         page = next(render_pages(source, page_opts, [row["number"]]))
     except Exception as exc:  # a damaged page fails alone
@@ -76,7 +76,8 @@ def render_row(row: dict[str, Any], page_opts: PageOptions) -> dict[str, Any]:
         return out
     buffer = io.BytesIO()
     page.image.save(buffer, format="PNG", compress_level=1)  # fast: the bytes live only in the object store
-    out.update(png=buffer.getvalue(), text_layer=page.text_layer or "", has_text=page.text_layer is not None)
+    out.update(png=buffer.getvalue(), text_layer=page.text_layer or "", has_text=page.text_layer is not None,
+               rotation=page.rotation, rotation_source=page.rotation_source or "")
     return out
 
 
@@ -105,15 +106,16 @@ class PageReader:
         from PIL import Image
         pages: list[tuple[int, Page]] = []
         results: dict[int, Any] = {}
-        for i, label, number, png, text, has_text, error in zip(
+        for i, label, number, png, text, has_text, error, rotation, rotation_source in zip(
                 batch["i"], batch["label"], batch["number"], batch["png"], batch["text_layer"], batch["has_text"],
-                batch["error"]):
+                batch["error"], batch["rotation"], batch["rotation_source"]):
             label, number = str(label), int(number)
             if error:
                 results[int(i)] = failed_page(label, number, self.job.task.name, str(error), self.job.read.text)
                 continue
             image = Image.open(io.BytesIO(png)).convert("RGB")
-            pages.append((int(i), Page(label, number, image, text_layer=str(text) if has_text else None)))
+            pages.append((int(i), Page(label, number, image, text_layer=str(text) if has_text else None,
+                                       rotation=int(rotation), rotation_source=str(rotation_source) or None)))
         for i, result in self.reader.read_stream(self.job.task, pages, self.job.read):
             results[i] = result
         order = [int(i) for i in batch["i"]]
@@ -155,7 +157,8 @@ def run_on_ray(job: Job, work: list[PageItem], sink: Sink, summary: Summary, spe
         result = pickle.loads(row["result"])
         page = None
         if row["png"]:
-            page = Page(result.source, result.page, Image.open(io.BytesIO(row["png"])).convert("RGB"))
+            page = Page(result.source, result.page, Image.open(io.BytesIO(row["png"])).convert("RGB"),
+                        rotation=result.rotation, rotation_source=result.rotation_source)
         record_result(sink, summary, item, result, page)
         workers_seen[str(row["worker"])] = workers_seen.get(str(row["worker"]), 0) + 1
         done += 1

@@ -196,7 +196,7 @@ class FolderSink:
         objects = result.fields.get("objects")
         if objects and page is not None and self.boxes_png:
             buf = io.BytesIO()
-            annotate(page.image, objects).save(buf, format="PNG")
+            annotate(page.as_given(), objects).save(buf, format="PNG")  # boxes are on the page as given
             files.append((stem + ".boxes.png", buf.getvalue()))
         for rel, data in files:
             self._check_inside(rel)
@@ -279,12 +279,13 @@ def _crop_figures(stem: str, result: PageResult, page: Page) -> tuple[PageResult
     """DeepSeek-OCR's figure blocks cut from the page as `<stem>.figN.png`; each block then names its file."""
     blocks: list[dict] = []
     files: list[tuple[str, bytes]] = []
+    image = page.as_given()  # the blocks' boxes are on the page as given
     for block in result.fields["blocks"]:
         box = block.get("box")
         if block.get("label") == "image" and box and box[2] > box[0] and box[3] > box[1]:
             rel = f"{stem}.fig{len(files) + 1}.png"
             buf = io.BytesIO()
-            page.image.crop(tuple(box)).save(buf, format="PNG")
+            image.crop(tuple(box)).save(buf, format="PNG")
             files.append((rel, buf.getvalue()))
             block = {**block, "figure": rel.rsplit("/", 1)[-1]}  # beside the page's files
         blocks.append(block)
@@ -299,4 +300,5 @@ def _result_fields(record: dict[str, Any]) -> dict[str, Any]:
                                      "seconds", "error", "grammar")}
     split = record.get("split")
     return {**common, "flags": tuple(record.get("flags", ())), "split": Split(**split) if split else None,
+            "rotation": record.get("rotation", 0), "rotation_source": record.get("rotation_source"),
             "fields": {k: record.get(k) for k in TASK_FIELDS.get(record["task"], {})}}

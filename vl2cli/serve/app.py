@@ -66,7 +66,7 @@ DISCONNECT_CHECK_SECONDS = 0.25  # how often a request that is not streamed look
 DEFAULT_PREFILL_CHUNK = 512  # tokens per prefill step: running decodes wait at most this long for a new prompt
 DOCUMENT_TASKS = ("ocr", "ask", "table", "chart", "ground", "caption", "extract")
 DOCUMENT_FIELDS = {"pages", "dpi", "question", "schema", "fields", "split", "text_layer", "max_tokens",
-                   "temperature", "strict", "password", "ocr_mode", "format"}
+                   "temperature", "strict", "password", "ocr_mode", "format", "rotate"}
 
 
 @dataclass
@@ -482,7 +482,7 @@ def _document_options(server: Server, task: str, words: dict[str, str]) -> tuple
     for word, option in (("dpi", "dpi"), ("max_tokens", "max_new_tokens")):
         if word in words:
             given[option] = _int_word(words, word)
-    for word in ("split", "text_layer", "ocr_mode"):
+    for word in ("split", "text_layer", "ocr_mode", "rotate"):
         if word in words:
             given[word] = words[word]
     if "strict" in words:
