@@ -12,10 +12,11 @@ def test_benchmarks_smoke():
     assert set(results) == {"moe_dispatch", "kv_cache", "batching", "memory", "pages_in", "loading_peak_ram",
                             "cold_start", "decode_step_counts", "constrained_decoding",
                             "ocr_vs_vl2", "continuous_batching", "server_overhead",
-                            "ray_batch"}
+                            "ray_batch", "rotation"}
     assert results["continuous_batching"]["tokens_per_step_ratio_vs_padded"] > 1.0
     assert results["server_overhead"]["server_seconds_per_request"] > 0
     assert results["ray_batch"]["pages_in_index"] == results["ray_batch"]["pages"]
+    assert results["rotation"]["pages"] == 4 and results["rotation"]["text_layer"]["answers"] == [90]
     assert results["ray_batch"]["page_tiles_bytes"] > results["ray_batch"]["page_png_bytes"]
     assert results["loading_peak_ram"]["within_budget"]
     assert results["kv_cache"]["mla_cache_bytes_per_token_small_bf16"] == (512 + 64) * 27 * 2  # measured cache
