@@ -284,3 +284,20 @@ def test_the_missing_tesseract_warning_goes_to_the_log_once(monkeypatch, caplog)
         assert orient.orientation("auto", Image.open(IMG)) == Orientation()
         assert orient.orientation("90", Image.open(IMG)) == Orientation(90, "user")
     assert sum("Tesseract is not installed" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_osd_work_is_bounded_by_the_copy_it_reads_and_a_time_limit(monkeypatch, tmp_path):
+    """Whatever the page, Tesseract reads a grey copy at most OSD_SIDE px long; a Tesseract that hangs is given up on
+    after OSD_TIMEOUT_SECONDS and the page is read as given."""
+    for size, expected in (((12000, 300), (2400, 60)), ((100, 60), (200, 120)), ((1224, 1584), (1855, 2400))):
+        copy = Image.open(io.BytesIO(orient.osd_image(Image.new("RGB", size, "white"))))
+        assert (copy.mode, copy.size) == ("L", expected)
+    hang = tmp_path / "tesseract"
+    hang.write_text("#!/bin/sh\nexec sleep 30\n")
+    hang.chmod(0o755)
+    monkeypatch.setenv(orient.TESSERACT_ENV, str(hang))
+    monkeypatch.setattr(orient, "OSD_TIMEOUT_SECONDS", 0.5)
+    import time
+    start = time.perf_counter()
+    assert orient.orientation("auto", Image.open(IMG)) == Orientation()
+    assert time.perf_counter() - start < 10
