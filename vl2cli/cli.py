@@ -761,6 +761,9 @@ def serve(
     allowed_origins: Annotated[list[str] | None, typer.Option(
         "--allowed-origins", help="Web origins (https://app.example.com) whose pages may use the server from a "
                                   "browser; repeat or separate with commas. Other sites' pages are refused.")] = None,
+    max_tokens_policy: Annotated[str, typer.Option(
+        help="A max_tokens beyond what the context leaves: clamp (lowered to it; finish_reason 'length' if the "
+             "answer reaches it) or refuse (OpenAI's 400 context_length_exceeded).")] = "clamp",
 ) -> None:
     """An OpenAI-compatible server (chat completions with images, streaming, JSON schemas), document endpoints,
     metrics and a page to drop files on.
@@ -776,6 +779,8 @@ def serve(
             raise UsageError(f"{name} {value}: expected a positive number")
     if not 0 <= port <= 65535:
         raise UsageError(f"--port {port}: expected 0..65535")
+    if max_tokens_policy not in ("clamp", "refuse"):
+        raise UsageError(f"--max-tokens-policy {max_tokens_policy}: expected clamp or refuse")
     with StartingUp() as starting:  # then uvicorn handles the signals: the first drains, the second stops now
         try:
             from vl2cli.serve.app import ServeSettings, model_names
@@ -798,7 +803,8 @@ def serve(
     model_id, aliases = model_names(model, folder)
     limits = Limits(max_body_bytes=max_upload_mb * 1024 * 1024, max_image_pixels=max_pixels, max_images=max_images,
                     max_pages=max_pages, max_queue=max_queue, allow_remote_images=allow_remote_images)
-    settings = ServeSettings(model_id, aliases, api_key, limits, max_batch, drain_seconds, origins)
+    settings = ServeSettings(model_id, aliases, api_key, limits, max_batch, drain_seconds, origins,
+                             max_tokens_policy=max_tokens_policy)
     run_server(reader, settings, host, port, ready=lambda url: err(f"vl2: serving {model_id} at {url}/ "
                                                                    "(Ctrl-C drains and stops)"))
 

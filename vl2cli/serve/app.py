@@ -55,6 +55,7 @@ from vl2cli.serve.guard import (
     is_loopback_host,
     too_large,
 )
+from vl2cli.serve.protocol import ModelCard, ModelList
 
 if TYPE_CHECKING:
     from vl2cli.pipeline import PageItem
@@ -65,6 +66,7 @@ log = logging.getLogger("vl2cli")
 DISCONNECT_CHECK_SECONDS = 0.25  # how often a request that is not streamed looks whether its client is still there
 DEFAULT_PREFILL_CHUNK = 512  # tokens per prefill step: running decodes wait at most this long for a new prompt
 DOCUMENT_TASKS = ("ocr", "ask", "table", "chart", "ground", "caption", "extract")
+MAX_TOKENS_POLICIES = ("clamp", "refuse")
 DOCUMENT_FIELDS = {"pages", "dpi", "question", "schema", "fields", "split", "text_layer", "max_tokens",
                    "temperature", "strict", "password", "ocr_mode", "format", "rotate"}
 
@@ -79,6 +81,13 @@ class ServeSettings:
     drain_seconds: float = 30.0
     allowed_origins: tuple[str, ...] = ()  # browser apps elsewhere that may use the server (CORS)
     connections: Connections = field(default_factory=Connections)
+    # an answer budget beyond what the context leaves: lowered to it ("clamp", as vl2's CLI does; clients such as
+    # olmOCR and docling ask for more than a 4k context holds) or refused with OpenAI's 400 ("refuse")
+    max_tokens_policy: str = "clamp"
+
+    def __post_init__(self) -> None:
+        if self.max_tokens_policy not in MAX_TOKENS_POLICIES:
+            raise UsageError(f"max_tokens policy {self.max_tokens_policy!r}: expected clamp or refuse")
 
 
 class Server:
@@ -101,14 +110,16 @@ class Server:
             raise ApiError(404, f"The model {name!r} does not exist: this server serves {self.settings.model_id!r}",
                            kind="invalid_request_error", param="model", code="model_not_found")
 
-    def stop_rule(self, stops: StopText) -> Callable[[list[int], bool], str | None]:
-        """Loops end an answer (finish_reason 'length'); so does a stop string ('stop')."""
+    def stop_rule(self, stops: StopText, bounded: bool) -> Callable[[list[int], bool], str | None]:
+        """Loops end an answer (finish_reason 'length'); so does a stop string ('stop'). Inside a grammar that
+        bounds the answer (a JSON schema sized to the budget) repetition is not a runaway; a client's regex or Lark
+        grammar may loop without end (olmOCR's `[\\s\\S]+`), so there loops are watched as in free text."""
         reader = self.reader
 
         def rule(ids: list[int], constrained: bool) -> str | None:
             if stops.stops and stops.cut(reader.decode(ids))[1]:
                 return "stop"
-            return reader.stop_rule(ids, constrained)
+            return reader.stop_rule(ids, constrained and bounded)
         return rule
 
     def close(self) -> None:
@@ -283,14 +294,16 @@ def _chat_routes(app: FastAPI, server: Server) -> None:
         engine_request.on_token = answer.on_token
         _submit(server, engine_request, answer.on_end)
         model = settings.model_id
+        headers = {} if call.clamped_from is None else {
+            "X-Vl2-Max-Tokens": f"{engine_request.budget}; asked={call.clamped_from}"}
         if call.stream:
             return StreamingResponse(_stream(server, call, engine_request, answer, model),
-                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache", **headers})
         await _until_done(request, server, engine_request, answer)
         text, _ = StopText(call.stop).cut(reader.decode(engine_request.result.ids))
         gen = engine_request.result
         return JSONResponse(completion_body(completion_id(), model, text, gen.finish_reason,
-                                            gen.prompt_tokens, len(gen.ids)))
+                                            gen.prompt_tokens, len(gen.ids)), headers=headers)
 
 
 def _engine_request(server: Server, call: ChatCall) -> EngineRequest:
@@ -307,15 +320,19 @@ def _engine_request(server: Server, call: ChatCall) -> EngineRequest:
     except UsageError as exc:
         raise ApiError(400, str(exc), param="messages") from None
     context = reader.context
-    room = context - len(prepared.input_ids)
+    prompt = len(prepared.input_ids)
+    room = context - prompt
     wanted = call.max_tokens if call.max_tokens is not None else room
-    if room <= 0 or wanted > room:
+    if room <= 0 or (wanted > room and server.settings.max_tokens_policy == "refuse"):
         raise ApiError(400, f"This model's maximum context length is {context} tokens. However, you requested "
-                            f"{len(prepared.input_ids) + wanted} tokens ({len(prepared.input_ids)} in the messages, "
-                            f"{wanted} in the completion). Please reduce the length of the messages or completion.",
+                            f"{prompt + max(wanted, 1)} tokens ({prompt} in the messages, {max(wanted, 1)} in the "
+                            "completion). Please reduce the length of the messages or completion.",
                        param="messages", code="context_length_exceeded")
+    if wanted > room:  # lowered, and said: the answer ends with finish_reason "length" if it reaches the room left
+        call.clamped_from, wanted = wanted, room
     call.params.max_new_tokens = wanted
-    return EngineRequest(prepared, call.params, wanted, call.grammar_for(wanted), server.stop_rule(StopText(call.stop)))
+    return EngineRequest(prepared, call.params, wanted, call.grammar_for(wanted),
+                         server.stop_rule(StopText(call.stop), bounded=call.schema_json is not None))
 
 
 def _submit(server: Server, request: EngineRequest, on_end: Callable[[EngineRequest], None]) -> None:
@@ -645,13 +662,12 @@ def _info_routes(app: FastAPI, server: Server) -> None:
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
-        return {"object": "list", "data": [{"id": settings.model_id, "object": "model", "created": started,
-                                            "owned_by": "vl2"}]}
+        return ModelList(data=[ModelCard(id=settings.model_id, created=started)]).model_dump()
 
     @app.get("/v1/models/{name:path}")
     async def model(name: str) -> dict[str, Any]:
         server.check_model(name)
-        return {"id": settings.model_id, "object": "model", "created": started, "owned_by": "vl2"}
+        return ModelCard(id=settings.model_id, created=started).model_dump()
 
     @app.get("/metrics")
     async def metrics() -> PlainTextResponse:

@@ -65,6 +65,7 @@ class ChatCall:
     messages: list[Message]
     params: SamplingParams
     max_tokens: int | None
+    clamped_from: int | None = None  # the budget asked for, when the context left less room (the header says it)
     stream: bool = False
     include_usage: bool = False
     stop: tuple[str, ...] = ()

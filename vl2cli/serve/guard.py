@@ -15,6 +15,7 @@ import hmac
 import ipaddress
 import json
 import logging
+import uuid
 from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass
 from typing import Any
@@ -33,7 +34,8 @@ Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 OPEN_PATHS = ("/health", "/")  # and /static/: what the page needs before it knows the key
-COUNTED_ROUTES = {"/v1/chat/completions", "/v1/documents/{task}", "/v1/models", "/health", "/metrics", "/"}
+COUNTED_ROUTES = {"/v1/chat/completions", "/v1/documents/{task}", "/v1/models", "/v1/models/{model}", "/health",
+                  "/metrics", "/"}
 
 
 @dataclass(frozen=True)
@@ -101,18 +103,20 @@ class Guard:
             await self.app(scope, receive, send)
             return
         path: str = scope["path"]
-        route = "/v1/documents/{task}" if path.startswith("/v1/documents/") else path
-        route = route if route in COUNTED_ROUTES else "other"  # a client's made-up paths do not grow the table
+        route = counted_route(path)
         self.counts[route] = self.counts.get(route, 0) + 1
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         origin = headers.get("origin")
+        request_id = _request_id(headers)
+        scope.setdefault("state", {})["request_id"] = request_id
         cors = self._cors(origin)
+        extra = {**cors, "x-request-id": request_id}  # every response says which request it answers
         refusal = self._refusal(scope, headers, origin)
         if refusal is not None:
-            await error_response(refusal, cors)(scope, receive, send)
+            await error_response(refusal, extra)(scope, receive, send)
             return
         if cors and scope["method"] == "OPTIONS" and "access-control-request-method" in headers:
-            await _preflight(cors, send)
+            await _preflight(extra, send)
             return
         started = False
 
@@ -120,19 +124,19 @@ class Guard:
             nonlocal started
             if message["type"] == "http.response.start":
                 started = True
-                message["headers"] = [*message.get("headers", []), *((k.encode(), v.encode()) for k, v in cors.items())]
+                message["headers"] = [*message.get("headers", []), *((k.encode(), v.encode()) for k, v in extra.items())]
             await send(message)
         try:
             await self.app(scope, _counted(receive, self.gate.max_body_bytes), counted_send)
         except BodyTooLarge:
             if started:
                 raise
-            await error_response(too_large(self.gate.max_body_bytes), cors)(scope, receive, send)
+            await error_response(too_large(self.gate.max_body_bytes), extra)(scope, receive, send)
         except Exception:
             log.exception("%s %s failed", scope["method"], path)
             if started:  # half an answer is out: the connection is closed, as any server must
                 raise
-            await error_response(internal_error(), cors)(scope, receive, send)
+            await error_response(internal_error(), extra)(scope, receive, send)
 
     def _refusal(self, scope: Scope, headers: dict[str, str], origin: str | None) -> ApiError | None:
         gate, path = self.gate, scope["path"]
@@ -166,8 +170,26 @@ class Guard:
     def _cors(self, origin: str | None) -> dict[str, str]:
         if origin is None or origin.lower() not in self.gate.allowed_origins:
             return {}
-        return {"access-control-allow-origin": origin, "access-control-expose-headers": "X-Vl2-Pages",
-                "vary": "Origin"}
+        return {"access-control-allow-origin": origin, "vary": "Origin",
+                "access-control-expose-headers": "X-Vl2-Pages, X-Vl2-Max-Tokens, X-Request-Id"}
+
+
+def counted_route(path: str) -> str:
+    """The route a path belongs to, as /metrics counts it: a client's made-up paths do not grow the table."""
+    if path.startswith("/v1/documents/"):
+        return "/v1/documents/{task}"
+    if path.startswith("/v1/models/"):
+        return "/v1/models/{model}"
+    return path if path in COUNTED_ROUTES else "other"
+
+
+def _request_id(headers: dict[str, str]) -> str:
+    """The client's own X-Request-Id when it sent a sane one (so its logs and ours meet), else a new one. The openai
+    SDK shows it as `_request_id`."""
+    given = headers.get("x-request-id", "")
+    if 0 < len(given) <= 128 and given.isascii() and given.isprintable():
+        return given
+    return f"req-{uuid.uuid4().hex}"
 
 
 def _hostname(host: str) -> str:
