@@ -20,7 +20,7 @@ import httpx
 import openai
 import pytest
 
-from tests.helpers import DATA, IMG, SAMPLES, TINY, running_server
+from tests.helpers import DATA, IMG, SAMPLES, TINY, running_server, vl2
 
 MODEL = "tiny"
 RECORDED = DATA / "clients"
@@ -151,6 +151,8 @@ def test_refuse_policy_keeps_openai_strictness(module_reader):
     from vl2cli.serve.app import ServeSettings
     with pytest.raises(UsageError, match="clamp or refuse"):
         ServeSettings("tiny", max_tokens_policy="lenient")
+    result = vl2("serve", "--max-tokens-policy", "lenient", tokens=None)
+    assert result.exit_code == 2 and "--max-tokens-policy lenient: expected clamp or refuse" in result.stderr
 
 
 # ---------------------------------------------------------------------------------------------- vLLM's extras
