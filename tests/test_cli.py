@@ -243,6 +243,19 @@ def test_batch_task_ask_without_a_question_names_the_option(tmp_path):
     assert result.exit_code == 2 and 'batch --task ask: give the question with --question "..."' in result.stderr
 
 
+def test_help_says_what_the_readme_says():
+    for command in (["ocr"], ["batch"], ["models", "download"], ["ask"], ["serve"], []):
+        shown = vl2(*command, "--help", model=None, tokens=None).stdout
+        assert "<bool>" not in shown and "<list[str]>" not in shown, command  # flags and inputs take no typed value
+    def words(*command: str) -> str:  # the help's text, its table borders and line wrapping taken out
+        import re
+        return " ".join(re.sub(r"[│╭╮╰╯─]", " ", vl2(*command, "--help", model=None, tokens=None).stdout).split())
+    assert "ocr (DeepSeek-OCR)" in words("ocr") and "ocr (DeepSeek-OCR)" in words("models", "download")
+    batch = vl2("batch", IMG, model=None, tokens=None)
+    assert batch.exit_code == 2 and "Missing option '--out'" in batch.output  # required, as the README says
+    assert "same as -f json" not in vl2("batch", "--help", model=None, tokens=None).stdout
+
+
 def test_text_layer_only_reads_pdf_text(tmp_path):
     from vl2cli.pdfwrite import text_pdf
     pdf = tmp_path / "t.pdf"

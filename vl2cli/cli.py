@@ -56,6 +56,7 @@ class Vl2Group(TyperGroup):
     def main(self, args: Any = None, *rest: Any, **kwargs: Any) -> Any:
         words = list(args) if args is not None else sys.argv[1:]
         self.verbose = any(w in ("-v", "--verbose") for w in words)
+        _plain_help_types(self)
         return super().main(args, *rest, **kwargs)
 
     def invoke(self, ctx: Any) -> Any:  # typer's vendored click Context
@@ -76,6 +77,30 @@ class Vl2Group(TyperGroup):
             err(f"vl2: error: {type(exc).__name__}: {str(exc)[:300]}" + ("" if verbose else
                                                                          " (run with -v for the traceback)"))
             raise typer.Exit(1) from None
+
+
+def _plain_help_types(command: Any) -> None:
+    """typer labels every option in --help with its Python type; `<bool>` on a flag (which takes no value) and
+    `<list[str]>` on the inputs read as if a value were expected. Flags and the inputs show no label."""
+    for sub in getattr(command, "commands", {}).values():
+        _plain_help_types(sub)
+    for param in getattr(command, "params", []):
+        if param.param_type_name == "option" and param.metavar is None and getattr(param, "is_flag", False):
+            param.metavar = ""
+        elif param.param_type_name == "option" and param.metavar is None and hasattr(param, "bare_type") \
+                and param.bare_type().startswith("list["):
+            param.metavar = f"<{param.bare_type()[5:-1]}>"  # a repeatable option takes one value each time
+        elif param.param_type_name == "argument" and param.nargs == -1:
+            param.display_type_rich = lambda ctx: ""  # noqa: ARG005 (typer passes ctx=); typer's argument label ignores metavar
+    if hasattr(command, "get_help_option"):
+        make_help_option = command.get_help_option
+
+        def help_option(ctx: Any) -> Any:  # -h is a flag too, made when help is asked for
+            option = make_help_option(ctx)
+            if option is not None and option.metavar is None:
+                option.metavar = ""
+            return option
+        command.get_help_option = help_option
 
 
 def _traceback_if(verbose: bool) -> None:
@@ -111,7 +136,8 @@ def _root(version_flag: Annotated[bool, typer.Option("--version", callback=_show
     """Read documents locally with DeepSeek-VL2: OCR, questions, tables, charts, grounding."""
 
 
-Model = Annotated[str, typer.Option("--model", "-m", help="Checkpoint folder, tiny/small/base, or hf:ORG/NAME.")]
+Model = Annotated[str, typer.Option("--model", "-m", help="Checkpoint folder, tiny/small/base, ocr (DeepSeek-OCR), "
+                                                          "or hf:ORG/NAME.")]
 Quant = Annotated[str, typer.Option(help="auto (nf4 on CUDA, none on CPU), nf4, int8 or none.")]
 Device = Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N.")]
 Dtype = Annotated[str, typer.Option(help="auto, float32, bfloat16, float16.")]
@@ -121,7 +147,8 @@ PromptFile = Annotated[str | None, typer.Option("--prompt-file", help="A prompt 
 Out = Annotated[Path | None, typer.Option("--out", "-o", help="Write outputs into this folder (resumable).")]
 Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Model details, tracebacks.")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="Only results and errors.")]
-JsonOut = Annotated[bool, typer.Option("--json", help="Machine-readable JSON on stdout (same as -f json).")]
+JsonOut = Annotated[bool, typer.Option("--json", help="Records as one JSON list on stdout (as -f json); with --out, "
+                                                       "the run's summary as JSON.")]
 Pages = Annotated[str | None, typer.Option(help="Pages to read, e.g. 1-3,7,10-.")]
 Dpi = Annotated[int, typer.Option(help="PDF render resolution (see README).")]
 Password = Annotated[str | None, typer.Option(help="Password of encrypted PDFs.")]
@@ -605,15 +632,17 @@ _task_command("extract", "Fields from a JSON Schema, always valid JSON (constrai
 @app.command()
 def batch(
     inputs: Annotated[list[str], typer.Argument(help="Folders, files or globs.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder (required; resumable).")],
     task: Annotated[str, typer.Option(help="ocr, table, chart, ask, ground, caption or extract.")] = "ocr",
-    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder (resumable).")] = Path("results"),
     question: Annotated[str | None, typer.Option(help="Question (ask) or object (ground).")] = None,
     glob: Annotated[str | None, typer.Option(help="Only files matching this pattern in folders.")] = None,
     model: Model = "tiny", quant: Quant = "auto", device: Device = "auto", dtype: Dtype = "auto",
     max_new_tokens: MaxNew = DEFAULT_MAX_NEW_TOKENS, temperature: Temp = 0.0, prompt_file: PromptFile = None,
     fmt: Annotated[str | None, typer.Option("--format", "-f", help="Output format per page (the task's first "
                                                                    "by default).")] = None,
-    verbose: Verbose = False, quiet: Quiet = False, json_out: JsonOut = False, pages: Pages = None,
+    verbose: Verbose = False, quiet: Quiet = False,
+    json_out: Annotated[bool, typer.Option("--json", help="The run's summary as JSON on stdout.")] = False,
+    pages: Pages = None,
     dpi: Dpi = DEFAULT_DPI, password: Password = None, revision: Revision = None, offline: Offline = False,
     batch_size: BatchSize = None, split: Split = "auto", text_layer: TextLayer = "off",
     max_pixels: MaxPixels = DEFAULT_MAX_PIXELS, redo: Redo = "none", schema: SchemaFile = None, fields: Fields = None,
@@ -653,7 +682,9 @@ def ask(
     model: Model = "tiny", quant: Quant = "auto", device: Device = "auto", dtype: Dtype = "auto",
     max_new_tokens: MaxNew = DEFAULT_ASK_TOKENS, temperature: Temp = 0.0, pages: Pages = None, dpi: Dpi = DEFAULT_DPI,
     password: Password = None, chat: Annotated[bool, typer.Option("--chat", help="Keep asking follow-ups.")] = False,
-    verbose: Verbose = False, quiet: Quiet = False, json_out: JsonOut = False, out: Out = None,
+    verbose: Verbose = False, quiet: Quiet = False,
+    json_out: Annotated[bool, typer.Option("--json", help="Each answer's record as one JSON line on stdout.")] = False,
+    out: Out = None,
     revision: Revision = None, offline: Offline = False, max_pixels: MaxPixels = DEFAULT_MAX_PIXELS,
     ocr_mode: OcrMode = "gundam", rotate: Rotate = DEFAULT_ROTATE,
 ) -> None:
@@ -860,7 +891,8 @@ def _trace_ocr(model: str, prompt: str, out: str, images: list[Path], max_new_to
 
 
 @models_app.callback()
-def models(ctx: typer.Context, json_out: JsonOut = False) -> None:
+def models(ctx: typer.Context,
+           json_out: Annotated[bool, typer.Option("--json", help="The table as JSON on stdout.")] = False) -> None:
     """The three variants: parameters, download size, estimated VRAM, and whether each is downloaded."""
     if ctx.invoked_subcommand:
         return
@@ -875,8 +907,9 @@ def models(ctx: typer.Context, json_out: JsonOut = False) -> None:
         return
     from rich.console import Console
     from rich.table import Table
-    table = Table(title="DeepSeek-VL2 variants (VRAM: weights and one page at peak, estimated; cards: largest "
-                        "NF4 batch, - = does not fit)")
+    table = Table(title="DeepSeek-VL2 variants (parameters: every weight, vision encoder and embeddings included; "
+                        "activated: those one token uses; VRAM: weights and one page at peak, estimated; cards: "
+                        "largest NF4 batch, - = does not fit)")
     for col in ("name", "hub id", "total", "activated", "download", "nf4", "bf16", "12 GB", "16 GB", "24 GB", "local"):
         table.add_column(col)
     for r in rows:
@@ -888,7 +921,8 @@ def models(ctx: typer.Context, json_out: JsonOut = False) -> None:
 
 
 @models_app.command("download")
-def models_download(name: Annotated[str, typer.Argument(help="tiny, small, base or a hub id (ORG/NAME).")],
+def models_download(name: Annotated[str, typer.Argument(help="tiny, small, base, ocr (DeepSeek-OCR) or a hub id "
+                                                                                "(ORG/NAME).")],
                     revision: Revision = None) -> None:
     """Download a variant into the Hugging Face cache (safetensors and configs only).
 
