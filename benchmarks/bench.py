@@ -23,15 +23,13 @@ def _decode_step_seconds(model, batch: int, context: int, steps: int) -> float:
     """Mean seconds of one decode step for `batch` rows after `context` cached positions."""
     cfg = model.cfg.language
     cache = KVCache(cfg, batch, context + steps + 1, model.device, model.dtype)
-    cache.key_valid[:, :context] = True
-    cache.length = context
+    cache.set_lengths(0, [context] * batch)
     tokens = torch.zeros(batch, 1, dtype=torch.long)
-    valid = torch.ones(batch, 1, dtype=torch.bool)
     with torch.inference_mode():
-        model.language.logits(model.language(model.language.embed_tokens(tokens), cache, valid))  # warm-up
+        model.language.logits(model.language(model.language.embed_tokens(tokens), cache))  # warm-up
         start = time.perf_counter()
         for _ in range(steps):
-            model.language.logits(model.language(model.language.embed_tokens(tokens), cache, valid)[:, -1])
+            model.language.logits(model.language(model.language.embed_tokens(tokens), cache)[:, -1])
     return (time.perf_counter() - start) / steps
 
 
@@ -359,8 +357,7 @@ def bench_grammar(smoke: bool) -> dict:
     engine = Engine(model, 1, 0)
     steps = 8 if smoke else 32
     cache = KVCache(cfg.language, 1, 512 + steps + 1, model.device, model.dtype)
-    cache.key_valid[:, :512] = True
-    cache.length = 512
+    cache.set_lengths(0, [512])
     tokens = torch.zeros(1, dtype=torch.long)
     logits = engine.decode_step(tokens, cache)  # warm-up
     step_s, mask_s = [], []

@@ -38,8 +38,7 @@ def decode_step_counts(variant: str, batch: int = 1, context: int = 2048) -> dic
     meta = torch.device("meta")
     engine = Engine(model, 1, 0)
     cache = KVCache(cfg.language, batch, context + 2, meta, model.dtype)
-    cache.key_valid[:, :context] = True
-    cache.length = context
+    cache.lengths = [context] * batch  # every row holds `context` positions (the device copy is meta: no values)
     counts: Counter = Counter()
     top_k = cfg.language.num_experts_per_tok or 1
 

@@ -42,18 +42,23 @@ def test_cached_decoding_equals_full_recomputation(variant, page_image):
     """Logits of each decode step equal the logits of running the whole sequence again from scratch."""
     engine = Engine(variant.model, variant.processor.tokenizer.eos_id, variant.processor.tokenizer.pad_id)
     prompt = _prompt(variant, page_image)
-    gen = generate(engine, [prompt], SamplingParams(max_new_tokens=6))[0]
+    steps: list[torch.Tensor] = []
+    gen = generate(engine, [prompt], SamplingParams(max_new_tokens=6), on_logits=lambda _r, x: steps.append(x.clone()))[0]
     ids = gen.ids[:-1] if gen.ids[-1] == engine.eos_id else gen.ids
     full = type(prompt)(prompt.prompt, prompt.input_ids + ids, prompt.image_mask + [False] * len(ids),
                         prompt.pixels, prompt.spatial_crop)
     all_logits, _ = engine.prefill([full], 0, all_logits=True)
     recomputed = all_logits[0, len(prompt.input_ids) - 1:].argmax(-1).tolist()
     assert recomputed[: len(ids)] == ids
+    # every step's logits from the slot cache equal the full recomputation's at that position
+    n = len(prompt.input_ids)
+    torch.testing.assert_close(torch.stack(steps[: len(ids)]), all_logits[0, n - 1:n - 1 + len(ids)],
+                               atol=2e-4, rtol=1e-4)
     # step logits themselves: compare the first decode step with the recomputed position
     _logits, cache = engine.prefill([prompt], 4)
     with torch.inference_mode():
         lm = variant.model.language
-        step = lm.logits(lm(lm.embed_tokens(torch.tensor([[ids[0]]])), cache, torch.ones(1, 1, dtype=torch.bool)))
+        step = lm.logits(lm(lm.embed_tokens(torch.tensor([[ids[0]]])), cache))
     torch.testing.assert_close(step[0, -1], all_logits[0, len(prompt.input_ids)], atol=2e-4, rtol=1e-4)
 
 

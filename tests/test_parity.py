@@ -28,3 +28,12 @@ def test_trace_matches_golden(case, tmp_path):
                              capture_output=True, text=True)
     assert verdict.returncode == 0, verdict.stdout
     assert verdict.stdout.strip().splitlines()[-1].startswith("MATCH")
+    # the decode steps themselves, through the scheduler's slot cache: one row of logits per generated token,
+    # the first from the prefill (the format's last_logits), each choosing the token the trace generated
+    import numpy as np
+    arrays = np.load(tmp_path / "cand.npz")
+    generated = json.loads((tmp_path / "cand.json").read_text())["generated_ids"]
+    steps = arrays["step_logits"]
+    assert steps.dtype == np.float32 and steps.shape == (len(generated), arrays["last_logits"].shape[0])
+    assert steps.argmax(-1).tolist() == generated
+    np.testing.assert_allclose(steps[0], arrays["last_logits"], atol=1e-4, rtol=1e-4)

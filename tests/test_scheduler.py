@@ -130,3 +130,46 @@ def test_a_long_prefill_is_chunked_between_the_running_rows_decode_steps(engine_
     assert len(tokens_during_prefill) == chunks > 10  # one step per chunk, and the running row decoded in each
     assert tokens_during_prefill[:10] == [1] * 10
     assert [running.result.ids, joining.result.ids] == alone
+
+
+def test_the_slot_cache_never_grows_over_hundreds_of_requests_joining_and_leaving(engine_and_prompts, loaded_tiny):
+    """Mixed prompt lengths, budgets and prefill chunks, rows joining and leaving in every order: the cache is
+    allocated once (slots x context), each running row holds exactly its own tokens, and every request gets the
+    greedy tokens it gets alone."""
+    import random
+
+    from vl2cli.engine.generation import SamplingParams
+    from vl2cli.engine.scheduler import Scheduler, generate
+    engine, _ = engine_and_prompts
+    rng = random.Random(26)
+    prompts = [loaded_tiny.processor.prepare_prompt("word " * rng.randrange(1, 40) + f"question {i}", [])
+               for i in range(12)]
+    longest = 24
+    alone = [generate(engine, [p], SamplingParams(max_new_tokens=longest))[0].ids for p in prompts]
+    scheduler = Scheduler(engine, max_batch=4, max_queue=1000, context=160)
+    requests = []
+    for _ in range(240):
+        which = rng.randrange(len(prompts))
+        request = scheduler.submit(prompts[which], SamplingParams(max_new_tokens=rng.randrange(1, longest + 1)))
+        request.prefill_chunk = rng.choice([None, 3, 8])
+        requests.append((which, request))
+    cache, sizes = None, set()
+    while not scheduler.idle:
+        if rng.random() < 0.3 and scheduler.running:  # a client going away mid-answer
+            scheduler.cancel(rng.choice(scheduler.running))
+        scheduler.step()
+        cache = cache or scheduler.cache
+        assert scheduler.cache is cache and cache.capacity == 4 * 160
+        held = [len(r.prompt.input_ids) + len(r.result.ids) - 1 for r in scheduler.running]
+        joining = range(scheduler._join_first, scheduler._join_first + len(scheduler.joining))
+        assert cache.lengths[:len(held)] == held
+        assert not any(n for slot, n in enumerate(cache.lengths) if slot >= len(held) and slot not in joining)
+        assert scheduler.used == sum(cache.lengths) <= cache.capacity
+        sizes.add(len(scheduler.running))
+    assert sizes >= {1, 2, 3, 4} and scheduler.peak_used <= 4 * 160
+    for which, request in requests:
+        ids = request.result.ids
+        if request.result.finish_reason != "cancelled":
+            assert ids == alone[which][:request.budget], (which, request.result.finish_reason)
+        else:
+            assert ids == alone[which][:len(ids)]

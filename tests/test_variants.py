@@ -37,11 +37,11 @@ def test_variant_matches_official_logits(name, tmp_path: Path):
     embeds = torch.randn(1, t, loaded.cfg.language.hidden_size, generator=torch.Generator().manual_seed(1))
     with torch.inference_mode():
         cache = KVCache(loaded.cfg.language, 1, t, "cpu", torch.float32)
-        full = lm.logits(lm(embeds, cache, torch.ones(1, t, dtype=torch.bool)))[0].numpy()
+        full = lm.logits(lm(embeds, cache))[0].numpy()
         cache = KVCache(loaded.cfg.language, 1, t, "cpu", torch.float32)
-        steps = [lm.logits(lm(embeds[:, :-3], cache, torch.ones(1, t - 3, dtype=torch.bool)))[0, -1]]
+        steps = [lm.logits(lm(embeds[:, :-3], cache))[0, -1]]
         for pos in range(t - 3, t):
-            steps.append(lm.logits(lm(embeds[:, pos:pos + 1], cache, torch.ones(1, 1, dtype=torch.bool)))[0, -1])
+            steps.append(lm.logits(lm(embeds[:, pos:pos + 1], cache))[0, -1])
     scale = max(1.0, float(np.abs(ref["full"]).max()))
     assert np.abs(full[ref["rows"]] - ref["full"]).max() / scale <= 2e-4
     assert np.abs(torch.stack(steps).numpy() - ref["steps"]).max() / scale <= 2e-4

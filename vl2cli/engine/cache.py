@@ -1,7 +1,13 @@
-"""Preallocated KV cache. MLA layers keep the normed latent and the rotary key, never expanded K/V.
+"""A fixed KV cache of slots. MLA layers keep the normed latent and the rotary key, never expanded K/V.
 
-The reference (`DynamicCache` through transformers) grows its cache per step; here it is allocated once
-for prompt + answer, and the cache owns the positions: `advance` claims the next positions for a step.
+The reference (`DynamicCache` through transformers) grows its cache per step; here it is allocated once:
+`slots x context` positions per layer. A request holds one slot while it runs; each slot keeps its own length,
+each row writes at its own positions and attends only to its own tokens, so a step's cost and the cache's size
+depend on the rows live now, never on how many requests came before.
+
+A step runs on a contiguous range of slots (`first`, `first + b`): the scheduler keeps its running rows in the
+lowest slots (a row that leaves is replaced by the last one, one row's copy) and prefills joining rows right after
+them, so every read is a view of the buffers, never a gather.
 """
 
 from __future__ import annotations
@@ -15,90 +21,119 @@ if TYPE_CHECKING:
 
 
 class KVCache:
-    """Per layer either K and V [b, Hkv, L, D] (plain attention) or one [b, L, rank + rope] tensor (MLA).
+    """Per layer either K and V [slots, Hkv, context, D] (plain attention) or one [slots, context, rank + rope]
+    tensor (MLA).
 
     MLA stores latent and rotary key side by side so that decode reads them as one key matrix
     (and the latent part as the values) without copying the cache.
     """
 
-    def __init__(self, cfg: LanguageConfig, batch: int, max_len: int, device, dtype: torch.dtype):
-        self.max_len = max_len
+    def __init__(self, cfg: LanguageConfig, slots: int, context: int, device, dtype: torch.dtype):
+        self.slots, self.context = slots, context
         self.time_axis = 1 if cfg.use_mla else 2  # where positions run in each layer's tensors
         self.layers: list[tuple[torch.Tensor, ...]] = []
+        # zeros, not empty: a masked position still multiplies its value by 0, and garbage could be NaN
         for _ in range(cfg.num_hidden_layers):
             if cfg.use_mla:
                 width = (cfg.kv_lora_rank or 0) + cfg.qk_rope_head_dim  # validated positive under MLA
-                self.layers.append((torch.zeros(batch, max_len, width, device=device, dtype=dtype),))
+                self.layers.append((torch.zeros(slots, context, width, device=device, dtype=dtype),))
             else:
-                shape = (batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
+                shape = (slots, cfg.num_key_value_heads, context, cfg.head_dim)
                 self.layers.append((torch.zeros(shape, device=device, dtype=dtype),
                                     torch.zeros(shape, device=device, dtype=dtype)))
-        self.key_valid = torch.zeros(batch, max_len, dtype=torch.bool, device=device)
-        self.length = 0  # positions filled (shared by every row: rows are left-padded)
-        self.start = 0  # where the step in progress writes
+        self.lengths = [0] * slots  # positions each slot holds, on the host (no sync to read them)
+        self._lengths = torch.zeros(slots, dtype=torch.long, device=device)  # the same on the device
+        # on the device once: no per-step copy from the host
+        self._arange = torch.arange(context, device=device)
+        self._slot_index = torch.arange(slots, device=device)[:, None]
+        self._rows = slice(0, 0)
+        self._positions = self._arange[:0]
+        self._start: int | None = 0  # where every row of the step writes, when they agree (a prefill)
+        self._end = 0
 
-    def advance(self, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Claim the next n positions for a step of `valid` [b, n] tokens (False = left padding).
+    @property
+    def capacity(self) -> int:
+        """Positions allocated, all slots."""
+        return self.slots * self.context
 
-        Returns the rotary positions [b, n], which count real tokens only (a padded row computes exactly
-        what it would alone), and the attention mask [b, 1, n, S] over every position up to the step's end.
+    @property
+    def used(self) -> int:
+        """Positions holding live tokens now."""
+        return sum(self.lengths)
+
+    def advance(self, first: int, rows: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Claim the next n positions of slots [first, first + rows) for a step.
+
+        Returns the rotary positions [rows, n] (each row's own: its length so far onwards) and the attention mask
+        [rows, 1, n, S], S the longest row's end: a query sees its own row's keys up to its own position.
         """
-        n = valid.shape[1]
-        start, end = self.length, self.length + n
-        if end > self.max_len:
-            raise RuntimeError(f"KV cache overflow: {end} > {self.max_len} positions")
-        self.key_valid[:, start:end] = valid
-        keys_valid = self.key_valid[:, :end]
-        positions = (keys_valid.long().cumsum(-1)[:, start:] - 1).clamp(min=0)  # [b, n]
-        query_pos = torch.arange(start, end, device=valid.device)
-        key_pos = torch.arange(end, device=valid.device)
-        causal = key_pos[None, :] <= query_pos[:, None]  # [n, S]
-        # A padding query may see only itself, so no row is fully masked (no NaN); real tokens never see padding.
-        mask = (causal[None] & keys_valid[:, None, :]) | (key_pos[None, None, :] == query_pos[None, :, None])
-        self.start, self.length = start, end
+        held = self.lengths[first:first + rows]
+        if len(held) != rows:
+            raise RuntimeError(f"KV cache has {self.slots} slots: no slots {first}..{first + rows - 1}")
+        end = max(held) + n
+        if end > self.context:
+            raise RuntimeError(f"KV cache overflow: {end} > {self.context} positions")
+        self._rows = slice(first, first + rows)
+        self._start = held[0] if min(held) == max(held) else None
+        self._end = end
+        positions = self._lengths[self._rows, None] + self._arange[None, :n]  # [rows, n]
+        mask = self._arange[None, None, :end] <= positions[:, :, None]  # [rows, n, S]
+        self._positions = positions
+        self._lengths[self._rows] += n
+        for slot in range(first, first + rows):
+            self.lengths[slot] += n
         return positions, mask[:, None]
 
+    def _write(self, t: torch.Tensor, new: torch.Tensor) -> None:
+        """Write the step's entries `new` (time on `self.time_axis`, batch first) at each row's positions."""
+        if self._start is not None:  # every row starts at the same position: one slice
+            t[self._rows].narrow(self.time_axis, self._start, new.shape[self.time_axis]).copy_(new)
+            return
+        rows = self._slot_index[self._rows]
+        if self.time_axis == 1:  # [slots, L, W] <- [b, n, W]
+            t[rows, self._positions] = new
+        else:  # [slots, H, L, D] <- [b, H, n, D]: the indexed dims come first
+            t[rows, :, self._positions] = new.transpose(1, 2)
+
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Plain attention: write this step's K, V [b, Hkv, n, D]; return views over every position so far."""
+        """Plain attention: write this step's K, V [b, Hkv, n, D]; return views [b, Hkv, S, D] of the rows."""
         ck, cv = self.layers[layer]
-        ck[:, :, self.start : self.length] = k
-        cv[:, :, self.start : self.length] = v
-        return ck[:, :, : self.length], cv[:, :, : self.length]
+        self._write(ck, k)
+        self._write(cv, v)
+        return ck[self._rows, :, : self._end], cv[self._rows, :, : self._end]
 
     def update_latent(self, layer: int, latent: torch.Tensor, k_pe: torch.Tensor) -> torch.Tensor:
         """MLA: write this step's latent [b, n, r] and rotary key [b, n, rope]; return [b, S, r+rope] (latent first)."""
         (joint,) = self.layers[layer]
-        rank = latent.shape[-1]
-        joint[:, self.start : self.length, :rank] = latent
-        joint[:, self.start : self.length, rank:] = k_pe
-        return joint[:, : self.length]
+        self._write(joint, torch.cat([latent, k_pe], dim=-1))
+        return joint[self._rows, : self._end]
+
+    @torch.inference_mode()
+    def set_lengths(self, first: int, lengths: list[int]) -> None:
+        """Say how many positions slots [first, ...) hold: after a right-padded prefill each row keeps only its own
+        tokens (what lies past its length is never read and is overwritten by its next step)."""
+        self.lengths[first:first + len(lengths)] = lengths
+        self._lengths[first:first + len(lengths)] = torch.tensor(lengths, dtype=torch.long).to(self._lengths.device)
+
+    @torch.inference_mode()
+    def move(self, source: int, target: int) -> None:
+        """Copy one slot's live positions into another (the running rows stay in the lowest slots)."""
+        n = self.lengths[source]
+        for layer in self.layers:
+            for t in layer:
+                t[target].narrow(self.time_axis - 1, 0, n).copy_(t[source].narrow(self.time_axis - 1, 0, n))
+        self.lengths[target] = n
+        self._lengths[target] = self._lengths[source]
+
+    @torch.inference_mode()
+    def free(self, first: int, count: int) -> None:
+        """Give slots back: they hold nothing from now on."""
+        self.lengths[first:first + count] = [0] * count
+        self._lengths[first:first + count] = 0
+
+    def clear(self) -> None:
+        self.free(0, self.slots)
 
     def bytes_per_token(self) -> int:
         """Cache bytes one position of one sequence takes, over all layers (measured on the buffers)."""
-        return sum(t[0].numel() * t.element_size() // self.max_len for layer in self.layers for t in layer)
-
-    @classmethod
-    def merge(cls, caches: list[KVCache], room: int) -> KVCache:
-        """The rows of several caches in one, each right-aligned at the longest one's length, with `room` free
-        positions after it. Keys are stored rotated and positions count valid keys only, so shifting a row to the
-        right (its new left padding invalid) changes nothing it computes: this is how a request joins a batch."""
-        length = max(c.length for c in caches)
-        merged = object.__new__(cls)
-        merged.max_len, merged.time_axis, merged.length, merged.start = length + room, caches[0].time_axis, length, length
-
-        def aligned(t: torch.Tensor, c: KVCache, axis: int) -> torch.Tensor:
-            shape = list(t.shape)
-            shape[axis] = merged.max_len
-            out = t.new_zeros(shape)
-            out.narrow(axis, length - c.length, c.length).copy_(t.narrow(axis, 0, c.length))
-            return out
-
-        merged.layers = [tuple(torch.cat([aligned(c.layers[i][j], c, c.time_axis) for c in caches])
-                               for j in range(len(caches[0].layers[i]))) for i in range(len(caches[0].layers))]
-        merged.key_valid = torch.cat([aligned(c.key_valid, c, 1) for c in caches])
-        return merged
-
-    def select(self, rows: torch.Tensor) -> None:
-        """Keep only these batch rows (finished sequences leave the batch)."""
-        self.layers = [tuple(t[rows] for t in layer) for layer in self.layers]
-        self.key_valid = self.key_valid[rows]
+        return sum(t[0].numel() * t.element_size() // self.context for layer in self.layers for t in layer)

@@ -1,7 +1,7 @@
 """The generation engine: batched prefill (optionally chunked), KV-cached decode, sampling and stop rules.
 
 Ours, not the reference's (which goes through transformers' `generate`): greedy decoding matches it token for
-token (the parity goldens); rows are left-padded. Batching, stop rules and sampling per row live in the scheduler.
+token (the parity goldens); each row keeps its own cache slot. Batching, stop rules and sampling per row live in the scheduler.
 """
 
 from __future__ import annotations
@@ -92,52 +92,74 @@ class Engine:
         self.prefill_chunk = prefill_chunk
         self.grammar_tokenizer = grammar_tokenizer  # llguidance's tokenizer, built on first use
 
+    @property
+    def context(self) -> int:
+        """Positions one sequence may hold (prompt and answer): each cache slot's length."""
+        return self.model.cfg.language.max_position_embeddings
+
+    def new_cache(self, slots: int, context: int | None = None) -> KVCache:
+        return KVCache(self.model.cfg.language, slots, context or self.context, self.model.device, self.model.dtype)
+
     def _batch(self, prompts: list[Prepared]):
-        """Left-pad the prompts into one batch: ids, image mask and validity [b, T] (each model reads its own
-        image inputs from the prompts)."""
+        """Right-pad the prompts into one batch: ids and image mask [b, T] (each model reads its own image inputs
+        from the prompts). Each row's tokens start at position 0; what follows a row's end is never attended to."""
         length = max(len(p.input_ids) for p in prompts)
         b = len(prompts)
         ids = torch.full((b, length), self.pad_id, dtype=torch.long)
         image_mask = torch.zeros(b, length, dtype=torch.bool)
-        valid = torch.zeros(b, length, dtype=torch.bool)
         for row, p in enumerate(prompts):
             n = len(p.input_ids)
-            ids[row, length - n:] = torch.tensor(p.input_ids)
-            image_mask[row, length - n:] = torch.tensor(p.image_mask)
-            valid[row, length - n:] = True
-        return ids, image_mask, valid
+            ids[row, :n] = torch.tensor(p.input_ids)
+            image_mask[row, :n] = torch.tensor(p.image_mask)
+        return ids, image_mask
 
     @torch.inference_mode()
     def prefill(self, prompts: list[Prepared], extra_positions: int, all_logits: bool = False):
-        """Run the prompts; returns (logits [b, V] at the last position or [b, T, V] at all, cache)."""
-        *_, finished = self.prefill_steps(prompts, extra_positions, all_logits)
-        assert finished is not None
-        return finished
+        """Run the prompts in a cache of their own; returns (logits [b, V] at each row's last position or [b, T, V]
+        at all (right-padded), cache)."""
+        cache = self.new_cache(len(prompts), max(len(p.input_ids) for p in prompts) + extra_positions)
+        *_, logits = self.prefill_steps(prompts, cache, 0, all_logits)
+        assert logits is not None
+        return logits, cache
 
-    def prefill_steps(self, prompts: list[Prepared], extra_positions: int,
-                      all_logits: bool = False) -> Iterator[tuple[torch.Tensor, KVCache] | None]:
-        """The prefill a chunk at a time (`prefill_chunk` tokens): None after each chunk but the last, then
-        (logits, cache). A scheduler decodes its running rows between chunks."""
+    def prefill_steps(self, prompts: list[Prepared], cache: KVCache, first: int, all_logits: bool = False,
+                      chunk: int | None = None) -> Iterator[torch.Tensor | None]:
+        """The prefill of slots [first, first + len(prompts)), a chunk at a time (`chunk` tokens, by default the
+        engine's `prefill_chunk`): None after each chunk but the last, then the logits. A scheduler decodes its
+        running rows between chunks."""
+        lengths = [len(p.input_ids) for p in prompts]
         with torch.inference_mode():
-            ids, image_mask, valid = self._batch(prompts)
+            ids, image_mask = self._batch(prompts)
             embeds = self.model.embed_prompts(ids, image_mask, prompts)  # [b, T, d]
             b, t, _ = embeds.shape
-            cache = KVCache(self.model.cfg.language, b, t + extra_positions, self.model.device, self.model.dtype)
-            valid = valid.to(self.model.device)
-        step = self.prefill_chunk or t
-        outputs = []
+            cache.set_lengths(first, [0] * b)
+            last_at = torch.tensor(lengths).to(embeds.device) - 1  # each row's last real position
+        step = chunk or self.prefill_chunk or t
+        outputs: list[torch.Tensor] = []
+        last: torch.Tensor | None = None
         for begin in range(0, t, step):
             with torch.inference_mode():
-                hidden = self.model.language(embeds[:, begin:begin + step], cache, valid[:, begin:begin + step])
-                outputs.append(self.model.language.logits(hidden if all_logits else hidden[:, -1:]))
+                hidden = self.model.language(embeds[:, begin:begin + step], cache, first)
+                if all_logits:
+                    outputs.append(self.model.language.logits(hidden))
+                else:  # keep each row's hidden state at its last real token, in whichever chunk it falls
+                    n = hidden.shape[1]
+                    picked = hidden[torch.arange(b, device=hidden.device), (last_at - begin).clamp(0, n - 1)]
+                    inside = ((last_at >= begin) & (last_at < begin + n))[:, None]
+                    last = picked if last is None else torch.where(inside, picked, last)
             if begin + step < t:
                 yield None
-        logits = torch.cat(outputs, dim=1) if all_logits else outputs[-1][:, -1]
-        yield logits, cache
+        cache.set_lengths(first, lengths)
+        with torch.inference_mode():
+            if all_logits:
+                yield torch.cat(outputs, dim=1)
+            else:
+                assert last is not None
+                yield self.model.language.logits(last)
 
-    def decode_step(self, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        """One token per row [b] -> next-token logits [b, V]; no host sync of its own beyond the MoE layers'."""
+    def decode_step(self, tokens: torch.Tensor, cache: KVCache, first: int = 0) -> torch.Tensor:
+        """One token per row [b] for slots [first, first + b) -> next-token logits [b, V]; no host sync of its own
+        beyond the MoE layers'."""
         embeds = self.model.language.embed_tokens(tokens[:, None])  # [b, 1, d]
-        valid = torch.ones(tokens.shape[0], 1, dtype=torch.bool, device=tokens.device)
-        hidden = self.model.language(embeds, cache, valid)
+        hidden = self.model.language(embeds, cache, first)
         return self.model.language.logits(hidden[:, -1])

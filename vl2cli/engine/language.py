@@ -58,12 +58,10 @@ class LanguageModel(nn.Module):
             self._rope = (inv_freq.to(device), magnitude)
         return self._rope
 
-    def forward(self, embeds: torch.Tensor, cache: KVCache, valid: torch.Tensor) -> torch.Tensor:
-        """Run n new positions [b, n, d] after what the cache holds; returns final hidden states.
-
-        `valid` [b, n] marks real tokens (False = left padding).
-        """
-        positions, mask = cache.advance(valid)
+    def forward(self, embeds: torch.Tensor, cache: KVCache, first: int = 0) -> torch.Tensor:
+        """Run n new positions [b, n, d] for cache slots [first, first + b), after what each slot holds; returns
+        final hidden states."""
+        positions, mask = cache.advance(first, embeds.shape[0], embeds.shape[1])
         cos, sin = rope_cos_sin(*self.rope_table(embeds.device), positions, embeds.dtype)
         # float16 (cards without native bf16, e.g. a T4): DeepSeek-V2's residual stream outgrows 65504, so it is
         # carried in float32 there; every other dtype runs exactly as the reference.

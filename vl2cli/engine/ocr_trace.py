@@ -146,7 +146,7 @@ def _greedy(loaded: LoadedModel, ids: list[int], mask: list[bool], image_embeds:
     embeds = language.embed_tokens(tokens)
     embeds[0, torch.tensor(mask, device=loaded.device)] = image_embeds.to(embeds.dtype)
     cache = KVCache(loaded.cfg.language, 1, len(ids) + steps + 1, loaded.device, embeds.dtype)
-    logits = language.logits(language(embeds, cache, torch.ones(1, len(ids), dtype=torch.bool))[:, -1])
+    logits = language.logits(language(embeds, cache)[:, -1])
     out: list[int] = []
     for _ in range(steps):
         token = int(logits.argmax(-1))
@@ -154,7 +154,7 @@ def _greedy(loaded: LoadedModel, ids: list[int], mask: list[bool], image_embeds:
         if token == loaded.processor.tokenizer.eos_id:
             break
         step = language.embed_tokens(torch.tensor([[token]], device=loaded.device))
-        logits = language.logits(language(step, cache, torch.ones(1, 1, dtype=torch.bool))[:, -1])
+        logits = language.logits(language(step, cache)[:, -1])
     return out
 
 

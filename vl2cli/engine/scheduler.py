@@ -71,6 +71,8 @@ class Request:
     stop_rule: StopRule | None = None
     on_token: Callable[[int], None] | None = None
     tag: Any = None  # the caller's own handle (a page key, a client)
+    prefill_chunk: int | None = None  # tokens per prefill step (None: the engine's default)
+    on_logits: Callable[[torch.Tensor], None] | None = None  # each step's raw logits [V] (a trace records them)
     id: int = 0
     result: Generation = field(default_factory=Generation)
     done: bool = False
@@ -96,15 +98,22 @@ class Request:
 
 
 class Scheduler:
-    def __init__(self, engine: Engine, max_batch: int = 8, max_queue: int = 256):
+    """Steps a running batch over a fixed cache of `max_batch` slots (allocated at the first admission): the running
+    rows hold slots [0, len(running)), the joining rows the slots right after them."""
+
+    def __init__(self, engine: Engine, max_batch: int = 8, max_queue: int = 256, context: int | None = None):
         self.engine, self.max_batch, self.max_queue = engine, max_batch, max_queue
+        self.slots = max_batch  # the cache's rows; max_batch may drop below it for a while (the failure ladder)
+        self.context = context or engine.context
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.joining: list[Request] = []  # being prefilled, a chunk per step
-        self._prefill: Iterator[tuple[torch.Tensor, KVCache] | None] | None = None
+        self._prefill: Iterator[torch.Tensor | None] | None = None
+        self._join_first = 0  # the joining rows' first slot
         self.cache: KVCache | None = None
         self.tokens: torch.Tensor | None = None  # the token each running row feeds next
         self.ids = itertools.count(1)
+        self.peak_used = 0  # the most cache positions live at once
 
     def submit(self, prompt: Prepared, params: SamplingParams, budget: int | None = None,
                grammar: Grammar | None = None, stop_rule: StopRule | None = None,
@@ -125,7 +134,7 @@ class Scheduler:
             self.waiting.append(request)
 
     def cancel(self, request: Request) -> None:
-        """Leave at the next step boundary (a client that disconnected); its cache row is freed then."""
+        """Leave at the next step boundary (a client that disconnected); its cache slot is freed then."""
         request.cancelled = True
 
     @property
@@ -136,6 +145,16 @@ class Scheduler:
     def in_flight(self) -> list[Request]:
         return self.running + self.joining
 
+    @property
+    def capacity(self) -> int:
+        """Cache positions allocated (all slots), 0 before the first admission."""
+        return 0 if self.cache is None else self.cache.capacity
+
+    @property
+    def used(self) -> int:
+        """Cache positions holding live tokens now."""
+        return 0 if self.cache is None else self.cache.used
+
     @torch.inference_mode()
     def step(self) -> list[Request]:
         """Admit waiting requests (a prefill chunk), decode one token for every running row; the requests that ended.
@@ -145,6 +164,7 @@ class Scheduler:
             assert self.cache is not None and self.tokens is not None
             logits = self.engine.decode_step(self.tokens, self.cache)
             ended += self._advance(self.running, logits)
+        self.peak_used = max(self.peak_used, self.used)
         return ended
 
     def run(self) -> None:
@@ -152,30 +172,49 @@ class Scheduler:
             self.step()
 
     def abandon(self) -> list[Request]:
-        """After a failed step: drop the batch's cache and prefill, and hand back the requests that were in flight."""
+        """After a failed step: empty the cache's slots, drop the prefill, and hand back the requests in flight."""
         in_flight = self.in_flight
-        self.running, self.joining, self._prefill, self.cache, self.tokens = [], [], None, None, None
+        self.running, self.joining, self._prefill, self.tokens = [], [], None, None
+        if self.cache is not None:
+            self.cache.clear()
         return in_flight
+
+    def release_cache(self, slots: int) -> None:
+        """Drop the cache (memory is short): the next admission allocates one of `slots` rows."""
+        self.cache, self.slots = None, slots
+
+    def _fits(self, request: Request) -> bool:
+        return len(request.prompt.input_ids) + request.budget <= self.context
 
     def _admit(self) -> list[Request]:
         ended: list[Request] = []
         if self._prefill is None:
-            for request in [r for r in self.waiting if r.cancelled]:
+            for request in [r for r in self.waiting if r.cancelled or not self._fits(r)]:
                 self.waiting.remove(request)
-                request.done, request.result.finish_reason = True, "cancelled"
+                request.done, request.ended_at = True, time.monotonic()
+                if request.cancelled:
+                    request.result.finish_reason = "cancelled"
+                else:  # the caller bounds the budget by the context: this is a caller's bug, failed alone
+                    request.result.finish_reason = "error"
+                    request.failure = Failure(False, f"the prompt ({len(request.prompt.input_ids)} tokens) and its "
+                                                     f"budget ({request.budget}) exceed the {self.context}-token "
+                                                     "context")
                 ended.append(request)
-            while self.waiting and len(self.running) + len(self.joining) < self.max_batch:
+            while self.waiting and len(self.running) + len(self.joining) < min(self.max_batch, self.slots):
                 request = self.waiting.popleft()
                 request.admitted_at = time.monotonic()
                 self.joining.append(request)
             if not self.joining:
                 return ended
-            room = max(r.budget for r in self.joining)
-            self._prefill = self.engine.prefill_steps([r.prompt for r in self.joining], room)
-        finished = next(self._prefill)
-        if finished is None:
+            if self.cache is None:
+                self.cache = self.engine.new_cache(self.slots, self.context)
+            self._join_first = len(self.running)
+            chunks = [r.prefill_chunk for r in self.joining if r.prefill_chunk]
+            self._prefill = self.engine.prefill_steps([r.prompt for r in self.joining], self.cache, self._join_first,
+                                                      chunk=min(chunks) if chunks else None)
+        logits = next(self._prefill)
+        if logits is None:
             return ended
-        logits, cache = finished
         joining, self._prefill = self.joining, None
         for r in joining:
             if r.params.seed is not None:
@@ -187,7 +226,7 @@ class Scheduler:
             if r.params.repetition_penalty != 1.0:
                 r.seen = torch.tensor([i for i, m in zip(r.prompt.input_ids, r.prompt.image_mask) if not m],
                                       dtype=torch.long, device=logits.device)
-        ended += self._advance(joining, logits, cache)
+        ended += self._advance(joining, logits, joining=True)
         self.joining = []  # only now: a step that fails before here hands them back through `abandon`
         return ended
 
@@ -195,6 +234,8 @@ class Scheduler:
         """Each row's next token under its own rules; greedy rows share one argmax and one host sync."""
         for i, request in enumerate(rows):
             row = logits[i:i + 1]
+            if request.on_logits is not None:
+                request.on_logits(row[0])
             if request.seen is not None:
                 apply_repetition_penalty(row, [request.seen], request.params.repetition_penalty)
             if request.masks is not None:
@@ -208,8 +249,9 @@ class Scheduler:
             return logits.argmax(dim=-1).tolist()
         return [int(choose_tokens(logits[i:i + 1], r.params, r.generator)[0]) for i, r in enumerate(rows)]
 
-    def _advance(self, rows: list[Request], logits: torch.Tensor, new_cache: KVCache | None = None) -> list[Request]:
-        """Record each row's next token, end the rows that are done, and keep the batch's cache and tokens in step."""
+    def _advance(self, rows: list[Request], logits: torch.Tensor, joining: bool = False) -> list[Request]:
+        """Record each row's next token, end the rows that are done, and keep the slots and tokens in step: the
+        rows that go on close ranks in the lowest slots (a row that ended gives its slot to one after it)."""
         keep, ended, tokens = [], [], []
         for i, (request, token) in enumerate(zip(rows, self._choose(rows, logits))):
             if self._take(request, token):
@@ -217,29 +259,28 @@ class Scheduler:
                 tokens.append(token)
             else:
                 ended.append(request)
-        kept = [rows[i] for i in keep]
-        device = logits.device
-        if new_cache is not None:  # joining rows: their own cache, merged into the running batch's
-            if keep:
-                new_cache.select(torch.tensor(keep, device=device))
-                self._join(kept, new_cache, torch.tensor(tokens, device=device))
+        assert self.cache is not None
+        first = self._join_first if joining else 0
+        target = len(self.running) if joining else 0  # where the kept rows go
+        order = _close_ranks(keep) if first == target else keep
+        for rank, i in enumerate(order):
+            if first + i != target + rank:
+                self.cache.move(first + i, target + rank)
+        self.cache.free(target + len(keep), first + len(rows) - target - len(keep))
+        kept = [rows[i] for i in order]
+        token_of = dict(zip(keep, tokens))
+        tokens = [token_of[i] for i in order]
+        if not kept:
+            if not joining:
+                self.running, self.tokens = [], None
             return ended
-        self.running = kept
-        if not keep:  # every running row ended: the cache goes with them
-            self.cache, self.tokens = None, None
-            return ended
-        if len(keep) < len(rows) and self.cache is not None:
-            self.cache.select(torch.tensor(keep, device=device))
-        self.tokens = torch.tensor(tokens, device=device)
+        new_tokens = torch.tensor(tokens, device=logits.device)
+        if joining and self.running:
+            assert self.tokens is not None
+            self.running, self.tokens = self.running + kept, torch.cat([self.tokens, new_tokens])
+        else:
+            self.running, self.tokens = kept, new_tokens
         return ended
-
-    def _join(self, rows: list[Request], cache: KVCache, tokens: torch.Tensor) -> None:
-        everyone = self.running + rows
-        room = max(r.budget - len(r.result.ids) for r in everyone) + 1
-        caches = [cache] if self.cache is None else [self.cache, cache]
-        self.cache = KVCache.merge(caches, room)
-        self.tokens = tokens if self.tokens is None else torch.cat([self.tokens, tokens])
-        self.running = everyone
 
     def _take(self, request: Request, token: int) -> bool:
         """Record a token; False when the request ends with it (end token, stop rule, budget, cancel)."""
@@ -267,23 +308,36 @@ class Scheduler:
         return False
 
 
+def _close_ranks(keep: list[int]) -> list[int]:
+    """The kept rows in their new order: each row that ended below len(keep) is replaced by a kept row from
+    above it (one move each), the rest stay where they are."""
+    top = len(keep)
+    movers = iter(i for i in keep if i >= top)
+    kept = set(keep)
+    return [i if i in kept else next(movers) for i in range(top)]
+
+
 def generate(engine: Engine, prompts: list[Prepared], params: SamplingParams,
              on_token: Callable[[int, int], None] | None = None,
              stop_rule: StopRule | None = None, budgets: list[int] | None = None,
              on_finish: Callable[[int], None] | None = None,
-             grammars: list[Grammar | None] | None = None) -> list[Generation]:
+             grammars: list[Grammar | None] | None = None,
+             on_logits: Callable[[int, torch.Tensor], None] | None = None) -> list[Generation]:
     """Generate for a batch of prompts, all prefilled together; each row stops on its own and leaves the batch.
 
     `budgets` caps each row's answer (default: params.max_new_tokens for every row); `on_finish(row)`
-    is called as each row ends, `on_token(row, token)` for each token; `grammars` constrains rows
-    (None for a free row): a constrained row may end only where its grammar is complete.
+    is called as each row ends, `on_token(row, token)` for each token, `on_logits(row, logits)` with each step's
+    raw logits; `grammars` constrains rows (None for a free row): a constrained row may end only where its grammar
+    is complete. The cache is sized for these prompts and budgets alone.
     """
     budgets = budgets or [params.max_new_tokens] * len(prompts)
     grammars = grammars or [None] * len(prompts)
     requests = [Request(p, params, budget, grammar, stop_rule, tag=row,
-                        on_token=None if on_token is None else functools.partial(on_token, row))
+                        on_token=None if on_token is None else functools.partial(on_token, row),
+                        on_logits=None if on_logits is None else functools.partial(on_logits, row))
                 for row, (p, budget, grammar) in enumerate(zip(prompts, budgets, grammars))]
-    scheduler = Scheduler(engine, max_batch=max(1, len(prompts)), max_queue=len(prompts))
+    context = max((len(p.input_ids) + b for p, b in zip(prompts, budgets)), default=1)
+    scheduler = Scheduler(engine, max_batch=max(1, len(prompts)), max_queue=len(prompts), context=context)
     for request in requests:
         if request.budget > 0:
             scheduler.add(request)
@@ -303,7 +357,6 @@ class Runner:
     def __init__(self, engine: Engine, max_batch: int, max_queue: int = 1 << 30):
         self.scheduler = Scheduler(engine, max_batch, max_queue)
         self.engine, self.max_batch = engine, max_batch
-        self.chunk_was = engine.prefill_chunk
         self.retrying: set[int] = set()  # requests put back after an error that was not out-of-memory
 
     @property
@@ -329,6 +382,9 @@ class Runner:
 
     def _after(self, failure: Failure) -> list[Request]:
         in_flight = self.scheduler.abandon()
+        if failure.oom:  # memory is short for the rest of the run too: the next cache has fewer slots
+            self.max_batch = max(1, len(in_flight) // 2) if len(in_flight) > 1 else self.max_batch
+            self.scheduler.release_cache(min(self.scheduler.slots, self.max_batch))
         # The handler has been left and the exception dropped: collect its cycles before retrying.
         gc.collect()
         if torch.cuda.is_available():
@@ -336,11 +392,9 @@ class Runner:
         log.debug("a step failed with %d request(s) in flight: %s", len(in_flight), failure.message)
         if not in_flight:
             return []
-        if len(in_flight) > 1 or (failure.oom and self._chunk_prefill()):
+        if len(in_flight) > 1 or (failure.oom and _chunk_prefill(in_flight[0])):
             self.scheduler.max_batch = max(1, len(in_flight) // 2)
-            if failure.oom:
-                self.max_batch = self.scheduler.max_batch  # memory is short for the rest of the run too
-            else:
+            if not failure.oom:
                 self.retrying |= {r.id for r in in_flight}
             for request in reversed(in_flight):
                 request.reset()
@@ -354,15 +408,17 @@ class Runner:
             self.scheduler.max_batch = self.max_batch
         return in_flight
 
-    def _chunk_prefill(self) -> bool:
-        """Out of memory at a batch of one: chunk the prefill (once); False when it already was."""
-        if self.engine.prefill_chunk is not None and self.engine.prefill_chunk <= OOM_PREFILL_CHUNK:
-            return False
-        self.engine.prefill_chunk = OOM_PREFILL_CHUNK
-        return True
-
     def close(self) -> None:
-        self.engine.prefill_chunk = self.chunk_was
+        """Nothing to restore: what the ladder changes (batch, prefill chunk) belongs to this runner and its
+        requests."""
+
+
+def _chunk_prefill(request: Request) -> bool:
+    """Out of memory at a batch of one: chunk this request's prefill (once); False when it already was."""
+    if request.prefill_chunk is not None and request.prefill_chunk <= OOM_PREFILL_CHUNK:
+        return False
+    request.prefill_chunk = OOM_PREFILL_CHUNK
+    return True
 
 
 class LocalBatch:

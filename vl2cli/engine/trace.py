@@ -1,5 +1,8 @@
 """`vl2 trace`: the prompt, token layout, tiles, logits and greedy tokens of one run, in the parity trace format.
 
+Beside the format's prompt `logits` and `last_logits`, PREFIX.npz holds `step_logits` [generated, vocab] float32:
+the logits each generated token was chosen from, as the scheduler's slot cache produced them.
+
 A text-only prompt records what the reference processor stands in for "no image": `images_spatial_crop`
 `[[0, 0]]` and one zero tile (`pixel_shape` `[1, 3, S, S]`, pixel sums 0), with no image spans. The model itself
 sees no tile at all.
@@ -62,7 +65,10 @@ def run_trace(loaded: LoadedModel, prepared: Prepared, max_new_tokens: int, pref
     engine = Engine(loaded.model, loaded.processor.tokenizer.eos_id, loaded.processor.tokenizer.pad_id)
     logits, _ = engine.prefill([prepared], 0, all_logits=True)
     logits = logits[0].float().cpu().numpy()  # [T, V]
-    gen = generate(engine, [prepared], SamplingParams(max_new_tokens=max_new_tokens))[0]
+    steps: list[np.ndarray] = []  # the logits each generated token was chosen from, through the scheduler's cache
+    gen = generate(engine, [prepared], SamplingParams(max_new_tokens=max_new_tokens),
+                   on_logits=lambda _row, step: steps.append(step.float().cpu().numpy()))[0]
+    step_logits = np.stack(steps) if steps else np.zeros((0, logits.shape[-1]), np.float32)
     n = len(prepared.input_ids)
     positions = list(range(n)) if all_positions else sample_positions(n, prepared.image_mask)
     last = logits[-1]
@@ -88,7 +94,8 @@ def run_trace(loaded: LoadedModel, prepared: Prepared, max_new_tokens: int, pref
     prefix = str(prefix)
     Path(prefix).parent.mkdir(parents=True, exist_ok=True)
     buf = io.BytesIO()
-    np.savez_compressed(buf, logits=logits[positions].astype(np.float32), last_logits=last.astype(np.float32))
+    np.savez_compressed(buf, logits=logits[positions].astype(np.float32), last_logits=last.astype(np.float32),
+                        step_logits=step_logits.astype(np.float32))
     atomic_write_bytes(prefix + ".npz", buf.getvalue())
     atomic_write_text(prefix + ".json", json.dumps(meta, indent=1, ensure_ascii=False))
     return meta
