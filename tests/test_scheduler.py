@@ -173,3 +173,112 @@ def test_the_slot_cache_never_grows_over_hundreds_of_requests_joining_and_leavin
             assert ids == alone[which][:request.budget], (which, request.result.finish_reason)
         else:
             assert ids == alone[which][:len(ids)]
+
+
+def _submit_all(loop, requests, then=None):
+    """Submit, call `then()` (when given), and wait until every request has been answered."""
+    import threading
+    ended = threading.Semaphore(0)
+    for request in requests:
+        loop.submit(request, lambda _r: ended.release())
+    if then is not None:
+        then()
+    for _ in requests:
+        assert ended.acquire(timeout=120), "a request was never answered"
+
+
+def _text_requests(loaded_tiny, n, budget=6, **kwargs):
+    from vl2cli.engine.generation import SamplingParams
+    from vl2cli.engine.scheduler import Request
+    return [Request(loaded_tiny.processor.prepare_prompt(f"question number {i}", []),
+                    SamplingParams(max_new_tokens=budget), budget, **kwargs) for i in range(n)]
+
+
+def test_an_out_of_memory_storm_past_the_queue_bound_never_stops_the_engine_loop(engine_and_prompts, loaded_tiny,
+                                                                                 monkeypatch):
+    """Failed steps put their requests back past the queue bound (it is checked at submit only); a storm of
+    out-of-memory steps and a raising stop rule end with every request answered and the loop up."""
+    import threading
+    import time
+
+    import torch
+
+    from vl2cli.engine.scheduler import EngineLoop
+    engine, _ = engine_and_prompts
+    real, storm = engine.decode_step, iter(range(12))
+    raining = threading.Event()
+
+    def flaky(tokens, cache):
+        if raining.is_set() and next(storm, None) is not None:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.00 GiB")
+        return real(tokens, cache)
+    monkeypatch.setattr(engine, "decode_step", flaky)
+    monkeypatch.setattr(engine, "eos_id", -1)  # every answer runs to its budget
+    loop = EngineLoop(engine, max_batch=4, max_queue=2)
+    try:
+        assert loop.cache_capacity == 4 * engine.context  # allocated up front: the gauge is true from the start
+        first, second = _text_requests(loaded_tiny, 2, budget=40), _text_requests(loaded_tiny, 2, budget=40)
+
+        def more():
+            deadline = time.monotonic() + 30
+            while loop.running < 2 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            _submit_all(loop, second, then=raining.set)  # 4 in flight, then every step fails for a while
+        _submit_all(loop, first, then=more)
+        assert all(r.done for r in first + second) and loop.health() is None
+        raining.clear()
+        assert next(storm, 12) >= 4  # steps failed with 4 in flight, 2, 1, and chunked: each put back past the bound
+        assert {r.result.finish_reason for r in first + second} <= {"length", "error"}
+
+        def broken(ids, constrained):
+            raise ValueError("a stop rule's bug")
+        bad = _text_requests(loaded_tiny, 1, stop_rule=broken)[0]
+        good = _text_requests(loaded_tiny, 1)
+        _submit_all(loop, [bad, *good])
+        assert bad.failure is not None and "stop rule's bug" in bad.failure.message
+        assert all(r.failure is None and len(r.result.ids) == 6 for r in good), [(r.failure, r.result) for r in good]
+        assert loop.health() is None and loop.cache_used == 0
+    finally:
+        loop.drain(1.0)
+
+
+def test_a_dead_or_stalled_engine_thread_is_reported_and_no_caller_waits_forever(engine_and_prompts, loaded_tiny,
+                                                                                 monkeypatch):
+    import threading
+    import time
+
+    from vl2cli.engine.scheduler import Closed, EngineLoop
+    engine, _ = engine_and_prompts
+    real = engine.decode_step
+    slow = threading.Event()
+
+    def stalling(tokens, cache):
+        if slow.is_set():
+            time.sleep(0.6)
+        return real(tokens, cache)
+    monkeypatch.setattr(engine, "decode_step", stalling)
+    loop = EngineLoop(engine, max_batch=2, max_queue=8, stall_seconds=0.3)
+    try:
+        slow.set()
+        request = _text_requests(loaded_tiny, 1, budget=4)[0]
+        loop.submit(request, lambda _r: None)
+        deadline = time.monotonic() + 30
+        while loop.health() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert "no step for" in (loop.health() or "")
+        slow.clear()
+        while not request.done and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert request.done and loop.health() is None
+    finally:
+        loop.drain(1.0)
+
+    loop = EngineLoop(engine, max_batch=2, max_queue=8)
+    monkeypatch.setattr(loop.runner, "step", lambda: (_ for _ in ()).throw(SystemExit("killed")))
+    waiting = _text_requests(loaded_tiny, 3)
+    _submit_all(loop, waiting)  # every caller is told, none waits forever
+    assert all(r.failure is not None and "engine thread stopped" in r.failure.message for r in waiting)
+    loop._thread.join(5)
+    assert "stopped" in (loop.health() or "")
+    with pytest.raises(Closed):
+        loop.submit(_text_requests(loaded_tiny, 1)[0], lambda _r: None)

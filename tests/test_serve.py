@@ -338,3 +338,22 @@ def test_vl2_serve_starts_answers_and_stops_on_ctrl_c():
         assert "Traceback" not in proc.stderr.read()
     finally:
         proc.kill()
+
+
+def test_health_is_503_with_the_reason_when_the_engine_thread_is_gone(module_reader, monkeypatch):
+    """The engine gauges tell the cache's size and use; a dead engine thread is a 503 with its reason, and
+    vl2_engine_up says 0."""
+    from tests.helpers import running_server
+    with running_server(module_reader, max_batch=2) as (url, server):
+        text = httpx.get(url + "/metrics").text
+        values = {line.split()[0]: float(line.split()[1]) for line in text.splitlines() if not line.startswith("#")}
+        assert values["vl2_engine_up"] == 1
+        assert values["vl2_kv_cache_capacity_tokens"] == 2 * module_reader.engine.context
+        assert values["vl2_kv_cache_used_tokens"] == 0
+        monkeypatch.setattr(server.loop.runner, "step", lambda: (_ for _ in ()).throw(SystemExit("killed")))
+        body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+        assert _post(url, "/v1/chat/completions", json=body).status_code == 500  # answered, not left waiting
+        health = httpx.get(url + "/health")
+        assert health.status_code == 503 and "engine thread has stopped" in health.json()["reason"]
+        assert "vl2_engine_up 0" in httpx.get(url + "/metrics").text
+        _error_shape(_post(url, "/v1/chat/completions", json=body), 503)

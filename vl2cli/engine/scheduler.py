@@ -179,6 +179,11 @@ class Scheduler:
             self.cache.clear()
         return in_flight
 
+    def reserve(self) -> None:
+        """Allocate the cache now rather than at the first admission."""
+        if self.cache is None:
+            self.cache = self.engine.new_cache(self.slots, self.context)
+
     def release_cache(self, slots: int) -> None:
         """Drop the cache (memory is short): the next admission allocates one of `slots` rows."""
         self.cache, self.slots = None, slots
@@ -206,8 +211,8 @@ class Scheduler:
                 self.joining.append(request)
             if not self.joining:
                 return ended
-            if self.cache is None:
-                self.cache = self.engine.new_cache(self.slots, self.context)
+            self.reserve()
+            assert self.cache is not None
             self._join_first = len(self.running)
             chunks = [r.prefill_chunk for r in self.joining if r.prefill_chunk]
             self._prefill = self.engine.prefill_steps([r.prompt for r in self.joining], self.cache, self._join_first,
@@ -467,17 +472,24 @@ class LoopStats:
 
 
 class EngineLoop:
-    """One thread owns the model: callers submit requests from any thread and are told as each ends."""
+    """One thread owns the model: callers submit requests from any thread and are told as each ends.
 
-    def __init__(self, engine: Engine, max_batch: int, max_queue: int):
-        self.runner = Runner(engine, max_batch, max_queue)
-        self.max_queue = max_queue
+    The thread cannot die silently: a failing step goes through the runner's ladder, and anything else that goes
+    wrong fails the requests it holds (each caller is told) and the loop goes on. `health` says whether the thread
+    is alive and stepping: work in hand but no step for `stall_seconds` is a stall."""
+
+    def __init__(self, engine: Engine, max_batch: int, max_queue: int, stall_seconds: float = 60.0):
+        self.runner = Runner(engine, max_batch)  # unbounded inside: the bound is checked at submit only
+        self.max_queue, self.stall_seconds = max_queue, stall_seconds
         self.stats = LoopStats()
         self._inbox: deque[tuple[Request, Callable[[Request], None]]] = deque()
         self._watchers: dict[int, Callable[[Request], None]] = {}
         self._wake = threading.Condition()
         self._closed = self._abort = False
-        self._thread = threading.Thread(target=self._loop, daemon=True, name="vl2-engine")
+        self.last_step = time.monotonic()  # when the thread last finished a step (or went idle)
+        self.stopped: str | None = None  # why the thread ended, when it did
+        self._allocate()
+        self._thread = threading.Thread(target=self._run, daemon=True, name="vl2-engine")
         self._thread.start()
 
     def submit(self, request: Request, on_end: Callable[[Request], None]) -> None:
@@ -485,6 +497,8 @@ class EngineLoop:
         with self._wake:
             if self._closed:
                 raise Closed("the server is shutting down")
+            if not self._thread.is_alive():
+                raise Closed(f"the engine thread has stopped ({self.stopped or 'unknown reason'})")
             waiting = len(self._inbox) + len(self.runner.scheduler.waiting)
             if waiting >= self.max_queue:
                 raise QueueFull(f"{waiting} requests are waiting (the bound is {self.max_queue})")
@@ -508,6 +522,26 @@ class EngineLoop:
     def running(self) -> int:
         return len(self.runner.scheduler.in_flight)
 
+    @property
+    def cache_capacity(self) -> int:
+        """KV cache positions allocated, all slots."""
+        return self.runner.scheduler.capacity
+
+    @property
+    def cache_used(self) -> int:
+        """KV cache positions holding live tokens now."""
+        return self.runner.scheduler.used
+
+    def health(self) -> str | None:
+        """None when the engine is up; else why not (the thread is gone, or it has work but makes no step)."""
+        if not self._thread.is_alive():
+            return "the engine thread has stopped" + (f": {self.stopped}" if self.stopped else "")
+        busy = self.queue_depth or self.running
+        quiet = time.monotonic() - self.last_step
+        if busy and quiet > self.stall_seconds:
+            return f"the engine has made no step for {quiet:.0f} s with {busy} request(s) in hand"
+        return None
+
     def drain(self, seconds: float) -> int:
         """Stop taking requests; the queued ones end at once ('cancelled'), those running may finish within
         `seconds`, then they are cancelled too. Returns how many were queued. The engine thread does the cancelling:
@@ -523,10 +557,19 @@ class EngineLoop:
         self._thread.join(timeout=max(1.0, seconds))
         return queued
 
+    def _run(self) -> None:
+        try:
+            self._loop()
+        except BaseException as exc:  # not an Exception (those are handled per step): tell every caller, then end
+            self.stopped = f"{type(exc).__name__}: {str(exc)[:200]}"
+            log.error("the engine thread stops: %s", self.stopped)
+            self._tell(self._fail_everything(Failure(False, f"the engine thread stopped ({self.stopped})")))
+
     def _loop(self) -> None:
         while True:
             with self._wake:
                 while not self._inbox and self.runner.idle and not self._closed:
+                    self.last_step = time.monotonic()
                     self._wake.wait()
                 if self._closed and not self._inbox and self.runner.idle:
                     return
@@ -542,18 +585,54 @@ class EngineLoop:
                 for request in (scheduler.in_flight if self._abort else ()):
                     request.cancelled = True  # the drain's time is up
             started, decoding = time.perf_counter(), bool(self.runner.scheduler.running)
-            ended = self.runner.step()
+            try:
+                ended = self.runner.step()
+            except Exception as exc:  # the ladder itself failed: fail what it holds, never the thread
+                log.exception("an engine step failed outside the failure ladder")
+                ended = self._fail_everything(Failure(is_oom(exc), f"{type(exc).__name__}: {str(exc)[:200]}"))
+            self.last_step = time.monotonic()
             if decoding:
                 self.stats.step_seconds += time.perf_counter() - started
                 self.stats.steps += 1
-            for request in ended:
-                self.stats.generated_tokens += len(request.result.ids)
-                self.stats.failed += request.failure is not None
-                self.stats.cancelled += request.result.finish_reason == "cancelled"
-                try:
-                    self._watchers.pop(request.id)(request)
-                except Exception:  # a caller's bug must not stop the thread every other caller waits on
-                    log.exception("an engine loop watcher failed")
+            self._tell(ended)
+
+    def _allocate(self) -> None:
+        """The cache up front: its size is known from the start (a gauge) and a card too small for it says so at once."""
+        try:
+            with torch.inference_mode():
+                self.runner.scheduler.reserve()
+        except Exception as exc:
+            log.warning("the KV cache could not be allocated up front (%s): it will be at the first request", exc)
+            self.runner.scheduler.release_cache(self.runner.scheduler.slots)
+
+    def _fail_everything(self, failure: Failure) -> list[Request]:
+        """Every request the runner holds ends with `failure`; the runner starts over empty."""
+        scheduler = self.runner.scheduler
+        failed = scheduler.abandon() + list(scheduler.waiting)
+        scheduler.waiting.clear()
+        with self._wake:
+            for request, on_end in self._inbox:
+                request.id = request.id or next(scheduler.ids)
+                self._watchers[request.id] = on_end
+                failed.append(request)
+            self._inbox.clear()
+        for request in failed:
+            request.done, request.failure, request.ended_at = True, failure, time.monotonic()
+            request.result.finish_reason = "error"
+        return failed
+
+    def _tell(self, ended: list[Request]) -> None:
+        for request in ended:
+            self.stats.generated_tokens += len(request.result.ids)
+            self.stats.failed += request.failure is not None
+            self.stats.cancelled += request.result.finish_reason == "cancelled"
+            watcher = self._watchers.pop(request.id, None)
+            if watcher is None:
+                continue
+            try:
+                watcher(request)
+            except Exception:  # a caller's bug must not stop the thread every other caller waits on
+                log.exception("an engine loop watcher failed")
 
 
 class LoopBatch:

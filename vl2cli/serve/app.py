@@ -340,8 +340,10 @@ def _submit(server: Server, request: EngineRequest, on_end: Callable[[EngineRequ
         server.loop.submit(request, on_end)
     except QueueFull as exc:
         raise _busy(exc) from None
-    except Closed:
-        raise _shutting_down() from None
+    except Closed as exc:  # shutting down, or the engine thread is gone (its reason)
+        if server.draining:
+            raise _shutting_down() from None
+        raise ApiError(503, str(exc), kind="server_error", code="engine_down") from None
 
 
 def _busy(why: object) -> ApiError:
@@ -656,8 +658,12 @@ async def _run_document(http: Request, server: Server, planned: _DocumentJob, st
 def _info_routes(app: FastAPI, server: Server) -> None:
     settings, started = server.settings, int(time.time())
 
-    @app.get("/health")
-    async def health() -> dict[str, Any]:
+    @app.get("/health", response_model=None)
+    async def health() -> dict[str, Any] | JSONResponse:
+        """503 with the reason when the engine thread is gone or has work but makes no step (as TGI's does)."""
+        down = server.loop.health()
+        if down is not None:
+            return JSONResponse({"status": "unavailable", "reason": down, "model": settings.model_id}, 503)
         return {"status": "draining" if server.draining else "ok", "model": settings.model_id}
 
     @app.get("/v1/models")
@@ -696,6 +702,11 @@ def _metrics(server: Server) -> str:
         ("vl2_time_per_output_token_seconds", "gauge", "Mean seconds per decode step (each running request "
                                                         "gets one token per step)", round(tpot, 6)),
         ("vl2_decode_steps_total", "counter", "Decode steps run", s.steps),
+        ("vl2_engine_up", "gauge", "1 while the engine thread is alive and stepping, else 0 (see /health)",
+         int(server.loop.health() is None)),
+        ("vl2_kv_cache_capacity_tokens", "gauge", "KV cache positions allocated, all slots (batch slots x context)",
+         server.loop.cache_capacity),
+        ("vl2_kv_cache_used_tokens", "gauge", "KV cache positions holding live tokens now", server.loop.cache_used),
     ]
     out = []
     for name, kind, text, value in lines:
