@@ -108,3 +108,22 @@ def test_package_data_is_found_through_importlib_resources(path):
     from importlib.resources import files
     package, _, name = path.rpartition("/")
     assert files(package.replace("/", ".")).joinpath(name).is_file()
+
+
+@pytest.mark.slow
+def test_the_readme_openai_example_runs_as_written_against_any_checkpoint(monkeypatch):
+    """The README's openai example reads the model id from /v1/models, so it works whatever checkpoint is served
+    (a local folder's id is its name, not the hub id)."""
+    from tests.helpers import running_server
+    from vl2cli.engine.loading import load_model
+    from vl2cli.reader import Reader
+    example = re.search(r"The `openai` client:\n\n```python\n(.*?)```", README.read_text(), re.S)
+    assert example, "README has no openai example"
+    reader = Reader(load_model(TINY, device="cpu", dtype="float32", quant="none"))
+    printed: list = []
+    monkeypatch.setattr("builtins.print", lambda *args, **kwargs: printed.append(args))
+    with running_server(reader) as (url, _server):
+        code = example.group(1).replace("http://127.0.0.1:8000", url).replace("max_tokens=300", "max_tokens=100")
+        code = code.replace('"samples/invoice.png"', repr(IMG))
+        exec(compile(code, "README.md", "exec"), {})
+    assert printed
