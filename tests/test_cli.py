@@ -256,6 +256,19 @@ def test_help_says_what_the_readme_says():
     assert "same as -f json" not in vl2("batch", "--help", model=None, tokens=None).stdout
 
 
+def test_whole_document_files_separate_pages_as_stdout_does(tmp_path):
+    from vl2cli.pdfwrite import text_pdf
+    pdf = tmp_path / "d.pdf"
+    pdf.write_bytes(text_pdf("Page", pages=2))
+    printed = vl2("ocr", str(pdf), "-f", "text", "--text-layer", "only").stdout
+    assert printed.startswith("--- page 1: ") and "\n--- page 2: " in printed
+    assert vl2("ocr", str(pdf), "-f", "text", "--text-layer", "only", "--out", str(tmp_path / "o")).exit_code == 0
+    text = (tmp_path / "o" / "d.pdf.ocr.txt").read_text()
+    assert text.startswith("--- page 1 ---\n") and "\n--- page 2 ---\n" in text
+    single = vl2("ocr", str(pdf), "-f", "text", "--text-layer", "only", "--pages", "2").stdout
+    assert "--- page" not in single  # one page prints bare: `vl2 ocr scan.png > scan.txt` is the page itself
+
+
 def test_text_layer_only_reads_pdf_text(tmp_path):
     from vl2cli.pdfwrite import text_pdf
     pdf = tmp_path / "t.pdf"

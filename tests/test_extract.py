@@ -211,6 +211,12 @@ def test_per_document_merging_csv_and_batch_resume(tmp_path):
     again = vl2("batch", str(tmp_path / "in"), "--task", "extract", *fields, "--out", str(out), "--json", tokens=200)
     assert json.loads(again.stdout)["pages_skipped"] == 3
     assert all(e["status"] == "ok" for e in index_entries(out))
+    csv_folder = tmp_path / "csv"  # -f csv with --out: the document gets its row beside its merged record
+    per_doc = vl2("extract", str(tmp_path / "in" / "two.pdf"), *fields, "--per", "document", "-f", "csv", "--out",
+                  str(csv_folder), tokens=200)
+    assert per_doc.exit_code == 0, per_doc.output
+    rows = (csv_folder / "two.pdf.extract.csv").read_text().splitlines()
+    assert rows[0] == "source,page,number,lines" and len(rows) == 2 and rows[1].split(",")[1] == "0"
 
 
 def test_merge_rule():

@@ -308,7 +308,7 @@ def _read_on_ray(req: ReadRequest, job: Job, work: list[PageItem], sink: Any, su
     spec = ModelSpec(str(folder.resolve()), req.choice.device, req.choice.dtype, req.choice.quant)
     with RayInterrupts() as stop, ProgressReporter(req.quiet) as progress:
         run_work_on_ray(req.ray or "local", job, work, sink, summary, spec, req.workers, req.gpus_per_worker,
-                        progress, stop)
+                        progress, stop, req.verbose)
 
 
 def _folder_sink(req: ReadRequest, job: Job) -> Any:

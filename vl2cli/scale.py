@@ -43,15 +43,19 @@ class ModelSpec:
     quant: str
 
 
-def connect(address: str) -> bool:
+def connect(address: str, verbose: bool = False) -> bool:
     """Start or join Ray: 'local' starts an instance on this machine (True: ours to shut down), 'auto' joins the
-    cluster this machine is part of, anything else is a cluster address."""
+    cluster this machine is part of, anything else is a cluster address. Unless `verbose`, Ray keeps its own
+    progress blocks and log lines to its log files (vl2 reports pages, failures and the summary itself)."""
     try:
         import ray
     except ImportError:
         raise UsageError("--ray needs Ray Data: pip install 'vl2cli[ray]'") from None
     if ray.is_initialized():
         return False
+    if not verbose:  # the driver's C++ core worker reads this when ray.init starts it; the user's own value wins
+        os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")
+    logging.getLogger("ray").setLevel(logging.INFO if verbose else logging.CRITICAL)
     options: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False, "configure_logging": False}
     try:
         if address == "local":
@@ -125,7 +129,8 @@ class PageReader:
 
 
 def run_on_ray(job: Job, work: list[PageItem], sink: Sink, summary: Summary, spec: ModelSpec, workers: int,
-               gpus_per_worker: float | None, progress: Progress | None = None, stop: StopFlag | None = None) -> None:
+               gpus_per_worker: float | None, progress: Progress | None = None, stop: StopFlag | None = None,
+               verbose: bool = False) -> None:
     """Read `work` on the connected Ray cluster; each result goes to `sink` on this process as it arrives."""
     import ray
     from PIL import Image
@@ -143,8 +148,13 @@ def run_on_ray(job: Job, work: list[PageItem], sink: Sink, summary: Summary, spe
     threads = max(1, int(cpus // workers)) if not per_gpu else 0
     ds: Any = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows), 16 * workers)))
     ds = ds.map(render_row, fn_kwargs={"page_opts": job.pages}, num_cpus=0.25)
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = context.print_on_execution_start = verbose
+    for handler in logging.getLogger("ray.data").handlers:  # Ray Data's own console handler; its log file keeps all
+        if isinstance(handler, logging.StreamHandler):
+            handler.setLevel(logging.INFO if verbose else logging.CRITICAL)
     ds = ds.map_batches(PageReader, fn_constructor_args=(spec, job, threads), batch_size=job.read.batch_size,
-                        concurrency=workers, num_cpus=actor_cpus, num_gpus=per_gpu)
+                        compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=actor_cpus, num_gpus=per_gpu)
     # Ray Data's actor pool restarts a dead actor without limit and retries its batch (max_restarts and
     # max_task_retries -1 by default; tests/test_ray.py kills one mid-run).
     started, done = time.perf_counter(), 0
@@ -171,13 +181,13 @@ def run_on_ray(job: Job, work: list[PageItem], sink: Sink, summary: Summary, spe
 
 def run_work_on_ray(address: str, job: Job, work: list[PageItem], sink: Sink, summary: Summary, spec: ModelSpec,
                     workers: int, gpus_per_worker: float | None, progress: Progress | None = None,
-                    stop: StopFlag | None = None) -> None:
+                    stop: StopFlag | None = None, verbose: bool = False) -> None:
     """Connect (or start a local instance), read, and shut down what we started."""
     if workers < 1:
         raise UsageError(f"--workers {workers}: expected a positive number")
-    ours = connect(address)
+    ours = connect(address, verbose)
     try:
-        run_on_ray(job, work, sink, summary, spec, workers, gpus_per_worker, progress, stop)
+        run_on_ray(job, work, sink, summary, spec, workers, gpus_per_worker, progress, stop, verbose)
     finally:
         if ours:
             import ray

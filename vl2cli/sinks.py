@@ -217,7 +217,7 @@ class FolderSink:
             if self.job.task.whole_document and self.job.fmt in ("markdown", "text"):
                 written += [self._write_document(s) for s in sources if self._any_done(s)]
             if self.per_document:
-                written += [self._write_merged(s) for s in sources if self._any_done(s)]
+                written += [rel for s in sources if self._any_done(s) for rel in self._write_merged(s)]
         finally:
             self.lock.release()
         return written
@@ -255,23 +255,32 @@ class FolderSink:
         atomic_write_text(self.out / RESULTS_NAME, "\n".join(lines) + ("\n" if lines else ""))
         return RESULTS_NAME
 
-    def _write_merged(self, source: Source) -> str:
-        """extract --per document: one record for the document, from its pages' records on disk (resumed runs too)."""
+    def _write_merged(self, source: Source) -> list[str]:
+        """extract --per document: one record for the document, from its pages' records on disk (resumed runs too);
+        with -f csv also its row (header and one line), as the pages get theirs."""
         from vl2cli.extract import merged_result
         results = [PageResult(**_result_fields(record)) for _, _, record in self._page_records(source)
                    if record is not None]
-        return self._write_whole(source, ".json", self.job.task.render(merged_result(results), "json") + "\n")
+        merged = merged_result(results)
+        written = [self._write_whole(source, ".json", self.job.task.render(merged, "json") + "\n")]
+        if self.job.fmt == "csv":
+            written.append(self._write_whole(source, ".csv", self.job.task.csv_lines(  # type: ignore[attr-defined]
+                [merged], self.job.read.schema_json)))
+        return written
 
     def _write_document(self, source: Source) -> str:
-        """The pages of one document in order, each opened by a `<!-- page N -->` line."""
+        """The pages of one document in order, each opened by a line `<!-- page N -->` (markdown) or
+        `--- page N ---` (text), as the pages are separated on stdout."""
+        def opening(number: int, why: str | None = None) -> str:
+            said = f"page {number}" + (f": {why}" if why else "")
+            return f"--- {said} ---" if self.job.fmt == "text" else f"<!-- {said} -->"
         parts = []
         for number, entry, record in self._page_records(source):
             if record is None:
-                why = (entry or {}).get("error") or "not read yet"
-                parts.append(f"<!-- page {number}: {why} -->\n")
+                parts.append(opening(number, (entry or {}).get("error") or "not read yet") + "\n")
                 continue
             text = self.job.task.render(PageResult(**_result_fields(record)), self.job.fmt)
-            parts.append(f"<!-- page {number} -->\n{text.rstrip()}\n")
+            parts.append(f"{opening(number)}\n{text.rstrip()}\n")
         return self._write_whole(source, self.job.task.extension(self.job.fmt), "\n".join(parts))
 
 
