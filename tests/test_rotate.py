@@ -301,3 +301,11 @@ def test_osd_work_is_bounded_by_the_copy_it_reads_and_a_time_limit(monkeypatch, 
     start = time.perf_counter()
     assert orient.orientation("auto", Image.open(IMG)) == Orientation()
     assert time.perf_counter() - start < 10
+
+
+def test_a_detection_failure_never_fails_the_page(monkeypatch, tmp_path):
+    def broken(*_args, **_kwargs):
+        raise ValueError("a Tesseract answer nobody expected")
+    monkeypatch.setattr(orient, "run_osd", broken)
+    page = next(iter_pages(IMG))
+    assert (page.rotation, page.rotation_source) == (0, None) and page.image.size == (300, 200)

@@ -174,11 +174,13 @@ def _warn_once(why: str) -> None:
 def osd_image(image: Image.Image, side: int = OSD_SIDE) -> bytes:
     """The copy OSD reads: grey, `side` px on its long side (enlarged at most OSD_MAX_ENLARGE times), as PGM bytes
     (no compression cost)."""
+    scale = min(side / max(image.size), OSD_MAX_ENLARGE)
+    if scale < 1:  # shrink first, then go grey: a huge scan is never copied at full size
+        image = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))),
+                             Image.Resampling.BOX, reducing_gap=2.0)
     grey = image.convert("L")
-    scale = min(side / max(grey.size), OSD_MAX_ENLARGE)
-    if scale != 1:
-        grey = grey.resize((max(1, round(grey.width * scale)), max(1, round(grey.height * scale))),
-                           Image.Resampling.BOX if scale < 1 else Image.Resampling.BICUBIC)
+    if scale > 1:
+        grey = grey.resize((round(grey.width * scale), round(grey.height * scale)), Image.Resampling.BICUBIC)
     buffer = io.BytesIO()
     grey.save(buffer, format="PPM")
     return buffer.getvalue()
@@ -225,7 +227,11 @@ def orientation(rotate: str, image: Image.Image, text_rotation: int | None = Non
         return Orientation(int(rotate), "user")
     if text_rotation is not None:
         return Orientation(text_rotation, "text_layer")
-    answer = run_osd(image)
+    try:
+        answer = run_osd(image)
+    except Exception as exc:  # detection never fails a page: it is read as given
+        log.debug("rotation detection failed (%s: %s): page read as given", type(exc).__name__, exc)
+        return Orientation()
     if answer is None or answer.confidence < OSD_MIN_CONFIDENCE:
         return Orientation()
     return Orientation(answer.rotation, "osd")
