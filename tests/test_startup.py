@@ -38,9 +38,9 @@ def test_help_usage_errors_and_models_never_import_the_engine(args):
     assert not loaded & set(HEAVY), sorted(loaded & set(HEAVY))
 
 
-def _start_server(drain: float) -> tuple[subprocess.Popen, list[tuple[float, str]], float]:
+def _start_server(drain: float, *extra: str) -> tuple[subprocess.Popen, list[tuple[float, str]], float]:
     proc = subprocess.Popen([sys.executable, "-m", "vl2cli.cli", "serve", "--model", TINY, "--port", "0",
-                             "--drain-seconds", str(drain)], stderr=subprocess.PIPE, text=True)
+                             "--drain-seconds", str(drain), *extra], stderr=subprocess.PIPE, text=True)
     started = time.monotonic()
     lines: list[tuple[float, str]] = []
 
@@ -80,8 +80,20 @@ def test_ctrl_c_at_any_point_of_serve_start_up_stops_it_cleanly():
     while _serving_url(lines) is None and proc.poll() is None and time.monotonic() - started < 120:
         time.sleep(0.02)
     ready_after = time.monotonic() - started
+    url = _serving_url(lines)
+    assert url, lines
+    assert httpx.get(url + "/health?token=secret").status_code == 200
+    chat = httpx.post(url + "/v1/chat/completions", timeout=60,
+                      json={"model": "tiny", "max_tokens": 3, "messages": [{"role": "user", "content": "hi"}]})
+    assert chat.status_code == 200, chat.text
     proc.send_signal(signal.SIGINT)
     _stopped_cleanly(proc, lines, drain + 30)
+    said = [text for _, text in lines]
+    assert any(t.startswith("vl2: GET /health 200 ") and t.endswith(" s") for t in said), said  # the access log
+    assert "secret" not in "\n".join(said)  # never a query string (nor a body, nor a header)
+    assert any(t.startswith("vl2: POST /v1/chat/completions 200 3 tokens ") for t in said), said
+    assert any("vl2 serve: draining: 0 running and 0 queued" in t for t in said), said
+    assert "vl2: vl2 serve: stopped" in said, said
     bound = ready_after + drain + 30  # a loaded machine: the start-up step in progress finishes first
     for fraction in (0.2, 0.4, 0.6, 0.8, None):
         proc, lines, started = _start_server(drain)
@@ -98,3 +110,9 @@ def test_ctrl_c_at_any_point_of_serve_start_up_stops_it_cleanly():
             time.sleep(fraction * ready_after)
         proc.send_signal(signal.SIGINT)
         _stopped_cleanly(proc, lines, bound)
+
+
+def test_serve_log_level_is_checked_before_the_model_loads():
+    from tests.helpers import vl2
+    result = vl2("serve", "--log-level", "loud", model="/nonexistent", tokens=None)
+    assert result.exit_code == 2 and "--log-level 'loud': expected debug, info, warning, error" in result.stderr

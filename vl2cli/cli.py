@@ -789,6 +789,8 @@ def serve(
     max_pages: Annotated[int, typer.Option(help="Pages per document request; beyond it, 413.")] = 200,
     max_pixels: MaxPixels = DEFAULT_MAX_PIXELS,
     drain_seconds: Annotated[float, typer.Option(help="On Ctrl-C, how long running requests may finish.")] = 30.0,
+    log_level: Annotated[str, typer.Option("--log-level", help="debug, info (a line per request: method, path, "
+                                                               "status, tokens, seconds), warning or error.")] = "info",
     allowed_origins: Annotated[list[str] | None, typer.Option(
         "--allowed-origins", help="Web origins (https://app.example.com) whose pages may use the server from a "
                                   "browser; repeat or separate with commas. Other sites' pages are refused.")] = None,
@@ -802,6 +804,11 @@ def serve(
     Example: vl2 serve --model tiny --port 8000, then open http://127.0.0.1:8000/
     """
     _setup_logging(verbose, False)
+    levels = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
+    if log_level not in levels:
+        raise UsageError(f"--log-level {log_level!r}: expected {', '.join(levels)}")
+    if not verbose:
+        logging.getLogger("vl2cli").setLevel(levels[log_level])
     if host not in LOOPBACK and not api_key:
         raise UsageError(f"--host {host}: binding beyond this machine needs --api-key (or VL2_API_KEY)")
     for name, value in (("--max-batch", max_batch), ("--max-queue", max_queue), ("--max-upload-mb", max_upload_mb),

@@ -45,10 +45,15 @@ from vl2cli.serve.chat import (
     usage,
 )
 from vl2cli.serve.guard import (
+    ASGIApp,
     BodyTooLarge,
     Connections,
     Gate,
     Guard,
+    Message,
+    Receive,
+    Scope,
+    Send,
     check_origin,
     http_protocol,
     internal_error,
@@ -144,6 +149,35 @@ def _longest_token(reader: Reader) -> int:
     return longest if tok.normalizer is None else 4 * longest
 
 
+class AccessLog:
+    """One line per request when its response has ended (streams included): method, path, status, tokens generated,
+    seconds. Never a body, a query string or a header (they may hold documents or keys). Logged at INFO on the
+    `vl2cli` logger (`vl2 serve --log-level`)."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started, status = time.perf_counter(), 0
+        state = scope.setdefault("state", {})
+
+        async def noted_send(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+        try:
+            await self.app(scope, receive, noted_send)
+        finally:
+            tokens = state.get("generated_tokens")
+            said = f" {tokens()} tokens" if callable(tokens) else ""
+            log.info("%s %s %s%s %.2f s", scope["method"], scope["path"], status or "-", said,
+                     time.perf_counter() - started)
+
+
 def create_app(reader: Reader, settings: ServeSettings, host: str = "127.0.0.1") -> FastAPI:
     """The app for a server bound to `host` (bound to loopback, it answers only to loopback Host names)."""
     origins = tuple(check_origin(o) for o in settings.allowed_origins)
@@ -152,6 +186,7 @@ def create_app(reader: Reader, settings: ServeSettings, host: str = "127.0.0.1")
     app.state.server = server
     gate = Gate(settings.api_key, is_loopback_host(host), origins, settings.limits.max_body_bytes)
     app.add_middleware(Guard, gate=gate, counts=server.http_requests)
+    app.add_middleware(AccessLog)  # added last: outermost, so refusals and errors are logged too
     _error_handlers(app)
     _chat_routes(app, server)
     _document_routes(app, server)
@@ -293,6 +328,7 @@ def _chat_routes(app: FastAPI, server: Server) -> None:
         answer = _Answer()
         engine_request.on_token = answer.on_token
         _submit(server, engine_request, answer.on_end)
+        request.state.generated_tokens = lambda: len(engine_request.result.ids)  # for the access log, at the end
         model = settings.model_id
         headers = {} if call.clamped_from is None else {
             "X-Vl2-Max-Tokens": f"{engine_request.budget}; asked={call.clamped_from}"}
@@ -592,6 +628,7 @@ class _DocumentRun(_Handover):
         self.stop = StopFlag()
         self.total = len(planned.work) + len(planned.failed)
         self.ended = False
+        self.generated_tokens = 0
         threading.Thread(target=self._work, daemon=True, name="vl2-document").start()
 
     def _work(self) -> None:
@@ -619,6 +656,7 @@ class _DocumentRun(_Handover):
                 if item is None:
                     self.ended = True
                     return
+                self.generated_tokens += getattr(item, "generated_tokens", 0)
                 yield item
         finally:
             if not self.ended:  # the response ended early: the pages left are not read
@@ -628,6 +666,7 @@ class _DocumentRun(_Handover):
 async def _run_document(http: Request, server: Server, planned: _DocumentJob, stream: bool) -> Response:
     server.documents += 1
     run = _DocumentRun(server, planned)
+    http.state.generated_tokens = lambda: run.generated_tokens  # for the access log, at the end
     headers = {"X-Vl2-Pages": str(run.total)}
     if stream:
         async def lines() -> AsyncIterator[str]:
@@ -764,8 +803,11 @@ def serve(reader: Reader, settings: ServeSettings, host: str, port: int,
             # The drain starts here, on the event loop, not in the signal handler: a handler that starts a thread
             # can deadlock on threading's own lock when the signal lands while the main thread is starting one.
             if not server.draining:
+                log.warning("vl2 serve: draining: %d running and %d queued request(s) (at most %.0f s)",
+                            server.loop.running, server.loop.queue_depth, settings.drain_seconds)
                 threading.Thread(target=server.drain, daemon=True, name="vl2-drain").start()
             await super().shutdown(sockets)
+            log.warning("vl2 serve: stopped")
 
         async def startup(self, sockets: Any = None) -> None:
             await super().startup(sockets)
