@@ -326,3 +326,69 @@ def test_litellm_completion_stream_json_schema_and_async(served):
         replies = await asyncio.gather(*(litellm.acompletion(messages=messages, **common) for _ in range(3)))
         return [r.choices[0].message.content for r in replies]
     assert asyncio.run(together()) == [reply.choices[0].message.content] * 3
+
+
+# ---------------------------------------------------------------------------------------------- end to end
+
+
+@pytest.mark.slow
+def test_olmocr_pipeline_converts_the_sample_through_vl2_serve(served, tmp_path):
+    """`python -m olmocr.pipeline WS --server URL/v1 --model tiny --pdfs report.pdf --guided_decoding`: every page
+    request gets a 200 whose front matter parses (olmOCR logs a warning for a non-200 and for an unparsable answer);
+    with random weights it may then reject the text itself (finish_reason 'length') and fall back to pdftotext."""
+    import shutil
+    import subprocess
+    import sys
+    needs("olmocr")
+    if not shutil.which("pdftoppm") and not os.environ.get("VL2_REQUIRE_CLIENTS"):
+        pytest.skip("olmOCR renders pages with poppler's pdftoppm (apt-get install poppler-utils)")
+    url, server = served
+    before = server.http_requests.get("/v1/chat/completions", 0)
+    run = subprocess.run([sys.executable, "-m", "olmocr.pipeline", str(tmp_path / "workspace"), "--server", url + "/v1",
+                          "--model", MODEL, "--pdfs", str(SAMPLES / "report.pdf"), "--guided_decoding",
+                          "--max_page_retries", "1", "--workers", "1"],
+                         capture_output=True, text=True, timeout=1200, cwd=tmp_path)
+    log = run.stdout + run.stderr
+    assert run.returncode == 0, log[-3000:]
+    assert server.http_requests.get("/v1/chat/completions", 0) - before == 3  # one request per page, no retries
+    assert "Server returned" not in log and "try_single_page failed" not in log, log[-3000:]
+    assert "Finished TaskGroup" in log or "Work done" in log or "exiting" in log
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", ["preset", "legacy"])
+def test_docling_converts_the_sample_through_vl2_serve(served, path):
+    """docling's VLM pipeline pointed at vl2 serve: the preset path its docs recommend (max_tokens 8192) and the
+    legacy ApiVlmOptions with a stopper (SSE). Every page gets an answer with usage and a stop reason; docling then
+    judges the random-weight text (a 'length' stop is its 'VLM output incomplete')."""
+    needs("docling")
+    from docling.backend.pypdfium2_backend import PyPdfiumDocumentBackend
+    from docling.datamodel.base_models import InputFormat, VlmStopReason
+    from docling.datamodel.pipeline_options import VlmConvertOptions, VlmPipelineOptions
+    from docling.datamodel.pipeline_options_vlm_model import ApiVlmOptions, ResponseFormat
+    from docling.datamodel.vlm_engine_options import ApiVlmEngineOptions, VlmEngineType
+    from docling.document_converter import DocumentConverter, PdfFormatOption
+    from docling.models.utils.generation_utils import DocTagsRepetitionStopper
+    from docling.pipeline.vlm_pipeline import VlmPipeline
+
+    endpoint = served[0] + "/v1/chat/completions"
+    if path == "preset":
+        options = VlmConvertOptions.from_preset("granite_docling", engine_options=ApiVlmEngineOptions(
+            engine_type=VlmEngineType.API, url=endpoint, params={"model": MODEL}, timeout=900, concurrency=3))
+    else:
+        options = ApiVlmOptions(url=endpoint, params={"model": MODEL, "max_tokens": 4096}, timeout=900, scale=2.0,
+                                prompt="Convert this page to docling.", response_format=ResponseFormat.DOCTAGS,
+                                temperature=0.0, custom_stopping_criteria=[DocTagsRepetitionStopper(N=32)])
+    pipeline = VlmPipelineOptions(vlm_options=options, enable_remote_services=True)
+    converter = DocumentConverter(format_options={InputFormat.PDF: PdfFormatOption(
+        pipeline_cls=VlmPipeline, pipeline_options=pipeline, backend=PyPdfiumDocumentBackend)})
+    result = converter.convert(str(SAMPLES / "report.pdf"), page_range=(1, 3 if path == "preset" else 1))
+    assert len(result.pages) == (3 if path == "preset" else 1)
+    for page in result.pages:
+        answer = page.predictions.vlm_response
+        assert answer is not None and answer.error_message is None and answer.text
+        if path == "preset":  # (the SSE path asks for no usage: it sends no stream_options)
+            assert answer.stop_reason in (VlmStopReason.LENGTH, VlmStopReason.END_OF_SEQUENCE)
+            assert answer.usage["total_tokens"] == answer.usage["prompt_tokens"] + answer.usage["completion_tokens"]
+            assert answer.num_tokens == answer.usage["total_tokens"] <= 4096
+    assert all("incomplete" in e.error_message for e in result.errors), result.errors
