@@ -31,7 +31,8 @@ def needs(module: str):
     """A third-party client: imported, or the test skips saying so (fails in CI, where it must be installed)."""
     if os.environ.get("VL2_REQUIRE_CLIENTS"):
         return __import__(module)
-    return pytest.importorskip(module, reason=f"{module} is not installed (pip install 'vl2cli[clients]')")
+    return pytest.importorskip(module, reason=f"{module} is not installed (.ci/run installs the clients: pip install -r "
+                                              ".ci/clients.txt && pip install --no-deps -r .ci/clients-nodeps.txt)")
 
 
 @pytest.fixture(scope="module")
