@@ -357,3 +357,25 @@ def test_health_is_503_with_the_reason_when_the_engine_thread_is_gone(module_rea
         assert health.status_code == 503 and "engine thread has stopped" in health.json()["reason"]
         assert "vl2_engine_up 0" in httpx.get(url + "/metrics").text
         _error_shape(_post(url, "/v1/chat/completions", json=body), 503)
+
+
+def test_documents_format_gives_the_body_the_cli_prints(served):
+    """`format` shapes the (not streamed) answer as `vl2 TASK -f FMT` prints it: text formats as text, jsonl a
+    record a line; json stays the records list."""
+    url, pdf = served[0], SAMPLES / "report.pdf"
+    for fmt, pages, media in (("markdown", "1-2", "text/markdown"), ("text", "1", "text/plain"),
+                              ("jsonl", "1-2", "application/x-ndjson")):
+        with open(pdf, "rb") as f:
+            response = _post(url, "/v1/documents/ocr", files={"file": ("report.pdf", f)},
+                             data={"max_tokens": "4", "pages": pages, "split": "never", "format": fmt})
+        assert response.status_code == 200 and response.headers["content-type"].startswith(media), response.text
+        cli = vl2("ocr", str(pdf), "--pages", pages, "--split", "never", "-f", fmt, tokens=4).stdout
+        if fmt == "jsonl":
+            def timeless(line: str) -> dict:
+                return {k: v for k, v in json.loads(line).items() if k not in ("seconds", "source")}
+            assert [timeless(x) for x in response.text.splitlines()] == [timeless(x) for x in cli.splitlines()]
+        else:
+            assert response.text.strip() == cli.replace(str(pdf), "report.pdf").strip(), fmt
+    assert "<!-- page 2: report.pdf -->" in _post(
+        url, "/v1/documents/ocr", files={"file": ("report.pdf", open(pdf, "rb"))},
+        data={"max_tokens": "4", "pages": "1-2", "split": "never", "format": "markdown"}).text

@@ -149,6 +149,27 @@ class Task:
     def extension(self, fmt: str) -> str:
         return FORMAT_EXTENSIONS[fmt]
 
+    def render_all(self, results: list[PageResult], fmt: str, schema_json: str | None = None) -> str:
+        """A whole answer in one format, as `vl2 TASK -f FMT` prints it on stdout (the server's documents endpoint
+        answers with it): JSON as one list, JSON Lines a record a line, extraction CSV as one table; text formats
+        page after page, each opened by `<!-- page N: SOURCE -->` (`--- … ---` for text) when there are several, a
+        page that failed by that line with its error."""
+        if fmt == "json":
+            return json.dumps([r.to_json() for r in results], ensure_ascii=False, indent=1) + "\n"
+        if fmt == "jsonl":
+            return "".join(self.render(r, "jsonl") + "\n" for r in results)
+        if fmt == "csv" and self.structured:
+            return self.csv_lines(results, schema_json)  # type: ignore[attr-defined]
+        if fmt not in ("markdown", "text", "html"):  # a table's csv: each page's rows, as stdout has them
+            return "".join(self.render(r, fmt).rstrip("\n") + "\n" for r in results if r.ok)
+        parts = []
+        for r in results:
+            said = f"page {r.page}: {r.source}" + ("" if r.ok else f": {r.error}")
+            opening = (f"--- {said} ---" if fmt == "text" else f"<!-- {said} -->") + "\n"
+            body = self.render(r, fmt).rstrip("\n") + "\n" if r.ok else ""
+            parts.append((opening if len(results) > 1 or not r.ok else "") + body)
+        return "\n".join(parts)
+
     strict_by_default: bool = False
 
     def grammar(self, opts: ReadOptions, budget: int) -> Grammar | None:

@@ -70,6 +70,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("vl2cli")
 DISCONNECT_CHECK_SECONDS = 0.25  # how often a request that is not streamed looks whether its client is still there
 DEFAULT_PREFILL_CHUNK = 512  # tokens per prefill step: running decodes wait at most this long for a new prompt
+FORMAT_MEDIA_TYPES = {"markdown": "text/markdown; charset=utf-8", "text": "text/plain; charset=utf-8",
+                      "html": "text/html; charset=utf-8", "csv": "text/csv; charset=utf-8",
+                      "jsonl": "application/x-ndjson"}
 DOCUMENT_TASKS = ("ocr", "ask", "table", "chart", "ground", "caption", "extract")
 MAX_TOKENS_POLICIES = ("clamp", "refuse")
 DOCUMENT_FIELDS = {"pages", "dpi", "question", "schema", "fields", "split", "text_layer", "max_tokens",
@@ -678,17 +681,21 @@ async def _run_document(http: Request, server: Server, planned: _DocumentJob, st
             if sent < run.total and server.draining and run.ended:  # pages left unread: say why, as the last line
                 yield json.dumps(_shutting_down().body()) + "\n"
         return StreamingResponse(lines(), media_type="application/x-ndjson", headers=headers)
-    done: list[dict[str, Any]] = []
+    done: list[PageResult] = []
     async for item in run.records(http):
         if isinstance(item, ApiError):
             raise item
-        done.append(item.to_json())
+        done.append(item)
     if len(done) < run.total:
         if server.draining:
             raise _shutting_down()
         raise ApiError(499, "the client closed the request")
-    done.sort(key=lambda r: r["page"])
-    return JSONResponse(done, headers=headers)
+    done.sort(key=lambda r: r.page)
+    job = planned.job
+    if job.fmt == "json":
+        return JSONResponse([r.to_json() for r in done], headers=headers)
+    body = job.task.render_all(done, job.fmt, job.read.schema_json)  # the body `vl2 TASK -f FMT` prints
+    return Response(body, media_type=FORMAT_MEDIA_TYPES[job.fmt], headers=headers)
 
 
 # ---------------------------------------------------------------------------------------------- info
