@@ -120,7 +120,7 @@ def test_models_lists_variants_from_config_arithmetic():
     result = vl2("models", "--json", model=None, tokens=None)
     assert result.exit_code == 0
     rows = json.loads(result.stdout)
-    assert [r["name"] for r in rows] == ["tiny", "small", "base", "ocr"]
+    assert [r["name"] for r in rows] == ["tiny", "small", "base", "ocr", "ocr2"]
     assert rows[2]["vram_nf4_gib"] < 20 < rows[2]["vram_bf16_gib"]
     assert abs(rows[0]["total_params_b"] - 3.36) < 0.02 and rows[1]["download_gb"] > 30
 

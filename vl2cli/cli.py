@@ -185,15 +185,22 @@ class ModelChoice:
         from vl2cli.engine.hub import resolve_model
         return resolve_model(self.model, revision=self.revision, offline=self.offline or None)
 
-    def family(self) -> str:
-        """"ocr" for a DeepSeek-OCR checkpoint (told by alias, hub id or a local folder's config), else "vl2"."""
-        if self.model in ("ocr", "hf:deepseek-ai/DeepSeek-OCR", "deepseek-ai/DeepSeek-OCR"):
-            return "ocr"
+    def kind(self) -> str:
+        """"ocr" for DeepSeek-OCR, "ocr2" for DeepSeek-OCR 2 (told by alias, hub id or a local folder's config),
+        else "vl2"."""
+        for kind, hub_id in (("ocr", "deepseek-ai/DeepSeek-OCR"), ("ocr2", "deepseek-ai/DeepSeek-OCR-2")):
+            if self.model in (kind, hub_id, "hf:" + hub_id):
+                return kind
         folder = Path(self.model).expanduser()
         if (folder / "config.json").is_file():
-            from vl2cli.engine.config import OCRConfig, load_any_config
-            return "ocr" if isinstance(load_any_config(folder), OCRConfig) else "vl2"
+            from vl2cli.engine.config import OCR2Config, OCRConfig, load_any_config
+            cfg = load_any_config(folder)
+            return "ocr" if isinstance(cfg, OCRConfig) else "ocr2" if isinstance(cfg, OCR2Config) else "vl2"
         return "vl2"
+
+    def family(self) -> str:
+        """The prompt family: "ocr" for DeepSeek-OCR and DeepSeek-OCR 2 (the same prompt forms), else "vl2"."""
+        return "vl2" if self.kind() == "vl2" else "ocr"
 
     def load(self, folder: Path, verbose: bool) -> Reader:
         from vl2cli.engine.loading import load_model
@@ -251,6 +258,9 @@ def _validated(req: ReadRequest) -> tuple[str, list[Source], list[str]]:
     if req.redo not in ("none", "failed", "all"):
         raise UsageError(f"--redo {req.redo!r}: expected none, failed or all")
     template = req.task.template(req.read.prompt_file, req.choice.family(), req.read.plain)
+    if req.read.ocr_mode != "gundam" and req.choice.kind() == "ocr2":
+        from vl2cli.engine.ocr2 import ocr2_mode_refused
+        raise UsageError(ocr2_mode_refused(req.read.ocr_mode))
     req.task.check_text(req.text)
     if req.task.needs_text:
         _not_a_file(req.task.needs_text, req.text)
@@ -852,7 +862,8 @@ def serve(
 
 @app.command()
 def trace(
-    model: Annotated[str, typer.Option("--model", "-m", help="Checkpoint folder (DeepSeek-VL2 or DeepSeek-OCR).")],
+    model: Annotated[str, typer.Option("--model", "-m", help="Checkpoint folder (DeepSeek-VL2, DeepSeek-OCR or "
+                                                             "DeepSeek-OCR 2).")],
     prompt: Annotated[str, typer.Option(help="User message; <image> marks each image; \\n is a newline.")],
     out: Annotated[str, typer.Option(help="Output prefix: PREFIX.json + PREFIX.npz.")],
     image: Annotated[list[Path] | None, typer.Option("--image", help="Image files, in <image> order.")] = None,
@@ -866,12 +877,14 @@ def trace(
 
     Example: vl2 trace --model ckpt/ --image page.png --prompt "<image>\\nConvert the document to markdown." --out t
     """
-    from vl2cli.engine.config import OCRConfig, load_any_config
+    from vl2cli.engine.config import OCR2Config, OCRConfig, load_any_config
     from vl2cli.engine.hub import resolve_model
     _setup_logging(verbose, False)
     text = prompt.replace("\\n", "\n")
-    if isinstance(load_any_config(resolve_model(model)), OCRConfig):
-        _trace_ocr(model, text, out, image or [], max_new_tokens, dtype, device, ocr_mode or "gundam")
+    cfg = load_any_config(resolve_model(model))
+    if isinstance(cfg, OCRConfig | OCR2Config):
+        _trace_ocr(model, text, out, image or [], max_new_tokens, dtype, device, ocr_mode,
+                   isinstance(cfg, OCR2Config))
         return
     from vl2cli.engine.loading import load_model
     from vl2cli.engine.trace import load_reference_image, run_trace
@@ -885,13 +898,19 @@ def trace(
 
 
 def _trace_ocr(model: str, prompt: str, out: str, images: list[Path], max_new_tokens: int, dtype: str, device: str,
-               mode: str) -> None:
+               mode: str | None, second: bool) -> None:
+    """DeepSeek-OCR's trace (`ocr-vision-oracle-trace/1`), or DeepSeek-OCR 2's (`ocr2-vision-oracle-trace/1`)."""
     from vl2cli.engine.loading import load_model
+    from vl2cli.engine.ocr2 import OCR2_MODE, ocr2_mode_refused
+    from vl2cli.engine.ocr2_trace import run_ocr2_trace
     from vl2cli.engine.ocr_trace import run_ocr_trace
     if len(images) != 1:
-        raise UsageError("a DeepSeek-OCR trace takes exactly one --image")
+        raise UsageError(f"a DeepSeek-OCR{' 2' if second else ''} trace takes exactly one --image")
+    if second and mode not in (None, OCR2_MODE):
+        raise UsageError(ocr2_mode_refused(mode))
     loaded = load_model(model, device=device, dtype=dtype, quant="none")
-    meta = run_ocr_trace(loaded, str(images[0]), prompt, mode, max_new_tokens, out)
+    meta = (run_ocr2_trace(loaded, str(images[0]), prompt, max_new_tokens, out) if second
+            else run_ocr_trace(loaded, str(images[0]), prompt, mode or "gundam", max_new_tokens, out))
     err(f"prompt tokens {meta['num_tokens']}, image tokens {meta['num_image_positions']}, "
         f"tiles {meta['images_spatial_crop']}, generated {len(meta['generated_ids'])}")
     typer.echo(f"{out}.json")

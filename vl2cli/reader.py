@@ -22,6 +22,7 @@ from vl2cli.engine.generation import Engine, Generation, NoRepeatNgram, Sampling
 from vl2cli.engine.grammar import Grammar, grammar_tokenizer
 from vl2cli.engine.memory import batch_for_free
 from vl2cli.engine.ocr import OCRProcessor
+from vl2cli.engine.ocr2 import OCR2_MODE, OCR2Processor, ocr2_mode_refused
 from vl2cli.engine.processor import EOS_TEXT, Message, Prepared, UserText
 from vl2cli.engine.scheduler import EngineLoop, Failure, LocalBatch, LoopBatch, Request
 from vl2cli.errors import OutOfMemory, PageFailed, UsageError
@@ -92,8 +93,8 @@ class Reader:
 
     @property
     def family(self) -> str:
-        """"ocr" for DeepSeek-OCR (its own prompts, modes and no-repeat rule), "vl2" otherwise."""
-        return "ocr" if isinstance(self.loaded.processor, OCRProcessor) else "vl2"
+        """"ocr" for DeepSeek-OCR and DeepSeek-OCR 2 (their own prompts and no-repeat rule), "vl2" otherwise."""
+        return "ocr" if isinstance(self.loaded.processor, OCRProcessor | OCR2Processor) else "vl2"
 
     def _sampling(self, opts: ReadOptions) -> SamplingParams:
         no_repeat = None
@@ -110,8 +111,15 @@ class Reader:
 
     def use_mode(self, mode: str) -> None:
         """DeepSeek-OCR: the resolution mode pages are cut in (set before pages are tiled ahead)."""
+        self.check_mode(mode)
         if isinstance(self.loaded.processor, OCRProcessor):
             self.loaded.processor.mode = mode
+
+    def check_mode(self, mode: str) -> None:
+        """DeepSeek-OCR 2 has one setting (its official one, DeepSeek-OCR's gundam with 768-pixel tiles): any other
+        mode is refused, never quietly read another way."""
+        if isinstance(self.loaded.processor, OCR2Processor) and mode != OCR2_MODE:
+            raise UsageError(ocr2_mode_refused(mode))
 
     def stop_within(self, seconds: float) -> None:
         """Let generation in flight run at most `seconds` more (a signal's bounded drain)."""

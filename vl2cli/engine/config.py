@@ -442,6 +442,49 @@ def is_ocr_config(raw: dict[str, Any]) -> bool:
     return OCR_ARCHITECTURE in (raw.get("architectures") or [])
 
 
+OCR2_ARCHITECTURE = "DeepseekOCR2ForCausalLM"
+
+
+@dataclass(frozen=True)
+class OCR2Config:
+    """DeepSeek-OCR 2: DeepSeek-VL2-tiny's decoder behind DeepEncoder V2 (SAM ViT-B -> a Qwen2-0.5B-shaped encoder
+    with learnable queries -> linear projector), one resolution setting: 2-6 tiles of 768 px and a 1024 global view.
+
+    As for DeepSeek-OCR, the encoder's sizes are the official code's (config.json names them only); the decoder is
+    read and validated like DeepSeek-VL2's."""
+
+    language: LanguageConfig = field(default_factory=LanguageConfig)
+    projector_input: int = 896  # the Qwen2 encoder's width
+    image_token: str = "<image>"
+    pad_token: str = "<｜▁pad▁｜>"
+    image_mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    image_std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    global_size: int = 1024  # BASE_SIZE
+    tile_size: int = 768  # IMAGE_SIZE
+    min_crops: int = 2
+    max_crops: int = 6
+
+
+def is_ocr2_config(raw: dict[str, Any]) -> bool:
+    return OCR2_ARCHITECTURE in (raw.get("architectures") or [])
+
+
+def ocr2_config_from_dict(raw: dict[str, Any]) -> OCR2Config:
+    if raw.get("model_type") not in (None, "deepseek_vl_v2"):
+        raise ConfigError(f"model_type = {raw.get('model_type')!r}: not a DeepSeek-OCR 2 checkpoint")
+    language = _pick(LanguageConfig, raw.get("language_config"), "language_config")
+    _validate_language(language)
+    projector = raw.get("projector_config") or {}
+    if not isinstance(projector, dict) or projector.get("projector_type", "linear") != "linear":
+        raise ConfigError(f"projector_config.projector_type = {projector.get('projector_type')!r}: DeepSeek-OCR 2's "
+                          "projector is 'linear'")
+    if projector.get("input_dim", 896) != 896 or projector.get("n_embed", language.hidden_size) != language.hidden_size:
+        raise ConfigError(f"projector_config: input_dim {projector.get('input_dim')} / n_embed "
+                          f"{projector.get('n_embed')}: DeepSeek-OCR 2 projects 896 channels to hidden_size "
+                          f"{language.hidden_size}")
+    return OCR2Config(language=language)
+
+
 def ocr_config_from_dict(raw: dict[str, Any]) -> OCRConfig:
     if raw.get("model_type") not in (None, "deepseek_vl_v2"):
         raise ConfigError(f"model_type = {raw.get('model_type')!r}: not a DeepSeek-OCR checkpoint")
@@ -469,7 +512,7 @@ def load_config(folder: str | Path) -> VL2Config:
         raise ConfigError(f"{path}: cannot read ({exc})") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a JSON object")
-    if is_ocr_config(raw):
+    if is_ocr_config(raw) or is_ocr2_config(raw):
         raise ConfigError(f"{path}: a DeepSeek-OCR checkpoint (load it with load_any_config)")
     proc_path = folder / "processor_config.json"
     processor = None
@@ -542,16 +585,17 @@ def preset_config(name: str, **language_overrides: Any) -> VL2Config:
     )
 
 
-def load_any_config(folder: str | Path) -> VL2Config | OCRConfig:
-    """A checkpoint folder's config: DeepSeek-VL2 or DeepSeek-OCR (told apart by `architectures`)."""
+def load_any_config(folder: str | Path) -> VL2Config | OCRConfig | OCR2Config:
+    """A checkpoint folder's config: DeepSeek-VL2, DeepSeek-OCR or DeepSeek-OCR 2 (told apart by `architectures`)."""
     path = Path(folder) / "config.json"
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return load_config(folder)  # the same error, said once
-    if isinstance(raw, dict) and is_ocr_config(raw):
-        try:
-            return ocr_config_from_dict(raw)
-        except ConfigError as exc:
-            raise ConfigError(f"{path}: {exc}") from None
+    for is_family, from_dict in ((is_ocr_config, ocr_config_from_dict), (is_ocr2_config, ocr2_config_from_dict)):
+        if isinstance(raw, dict) and is_family(raw):
+            try:
+                return from_dict(raw)
+            except ConfigError as exc:
+                raise ConfigError(f"{path}: {exc}") from None
     return load_config(folder)

@@ -12,7 +12,8 @@ from pathlib import Path
 from vl2cli.engine.config import PRESETS
 from vl2cli.errors import CheckpointError, UsageError
 
-ALIASES = {name: preset["hub_id"] for name, preset in PRESETS.items()} | {"ocr": "deepseek-ai/DeepSeek-OCR"}
+ALIASES = {name: preset["hub_id"] for name, preset in PRESETS.items()} | {"ocr": "deepseek-ai/DeepSeek-OCR",
+                                                                          "ocr2": "deepseek-ai/DeepSeek-OCR-2"}
 HUB_PREFIX = "hf:"  # `--model hf:ORG/NAME`: the user asks for a download of a repository that is not an alias
 
 

@@ -18,11 +18,12 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from vl2cli.engine.config import OCRConfig, VL2Config, load_any_config
+from vl2cli.engine.config import OCR2Config, OCRConfig, VL2Config, load_any_config
 from vl2cli.engine.hub import resolve_model
 from vl2cli.engine.memory import GIB, need_bytes, weight_bytes
 from vl2cli.engine.model import DeepseekVL2
 from vl2cli.engine.ocr import DeepseekOCR, OCRProcessor
+from vl2cli.engine.ocr2 import DeepseekOCR2, OCR2Processor
 from vl2cli.engine.processor import Processor, VL2Tokenizer
 from vl2cli.engine.quant import quantized_weight, resolve_quant, swap_linear_layers
 from vl2cli.errors import CheckpointError, DeviceError
@@ -50,6 +51,15 @@ def ocr_checkpoint_to_model_name(name: str) -> str | None:
     if name.startswith("model."):
         return name[len("model."):]
     return name
+
+
+def ocr2_checkpoint_to_model_name(name: str) -> str | None:
+    """DeepSeek-OCR 2's layout: DeepSeek-OCR's, with the Qwen2 encoder's layers and norm under
+    `model.qwen2_model.model.model.` (the reference wraps a Qwen2Model twice) and its queries under
+    `model.qwen2_model.`; here both hang off `qwen2_model.`."""
+    if name.startswith("model.qwen2_model.model.model."):
+        return "qwen2_model." + name[len("model.qwen2_model.model.model."):]
+    return ocr_checkpoint_to_model_name(name)
 
 
 def model_to_checkpoint_name(name: str) -> str:
@@ -129,9 +139,9 @@ def load_weights(model: nn.Module, folder: Path, device: torch.device, dtype: to
 
 @dataclass
 class LoadedModel:
-    model: Any  # DeepseekVL2 or DeepseekOCR: the same decoder, embed_prompts and language
-    processor: Any  # Processor or OCRProcessor: tile, prepare_prompt, prepare, tokenizer
-    cfg: Any  # VL2Config or OCRConfig
+    model: Any  # DeepseekVL2, DeepseekOCR or DeepseekOCR2: the same decoder, embed_prompts and language
+    processor: Any  # Processor, OCRProcessor or OCR2Processor: tile, prepare_prompt, prepare, tokenizer
+    cfg: Any  # VL2Config, OCRConfig or OCR2Config
     folder: Path
     device: torch.device
     dtype: torch.dtype
@@ -189,11 +199,13 @@ def preflight(cfg: VL2Config, quant: str, device: torch.device, name: str) -> No
                           f"{total / GIB:.1f}: use a smaller variant (see `vl2 models`), --quant nf4, or --device cpu")
 
 
-def build_model(cfg: VL2Config | OCRConfig, dtype: torch.dtype, quant: str) -> tuple[Any, set[str]]:
+def build_model(cfg: VL2Config | OCRConfig | OCR2Config, dtype: torch.dtype, quant: str) -> tuple[Any, set[str]]:
     """The model on `meta` (nothing allocated) with quantizable linears swapped (the decoder's only: vision stays
     16-bit); returns it and the swapped names."""
     with torch.device("meta"):
-        model: DeepseekVL2 | DeepseekOCR = DeepseekOCR(cfg) if isinstance(cfg, OCRConfig) else DeepseekVL2(cfg)
+        model: DeepseekVL2 | DeepseekOCR | DeepseekOCR2 = (
+            DeepseekOCR(cfg) if isinstance(cfg, OCRConfig) else DeepseekOCR2(cfg) if isinstance(cfg, OCR2Config)
+            else DeepseekVL2(cfg))
     swapped = set(swap_linear_layers(model, quant, dtype))
     return model.eval().requires_grad_(False), swapped
 
@@ -217,7 +229,10 @@ def load_model(spec: str | Path = "tiny", device: str | None = None, dtype: str 
         torch_dtype = _cpu_dtype_that_fits(model)
     if isinstance(cfg, OCRConfig):
         load_weights(model, folder, dev, torch_dtype, swapped, ocr_checkpoint_to_model_name)
-        processor: Processor | OCRProcessor = OCRProcessor(tokenizer, cfg)
+        processor: Processor | OCRProcessor | OCR2Processor = OCRProcessor(tokenizer, cfg)
+    elif isinstance(cfg, OCR2Config):
+        load_weights(model, folder, dev, torch_dtype, swapped, ocr2_checkpoint_to_model_name)
+        processor = OCR2Processor(tokenizer, cfg)
     else:
         load_weights(model, folder, dev, torch_dtype, swapped)
         processor = Processor(tokenizer, cfg)

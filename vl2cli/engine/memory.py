@@ -130,22 +130,48 @@ def estimate_vram(name: str, context: int = CONTEXT) -> dict[str, float]:
 
 OCR_ENCODER_PARAMS = 401_372_160  # SAM ViT-B + CLIP-L at the sizes the official code fixes (parity-ocr's shapes)
 OCR_HUB_ID = "deepseek-ai/DeepSeek-OCR"
+OCR2_HUB_ID = "deepseek-ai/DeepSeek-OCR-2"
 
 
-def _ocr_row() -> dict:
-    """DeepSeek-OCR: DeepSeek-VL2-tiny's decoder behind DeepEncoder (16-bit; NF4 applies to the decoder only)."""
+def sam_params(out_channels: int) -> int:
+    """SAM ViT-B as DeepEncoder uses it: patch conv, 64x64 positions, 12 blocks (rel-pos tables for 14-wide windows,
+    or the 64x64 grid in the global blocks 2, 5, 8, 11), the conv neck, then 256 -> 512 -> out_channels."""
+    w, head = 768, 64
+    total = 3 * 16 * 16 * w + w + 64 * 64 * w
+    for index in range(12):
+        rel = 2 * (2 * (64 if index in (2, 5, 8, 11) else 14) - 1) * head
+        total += 4 * w + (w * 3 * w + 3 * w) + (w * w + w) + rel + (w * 4 * w + 4 * w) + (4 * w * w + w)
+    return total + w * 256 + 2 * 256 + 256 * 256 * 9 + 2 * 256 + 256 * 512 * 9 + 512 * out_channels * 9
+
+
+def qwen2_encoder_params() -> int:
+    """DeepSeek-OCR 2's Qwen2-0.5B-shaped encoder: 24 layers (GQA 14/2 heads of 64, q/k/v biases, SwiGLU 4864), the
+    final norm and the 144 + 256 learnable queries."""
+    d, kv, mlp = 896, 2 * 64, 4864
+    layer = 2 * d + (d * d + d) + 2 * (d * kv + kv) + d * d + 3 * d * mlp
+    return 24 * layer + d + (144 + 256) * d
+
+
+def _encoder_swap_row(name: str, hub_id: str, vision: int) -> dict:
+    """DeepSeek-OCR and DeepSeek-OCR 2: DeepSeek-VL2-tiny's decoder behind another encoder (`vision` parameters with
+    the projector and layout rows; 16-bit, NF4 applies to the decoder only)."""
     tiny = preset_config("tiny")
     counts = param_counts(tiny)
     d, p = tiny.language.hidden_size, tiny.projector
     vl2_vision = _vision_params(tiny.vision) + (p.input_dim * p.downsample_ratio**2 * d + d) + (d * d + d) + 2 * d
-    ocr_vision = OCR_ENCODER_PARAMS + 2048 * d + d + 2 * d
-    total = counts["total"] - vl2_vision + ocr_vision
-    extra = (ocr_vision - vl2_vision) * 2 * FRAGMENTATION
-    return {"name": "ocr", "hub_id": OCR_HUB_ID, "total_params_b": total / 1e9,
-            "active_params_b": (counts["active"] - vl2_vision + ocr_vision) / 1e9, "download_gb": total * 2 / 1e9,
+    total = counts["total"] - vl2_vision + vision
+    extra = (vision - vl2_vision) * 2 * FRAGMENTATION
+    return {"name": name, "hub_id": hub_id, "total_params_b": total / 1e9,
+            "active_params_b": (counts["active"] - vl2_vision + vision) / 1e9, "download_gb": total * 2 / 1e9,
             "vram_nf4_gib": round((need_bytes(tiny, "nf4", 1) + extra) / GIB, 2),
             "vram_bf16_gib": round((need_bytes(tiny, "none", 1) + extra) / GIB, 2),
             "nf4_batch_on": {f"{gib}GB": largest_batch(tiny, "nf4", gib * GIB - extra) for gib in CARDS_GIB}}
+
+
+def ocr2_vision_params(hidden: int) -> int:
+    """DeepSeek-OCR 2's vision side: SAM (896-channel neck), the Qwen2 encoder, projector 896 -> hidden, the
+    separator row (no newline row)."""
+    return sam_params(896) + qwen2_encoder_params() + 896 * hidden + hidden + hidden
 
 
 def variant_table() -> list[dict]:
@@ -160,4 +186,6 @@ def variant_table() -> list[dict]:
                      "active_params_b": counts["active"] / 1e9, "download_gb": counts["total"] * 2 / 1e9,
                      "vram_nf4_gib": est["nf4"], "vram_bf16_gib": est["bf16"],
                      "nf4_batch_on": {f"{gib}GB": largest_batch(cfg, "nf4", gib * GIB) for gib in CARDS_GIB}})
-    return [*rows, _ocr_row()]
+    d = PRESETS["tiny"]["language"].hidden_size
+    return [*rows, _encoder_swap_row("ocr", OCR_HUB_ID, OCR_ENCODER_PARAMS + 2048 * d + d + 2 * d),
+            _encoder_swap_row("ocr2", OCR2_HUB_ID, ocr2_vision_params(d))]

@@ -18,23 +18,25 @@ from torch import nn
 from vl2cli.engine.clip import ClipEncoder
 from vl2cli.engine.config import OCR_MODES, OCRConfig
 from vl2cli.engine.language import LanguageModel, WithDecoder
-from vl2cli.engine.processor import Content, Message, Prepared, UserText, _lookup, _normalise
+from vl2cli.engine.processor import (
+    Content,
+    Message,
+    OcrViews,
+    Prepared,
+    _lookup,
+    _normalise,
+    local_tiles,
+    raw_prompt_ids,
+    tile_grid,
+)
 from vl2cli.engine.sam import SamEncoder
+from vl2cli.engine.vision import LinearProjector
 from vl2cli.errors import UsageError
 
 if TYPE_CHECKING:
     from vl2cli.engine.processor import VL2Tokenizer
 
 OCR_TILE = 640
-
-
-class LinearProjector(nn.Module):
-    def __init__(self, inputs: int, outputs: int):
-        super().__init__()
-        self.layers = nn.Linear(inputs, outputs)  # the checkpoint names it `projector.layers`
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.layers(x)
 
 
 @dataclass
@@ -100,28 +102,9 @@ class DeepseekOCR(WithDecoder):
 # ---------------------------------------------------------------------------------------------- processing
 
 
-@dataclass
-class OcrViews:
-    global_pixels: np.ndarray  # [1, 3, B, B] float32, normalised
-    local_pixels: np.ndarray | None  # [n, 3, 640, 640], tiles row by row; None when the page is not tiled
-    tiles_wide: int
-    tiles_high: int
-
-
 def closest_ratio(width: int, height: int, min_crops: int, max_crops: int) -> tuple[int, int]:
-    """The tile grid (columns, rows) whose aspect ratio is nearest the image's; on an exact tie the later ratio
-    wins when the image has more than half its pixels (the reference's find_closest_aspect_ratio)."""
-    ratios = {(i, j) for n in range(min_crops, max_crops + 1) for i in range(1, n + 1) for j in range(1, n + 1)
-              if min_crops <= i * j <= max_crops}
-    aspect, area = width / height, width * height
-    best, best_diff = (1, 1), float("inf")
-    for ratio in sorted(ratios, key=lambda r: r[0] * r[1]):  # equal products keep the set's iteration order
-        diff = abs(aspect - ratio[0] / ratio[1])
-        if diff < best_diff:
-            best, best_diff = ratio, diff
-        elif diff == best_diff and area > 0.5 * OCR_TILE * OCR_TILE * ratio[0] * ratio[1]:
-            best = ratio
-    return best
+    """DeepSeek-OCR's tile grid (columns, rows) for 640-pixel tiles: processor.tile_grid's rule."""
+    return tile_grid(width, height, min_crops, max_crops, OCR_TILE)
 
 
 def ocr_views(image: Image.Image, mode: str, cfg: OCRConfig) -> OcrViews:
@@ -131,13 +114,8 @@ def ocr_views(image: Image.Image, mode: str, cfg: OCRConfig) -> OcrViews:
     table = _lookup(cfg.image_mean, cfg.image_std)
     fill = tuple(int(m * 255) for m in cfg.image_mean)
     image = image.convert("RGB")
-    local = None
-    tiles_wide = tiles_high = 1
-    if cropping and (image.width > OCR_TILE or image.height > OCR_TILE):
-        tiles_wide, tiles_high = closest_ratio(image.width, image.height, cfg.min_crops, cfg.max_crops)
-        canvas = image.resize((OCR_TILE * tiles_wide, OCR_TILE * tiles_high))  # no padding: the aspect is distorted
-        local = np.stack([_normalise(canvas.crop((c * OCR_TILE, r * OCR_TILE, (c + 1) * OCR_TILE, (r + 1) * OCR_TILE)),
-                                     table) for r in range(tiles_high) for c in range(tiles_wide)])
+    local, tiles_wide, tiles_high = (local_tiles(image, OCR_TILE, cfg.min_crops, cfg.max_crops, table) if cropping
+                                     else (None, 1, 1))
     view = image.resize((base, base)) if not cropping and base <= OCR_TILE else image
     global_pixels = _normalise(ImageOps.pad(view, (base, base), color=fill), table)[None]
     return OcrViews(global_pixels, local, tiles_wide, tiles_high)
@@ -190,21 +168,7 @@ class OCRProcessor:
 def prepare_ocr_prompt(tokenizer: VL2Tokenizer, cfg: OCRConfig, prompt: Content, image: Image.Image | OcrViews,
                        mode: str) -> OcrPrompt:
     """The raw prompt, no chat template: [bos] + text before <image> + image ids + text after (one image)."""
-    parts = [prompt] if isinstance(prompt, str) else list(prompt)
-    before: list[str] = []
-    after: list[str] = []
-    marks = 0
-    for part in parts:
-        pieces = [part] if isinstance(part, UserText) else part.split(cfg.image_token)
-        for i, piece in enumerate(pieces):
-            if i:
-                marks += 1
-            (after if marks else before).append(type(part)(piece) if isinstance(part, UserText) else piece)
-    if marks != 1:
-        raise UsageError(f"a DeepSeek-OCR prompt holds exactly one {cfg.image_token} mark, not {marks}")
     views = image if isinstance(image, OcrViews) else ocr_views(image, mode, cfg)
     n = ocr_token_count(mode, views.tiles_wide, views.tiles_high, views.local_pixels is not None)
-    head, tail = tokenizer.encode_content(before), tokenizer.encode_content(after)
-    ids = [tokenizer.bos_id, *head, *[tokenizer.image_id] * n, *tail]
-    mask = [False] * (1 + len(head)) + [True] * n + [False] * len(tail)
+    ids, mask = raw_prompt_ids(tokenizer, cfg.image_token, prompt, n)
     return OcrPrompt(ids, mask, views, mode)

@@ -3,6 +3,8 @@
 Follows deepseek-ai/DeepSeek-VL2 `deepseek_vl2/models/processing_deepseek_vl_v2.py` (tokenizer extension,
 `select_best_resolution`, `tokenize_with_images`) and `deepseek_vl2/models/conversation.py` (the "deepseek"
 template). Text that did not come from vl2's own template is data: it is tokenized as plain text (see UserText).
+At the end, what DeepSeek-OCR and DeepSeek-OCR 2 share: their tile rule and raw prompts (`process/image_process.py`
+of each).
 """
 
 from __future__ import annotations
@@ -341,3 +343,71 @@ class Processor:
     def tile(self, image: Image.Image) -> Tiling:
         """A page's tiles, cut ahead of the model (in the rendering thread)."""
         return tile_image(image, self.cfg)
+
+
+# ------------------------------------------------------------------------------- DeepSeek-OCR and DeepSeek-OCR 2
+# Both cut a page the same way (a padded global view, and 2-6 tiles resized without padding, nearest the page's
+# aspect) and prompt it raw (no chat template); only the sizes differ (engine.ocr, engine.ocr2).
+
+
+@dataclass
+class OcrViews:
+    global_pixels: np.ndarray  # [1, 3, B, B] float32, normalised
+    local_pixels: np.ndarray | None  # [n, 3, T, T] (T = 640, or 768 for OCR 2), row by row; None: not tiled
+    tiles_wide: int
+    tiles_high: int
+
+
+def tile_grid(width: int, height: int, min_crops: int, max_crops: int, tile: int) -> tuple[int, int]:
+    """The tile grid (columns, rows) whose aspect ratio is nearest the image's; on an exact tie the later ratio
+    wins when the image has more than half its pixels (the reference's find_closest_aspect_ratio, DeepSeek-OCR's with
+    640-pixel tiles, DeepSeek-OCR 2's with 768)."""
+    ratios = {(i, j) for n in range(min_crops, max_crops + 1) for i in range(1, n + 1) for j in range(1, n + 1)
+              if min_crops <= i * j <= max_crops}
+    aspect, area = width / height, width * height
+    best, best_diff = (1, 1), float("inf")
+    for ratio in sorted(ratios, key=lambda r: r[0] * r[1]):  # equal products keep the set's iteration order
+        diff = abs(aspect - ratio[0] / ratio[1])
+        if diff < best_diff:
+            best, best_diff = ratio, diff
+        elif diff == best_diff and area > 0.5 * tile * tile * ratio[0] * ratio[1]:
+            best = ratio
+    return best
+
+
+def tile_boxes(tile: int, tiles_wide: int, tiles_high: int) -> list[tuple[int, int, int, int]]:
+    """Crop boxes (x0, y0, x1, y1) of the tiles, row by row."""
+    return [(c * tile, r * tile, (c + 1) * tile, (r + 1) * tile) for r in range(tiles_high) for c in range(tiles_wide)]
+
+
+def local_tiles(image: Image.Image, tile: int, min_crops: int, max_crops: int,
+                table: np.ndarray) -> tuple[np.ndarray | None, int, int]:
+    """The page cut into 2..6 tiles (normalised, row by row) and the grid (columns, rows); no tiles (None, 1, 1)
+    when the page fits in one tile on both sides."""
+    if image.width <= tile and image.height <= tile:
+        return None, 1, 1
+    tiles_wide, tiles_high = tile_grid(image.width, image.height, min_crops, max_crops, tile)
+    canvas = image.resize((tile * tiles_wide, tile * tiles_high))  # no padding: the aspect is distorted
+    local = np.stack([_normalise(canvas.crop(box), table) for box in tile_boxes(tile, tiles_wide, tiles_high)])
+    return local, tiles_wide, tiles_high
+
+
+def raw_prompt_ids(tokenizer: VL2Tokenizer, image_token: str, prompt: Content, n: int) -> tuple[list[int], list[bool]]:
+    """DeepSeek-OCR's and DeepSeek-OCR 2's prompt ids and image mask: [bos] + the text before the one image mark,
+    n image ids, the text after; each piece encoded with its special tokens, no end-of-sentence."""
+    parts = [prompt] if isinstance(prompt, str) else list(prompt)
+    before: list[str] = []
+    after: list[str] = []
+    marks = 0
+    for part in parts:
+        pieces = [part] if isinstance(part, UserText) else part.split(image_token)
+        for i, piece in enumerate(pieces):
+            if i:
+                marks += 1
+            (after if marks else before).append(type(part)(piece) if isinstance(part, UserText) else piece)
+    if marks != 1:
+        raise UsageError(f"a DeepSeek-OCR prompt holds exactly one {image_token} mark, not {marks}")
+    head, tail = tokenizer.encode_content(before), tokenizer.encode_content(after)
+    ids = [tokenizer.bos_id, *head, *[tokenizer.image_id] * n, *tail]
+    mask = [False] * (1 + len(head)) + [True] * n + [False] * len(tail)
+    return ids, mask

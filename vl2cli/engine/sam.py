@@ -1,8 +1,11 @@
 """SAM ViT-B image encoder as DeepSeek-OCR's DeepEncoder uses it: windowed attention with decomposed relative
-positions, global attention in four blocks, a conv neck, then two stride-2 convs to 1024 channels (16x compression).
+positions, global attention in four blocks, a conv neck, then two stride-2 convs to 1024 channels (16x compression);
+DeepSeek-OCR 2 uses it as is but for the last conv, which ends in 896 channels (its Qwen2 encoder's width).
 
 Follows deepseek-ai/DeepSeek-OCR `DeepSeek-OCR-master/DeepSeek-OCR-vllm/deepencoder/sam_vary_sdpa.py` (commit
-e4ac34e), itself segment-anything's ImageEncoderViT; the behaviour is written in shared/parity-ocr/README.md sec. 5.
+e4ac34e), itself segment-anything's ImageEncoderViT, and deepseek-ai/DeepSeek-OCR-2 `DeepSeek-OCR2-master/
+DeepSeek-OCR2-vllm/deepencoderv2/sam_vary_sdpa.py` (commit 2f3699e); the behaviour is written in
+shared/parity-ocr/README.md and shared/parity-ocr2/README.md sec. 5.
 """
 
 from __future__ import annotations
@@ -116,9 +119,10 @@ class PatchEmbed(nn.Module):
 
 
 class SamEncoder(nn.Module):
-    """[B, 3, S, S] -> [B, 1024, S/64, S/64] (16x16 for 1024 pixels, 10x10 for 640)."""
+    """[B, 3, S, S] -> [B, C, S/64, S/64] (16x16 for 1024 pixels, 12x12 for 768, 10x10 for 640); C = 1024 for
+    DeepSeek-OCR, 896 for DeepSeek-OCR 2."""
 
-    def __init__(self) -> None:
+    def __init__(self, out_channels: int = 1024) -> None:
         super().__init__()
         self.patch_embed = PatchEmbed()
         self.pos_embed = nn.Parameter(torch.zeros(1, SAM_GRID, SAM_GRID, SAM_WIDTH))
@@ -127,7 +131,7 @@ class SamEncoder(nn.Module):
         self.neck = nn.Sequential(nn.Conv2d(SAM_WIDTH, 256, 1, bias=False), LayerNorm2d(256),
                                   nn.Conv2d(256, 256, 3, padding=1, bias=False), LayerNorm2d(256))
         self.net_2 = nn.Conv2d(256, 512, 3, stride=2, padding=1, bias=False)
-        self.net_3 = nn.Conv2d(512, 1024, 3, stride=2, padding=1, bias=False)
+        self.net_3 = nn.Conv2d(512, out_channels, 3, stride=2, padding=1, bias=False)
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         x = self.patch_embed.proj(pixels).permute(0, 2, 3, 1)  # [B, g, g, 768]

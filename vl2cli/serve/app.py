@@ -552,6 +552,7 @@ def _document_options(server: Server, task: str, words: dict[str, str]) -> tuple
             given["schema"] = json.loads(words["schema"])
         options = task_options(task, fmt, max_pixels=server.settings.limits.max_image_pixels,
                                batch_size=server.settings.max_batch, **given)
+        server.reader.check_mode(options[1].ocr_mode)
     except RecursionError:
         raise ApiError(400, "the schema or fields are nested too deeply") from None
     except (UsageError, ValueError) as exc:
