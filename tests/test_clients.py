@@ -393,3 +393,28 @@ def test_docling_converts_the_sample_through_vl2_serve(served, path):
             assert answer.usage["total_tokens"] == answer.usage["prompt_tokens"] + answer.usage["completion_tokens"]
             assert answer.num_tokens == answer.usage["total_tokens"] <= 4096
     assert all("incomplete" in e.error_message for e in result.errors), result.errors
+
+
+def test_marker_service_call_shape(client):
+    """marker 2.0's OpenAIService call (marker/services/openai.py): `beta.chat.completions.parse` with a pydantic
+    schema, a webp data URL before the prompt, its X-Title and HTTP-Referer headers, and no max_tokens (the budget is
+    what the context leaves). marker itself needs its layout models downloaded first, which tests cannot do."""
+    from typing import Literal
+
+    from PIL import Image
+    from pydantic import BaseModel
+
+    class BlockCheck(BaseModel):  # marker's schemas are pydantic models; this one keeps the answer short
+        is_table: bool
+        kind: Literal["text", "table", "figure"]
+
+    webp = io.BytesIO()
+    Image.open(IMG).convert("RGB").save(webp, format="WEBP")
+    parts = [{"type": "image_url", "image_url": {"url": "data:image/webp;base64,"
+                                                        + base64.b64encode(webp.getvalue()).decode()}},
+             {"type": "text", "text": "Is this block a table?"}]
+    response = client.beta.chat.completions.parse(
+        extra_headers={"X-Title": "Marker", "HTTP-Referer": "https://github.com/datalab-to/marker"},
+        model=MODEL, messages=[{"role": "user", "content": parts}], timeout=300, response_format=BlockCheck)
+    assert isinstance(response.choices[0].message.parsed, BlockCheck) and response.usage.total_tokens <= 4096
+    assert json.loads(response.choices[0].message.content)["kind"] in ("text", "table", "figure")
