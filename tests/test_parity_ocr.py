@@ -120,9 +120,9 @@ def test_layout_tags_become_blocks_clean_markdown_and_figure_files(tmp_path):
               "<|ref|>image<|/ref|><|det|>[[100, 400, 900, 800]]<|/det|>\n")
     task = get_task("ocr")
     fields, _ = task.parse(answer, (1000, 2000), None)
-    assert [b["label"] for b in fields["blocks"]] == ["title", "text", "image"]
+    assert [b["label"] for b in fields["blocks"]] == ["title", "text", "figure"]  # the layout vocabulary
     assert fields["blocks"][1] == {"label": "text", "text": "Revenue rose by **4%**.", "box_norm": [10.0, 80.0, 990.0, 300.0],
-                                   "box": [10, 160, 990, 600]}
+                                   "box": [10, 160, 990, 600], "order": 1, "tag": "text"}
     result = PageResult("r.png", 1, "ocr", "ok", answer=answer, width=1000, height=2000, fields=fields)
     assert task.render(result, "markdown") == "# Annual report\n\nRevenue rose by **4%**."
     assert task.render(result, "text") == "Annual report\n\nRevenue rose by 4%."

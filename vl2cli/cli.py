@@ -20,7 +20,6 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from typer.core import TyperGroup
-from typer.exceptions import TyperException
 
 from vl2cli.errors import UsageError, Vl2Error
 from vl2cli.options import (
@@ -44,6 +43,16 @@ DRAIN_SECONDS = float(os.environ.get("VL2_DRAIN_SECONDS", "60"))  # how long a s
 log = logging.getLogger("vl2cli")
 
 
+def _typer_error() -> type[Exception]:
+    """The base of the usage errors typer prints itself: TyperException from typer 0.29, (vendored) click's
+    ClickException before it (docling-core pins typer<0.27, so vl2 runs on both)."""
+    bases = {cls.__name__: cls for cls in typer.BadParameter.__mro__}
+    return bases.get("TyperException") or bases["ClickException"]
+
+
+TyperError = _typer_error()
+
+
 def err(message: str) -> None:
     typer.echo(message, err=True)
 
@@ -63,7 +72,7 @@ class Vl2Group(TyperGroup):
         verbose = self.verbose
         try:
             return super().invoke(ctx)
-        except (typer.Exit, typer.Abort, TyperException):  # typer's own usage errors and exits print themselves
+        except (typer.Exit, typer.Abort, TyperError):  # typer's own usage errors and exits print themselves
             raise
         except Vl2Error as exc:
             _traceback_if(verbose)
@@ -168,6 +177,8 @@ Fields = Annotated[str | None, typer.Option("--fields", help='extract: shorthand
 Per = Annotated[str, typer.Option("--per", help="extract: one object per page, or per document (merged).")]
 NoRepeat = Annotated[bool, typer.Option("--no-repeat-ngrams/--allow-repeat-ngrams",
                                         help="DeepSeek-OCR: ban a repeated 30-gram within 90 tokens (<td> exempt).")]
+KeepFurniture = Annotated[bool, typer.Option("--keep-furniture", help="ocr: keep page headers, footers and page "
+                                             "numbers in the markdown/text (the record labels them either way).")]
 OcrMode = Annotated[str, typer.Option("--ocr-mode", help="DeepSeek-OCR (--model ocr): tiny, small, base, large or "
                                                          "gundam (640-pixel tiles + a 1024 view; documents).")]
 
@@ -244,6 +255,7 @@ class ReadRequest:
     summary_json: bool = False
     auto_batch: bool = False  # no --batch-size given: choose from the device's free memory
     per_document: bool = False  # extract: one merged record per document
+    keep_furniture: bool = False  # ocr: page headers, footers and numbers stay in the text outputs
     ray: str | None = None  # batch --ray: local, auto or a cluster address
     workers: int = 2
     gpus_per_worker: float | None = None
@@ -255,6 +267,9 @@ def _validated(req: ReadRequest) -> tuple[str, list[Source], list[str]]:
     from vl2cli.pipeline import plan_inputs
     if req.fmt not in req.task.formats:
         raise UsageError(f"--format {req.fmt!r}: {req.task.name} writes {', '.join(req.task.formats)}")
+    if req.fmt == "docling":
+        from vl2cli.docling import check_docling
+        check_docling()
     if req.redo not in ("none", "failed", "all"):
         raise UsageError(f"--redo {req.redo!r}: expected none, failed or all")
     template = req.task.template(req.read.prompt_file, req.choice.family(), req.read.plain)
@@ -291,7 +306,7 @@ def _read(req: ReadRequest) -> None:
         folder = req.choice.resolve()
     for note in notes:
         log.warning("%s", note)
-    job = Job(req.task, req.read, req.pages, req.fmt, str(folder.resolve()), template)
+    job = Job(req.task, req.read, req.pages, req.fmt, str(folder.resolve()), template, req.keep_furniture)
     sink: Any = (_folder_sink(req, job) if req.out is not None
                  else StdoutSink(job, req.quiet, sources, req.per_document))
     summary = Summary()
@@ -377,20 +392,41 @@ class StdoutSink:
         self.collected: list[PageResult] = []
         self.collect = job.fmt == "json" or per_document or (job.fmt == "csv" and job.task.structured)
         self.printed = 0
+        # ocr: a document's pages wait for each other (furniture is found across them), then print in page order
+        self.pending: dict[int, tuple[Source, list[tuple[PageItem, PageResult]]]] = {}
 
     def done(self, _item: PageItem) -> bool:
         return False  # stdout holds nothing from earlier runs
 
     def emit(self, item: PageItem, result: PageResult, _page: Page | None) -> PageResult:
         _say(result, self.quiet)
-        fmt = self.job.fmt
         if self.collect:
             self.collected.append(result)
-        elif fmt == "jsonl":
+        elif self.job.task.whole_document:
+            source, held = self.pending.setdefault(id(item.source), (item.source, []))
+            held.append((item, result))
+            if len(held) >= len(source.numbers):
+                self._print_document(self.pending.pop(id(item.source))[1])
+        else:
+            self._print(item, result)
+        return result
+
+    def _print(self, item: PageItem, result: PageResult) -> None:
+        if self.job.fmt == "jsonl":
             typer.echo(self.job.task.render(result, "jsonl"))
         elif result.ok:
             self._print_text(item, result)
-        return result
+
+    def _print_document(self, held: list[tuple[PageItem, PageResult]]) -> None:
+        from vl2cli.document import settle_furniture
+        held.sort(key=lambda pair: pair[1].page)
+        settled = settle_furniture([r for _, r in held])
+        if self.job.fmt == "docling":
+            from vl2cli.docling import docling_json
+            typer.echo(docling_json(settled, indent=None))
+            return
+        for (item, _), result in zip(held, settled):
+            self._print(item, result)
 
     def _print_text(self, item: PageItem, result: PageResult) -> None:
         several = self.several or len(item.source.numbers) > 1
@@ -399,14 +435,20 @@ class StdoutSink:
                 typer.echo("")
             typer.echo(f"<!-- page {result.page}: {result.source} -->" if self.job.fmt != "text"
                        else f"--- page {result.page}: {result.source} ---")
-        typer.echo(self.job.task.render(result, self.job.fmt))
+        typer.echo(self.job.task.render(result, self.job.fmt, self.job.keep_furniture))
         self.printed += 1
 
     def close(self, sources: list[Source]) -> list[str]:
+        for _, held in list(self.pending.values()):  # documents cut short (interrupted): what was read
+            self._print_document(held)
+        self.pending.clear()
         if not self.collect:
             return []
         from vl2cli.extract import merged_result
         results = sorted(self.collected, key=lambda r: (self.order.get(r.source, len(self.order)), r.page))
+        if self.job.task.whole_document:
+            from vl2cli.document import settle_furniture
+            results = [r for s in sources for r in settle_furniture([r for r in results if r.source == s.label])]
         if self.per_document:
             results = [merged_result([r for r in results if r.source == s.label]) for s in sources
                        if any(r.source == s.label for r in results)]
@@ -595,7 +637,7 @@ def _task_command(name: str, help_text: str, needs: str | None = None, default_f
         batch_size: BatchSize = None, split: Split = "auto", text_layer: TextLayer = "off",
         max_pixels: MaxPixels = DEFAULT_MAX_PIXELS, redo: Redo = "none", schema: SchemaFile = None,
         fields: Fields = None, per: Per = "page", strict: bool | None = None, ocr_mode: OcrMode = "gundam",
-        no_repeat: NoRepeat = True, rotate: Rotate = DEFAULT_ROTATE,
+        no_repeat: NoRepeat = True, rotate: Rotate = DEFAULT_ROTATE, keep_furniture: KeepFurniture = False,
     ) -> None:
         text = None
         if needs:
@@ -607,7 +649,8 @@ def _task_command(name: str, help_text: str, needs: str | None = None, default_f
                        temperature=temperature, prompt_file=prompt_file, pages=pages, dpi=dpi, password=password,
                        batch_size=batch_size, split=split, text_layer=text_layer, max_pixels=max_pixels, redo=redo,
                        verbose=verbose, quiet=quiet, summary_json=json_out, schema=schema, fields=fields, per=per,
-                       strict=strict, ocr_mode=ocr_mode, no_repeat=no_repeat, rotate=rotate))
+                       strict=strict, ocr_mode=ocr_mode, no_repeat=no_repeat, rotate=rotate,
+                       keep_furniture=keep_furniture))
 
     command.__doc__ = help_text
     command.__annotations__["fmt"] = Annotated[str, typer.Option("--format", "-f", help=f"Output format: {formats}.")]
@@ -615,6 +658,8 @@ def _task_command(name: str, help_text: str, needs: str | None = None, default_f
         "--strict/--no-strict", hidden=name not in ("ground", "table"), show_default=False,
         help="Constrain answers by a grammar: every box parses (ground, on by default) / a well-formed markdown table "
              "(table, off by default).")]
+    if name != "ocr":  # furniture is ocr's
+        command.__annotations__["keep_furniture"] = Annotated[bool, typer.Option("--keep-furniture", hidden=True)]
     if name != "extract":  # the schema options belong to extract alone
         command.__annotations__.update(
             schema=Annotated[str | None, typer.Option("--schema", hidden=True)],
@@ -657,6 +702,7 @@ def batch(
     batch_size: BatchSize = None, split: Split = "auto", text_layer: TextLayer = "off",
     max_pixels: MaxPixels = DEFAULT_MAX_PIXELS, redo: Redo = "none", schema: SchemaFile = None, fields: Fields = None,
     per: Per = "page", ocr_mode: OcrMode = "gundam", no_repeat: NoRepeat = True, rotate: Rotate = DEFAULT_ROTATE,
+    keep_furniture: KeepFurniture = False,
     strict: Annotated[bool | None, typer.Option("--strict/--no-strict", show_default=False,
                                                 help="Grammar-constrained answers: ground (default on), table "
                                                      "(default off).")] = None,
@@ -680,7 +726,7 @@ def batch(
                    batch_size=batch_size, split=split, text_layer=text_layer, max_pixels=max_pixels, glob=glob,
                    redo=redo, named_files=False, verbose=verbose, quiet=quiet, summary_json=json_out, schema=schema,
                    fields=fields, per=per, strict=strict, ocr_mode=ocr_mode, no_repeat=no_repeat, rotate=rotate, ray=ray,
-                   workers=workers, gpus_per_worker=gpus_per_worker))
+                   workers=workers, gpus_per_worker=gpus_per_worker, keep_furniture=keep_furniture))
 
 
 # ---------------------------------------------------------------------- ask

@@ -10,7 +10,7 @@ import math
 import re
 from html.parser import HTMLParser
 
-Table = dict  # {"columns": [str], "rows": [[str]]}
+Table = dict  # {"columns": [str], "rows": [[str]]}, and "spans": [{"row", "col", "rowspan", "colspan"}] when merged
 
 _SEPARATOR_CELL = re.compile(r"^\s*:?-{1,}:?\s*$")
 
@@ -50,7 +50,17 @@ def parse_markdown_tables(text: str) -> list[Table]:
     return tables
 
 
+MAX_SPAN = 100  # a rowspan/colspan beyond this is the model rambling: it counts as 1
+
+
+def _span(value: str | None) -> int:
+    return int(value) if value and value.strip().isdigit() and 0 < int(value) <= MAX_SPAN else 1
+
+
 class _HtmlTables(HTMLParser):
+    """HTML tables onto a grid: a cell with rowspan/colspan holds its text in its top-left grid cell, the cells it
+    covers stay empty, and the table's `spans` lists it (row 0 is the header row, `columns`)."""
+
     def __init__(self):
         super().__init__(convert_charrefs=True)
         self.tables: list[dict] = []
@@ -59,41 +69,40 @@ class _HtmlTables(HTMLParser):
 
     def handle_starttag(self, tag, attrs):
         if tag == "table":
-            self.stack.append({"rows": [], "row": None, "head_rows": 0})
+            self.stack.append({"cells": [], "row": -1, "in_row": False})
         elif not self.stack:
             return
         elif tag == "tr":
-            self.stack[-1]["row"] = []
+            self._open_row()
         elif tag in ("td", "th"):
-            if self.stack[-1]["row"] is None:
-                self.stack[-1]["row"] = []
+            t = self.stack[-1]
+            if not t["in_row"]:
+                self._open_row()
+            a = dict(attrs)
             self.cell = []
-            self.stack[-1]["is_head"] = tag == "th"
-            span = dict(attrs).get("colspan") or "1"
-            self.stack[-1]["span"] = int(span) if span.isdigit() and 0 < int(span) <= 100 else 1
+            t["cells"].append([t["row"], _span(a.get("rowspan")), _span(a.get("colspan")), ""])
+
+    def _open_row(self):
+        t = self.stack[-1]
+        t["row"] += 1
+        t["in_row"] = True
 
     def handle_endtag(self, tag):
         if not self.stack:
             return
         t = self.stack[-1]
-        if tag in ("td", "th") and self.cell is not None and t["row"] is not None:
-            text = " ".join("".join(self.cell).split())
-            t["row"].extend([text] + [""] * (t.get("span", 1) - 1))
+        if tag in ("td", "th") and self.cell is not None and t["cells"]:
+            t["cells"][-1][3] = " ".join("".join(self.cell).split())
             self.cell = None
-        elif tag == "tr" and t["row"] is not None:
-            if t["row"]:
-                t["rows"].append((t["row"], t.get("is_head", False)))
-            t["row"] = None
+        elif tag == "tr":
+            t["in_row"] = False
         elif tag == "table":
             self._close()
 
     def _close(self):
-        t = self.stack.pop()
-        if t["row"]:
-            t["rows"].append((t["row"], False))
-        rows = t["rows"]
-        if rows:
-            self.tables.append(_shape(rows[0][0], [r for r, _ in rows[1:]]))
+        table = _grid(self.stack.pop()["cells"])
+        if table is not None:
+            self.tables.append(table)
 
     def handle_data(self, data):
         if self.cell is not None:
@@ -103,6 +112,39 @@ class _HtmlTables(HTMLParser):
         while self.stack:
             self._close()
         return self.tables
+
+
+def _grid(cells: list[list]) -> Table | None:
+    """Cells (row, rowspan, colspan, text) in document order -> a table; each cell takes the first free grid
+    position of its row, as a browser places them."""
+    taken: set[tuple[int, int]] = set()
+    placed: dict[tuple[int, int], str] = {}
+    spans = []
+    for row, rowspan, colspan, text in cells:
+        col = 0
+        while (row, col) in taken:
+            col += 1
+        for r in range(row, row + rowspan):
+            for c in range(col, col + colspan):
+                taken.add((r, c))
+        placed[(row, col)] = text
+        if rowspan > 1 or colspan > 1:
+            spans.append({"row": row, "col": col, "rowspan": rowspan, "colspan": colspan})
+    if not placed:
+        return None
+    rows_used = sorted({r for r, _ in taken})
+    height, width = rows_used[-1] + 1, max(c for _, c in taken) + 1
+    grid = [[placed.get((r, c), "") for c in range(width)] for r in range(height)]
+    grid = [row for r, row in enumerate(grid) if r in rows_used]  # a <tr> without cells adds no row
+    table = _shape(grid[0], grid[1:])
+    if spans:
+        for span in spans:  # rows_used may have dropped an empty row above a span
+            span["row"] = rows_used.index(span["row"])
+            span["rowspan"] = min(span["rowspan"], len(grid) - span["row"])
+        table["spans"] = [s for s in spans if s["rowspan"] > 1 or s["colspan"] > 1]
+        if not table["spans"]:
+            del table["spans"]
+    return table
 
 
 def parse_html_tables(text: str) -> list[Table]:
@@ -136,6 +178,8 @@ def parse_tables(text: str) -> list[Table]:
 
 
 def table_to_csv(table: Table) -> str:
+    """A grid: a merged cell's text sits in its top-left cell and the cells it covers are empty (the record's
+    `spans` and -f html keep the structure; the page is flagged merged_cells)."""
     import csv
     import io
     buf = io.StringIO()
@@ -146,6 +190,10 @@ def table_to_csv(table: Table) -> str:
 
 
 def table_to_markdown(table: Table) -> str:
+    """A markdown table, or an HTML table where merged cells make the structure one a markdown table cannot hold."""
+    if table.get("spans"):
+        return table_to_html(table)
+
     def row(cells):
         return "| " + " | ".join(c.replace("|", "\\|").replace("\n", " ") for c in cells) + " |"
     cols = table["columns"] or [""]
@@ -155,10 +203,25 @@ def table_to_markdown(table: Table) -> str:
 
 
 def table_to_html(table: Table) -> str:
-    def cells(tag, values):
-        return "".join(f"<{tag}>{html.escape(v)}</{tag}>" for v in values)
-    body = "".join(f"<tr>{cells('td', r)}</tr>" for r in table["rows"])
-    return f"<table><thead><tr>{cells('th', table['columns'])}</tr></thead><tbody>{body}</tbody></table>"
+    """HTML with rowspan/colspan where the table has merged cells; row 0 (`columns`) is the header."""
+    spans = {(s["row"], s["col"]): s for s in table.get("spans") or []}
+    covered = {(s["row"] + r, s["col"] + c) for s in spans.values() for r in range(s["rowspan"])
+               for c in range(s["colspan"]) if (r, c) != (0, 0)}
+
+    def cells(tag: str, r: int, values: list[str]) -> str:
+        out = []
+        for c, value in enumerate(values):
+            if (r, c) in covered:
+                continue
+            span = spans.get((r, c))
+            attrs = "" if span is None else "".join(f' {k}="{span[k]}"' for k in ("rowspan", "colspan") if span[k] > 1)
+            out.append(f"<{tag}{attrs}>{html.escape(value)}</{tag}>")
+        return "".join(out)
+    head = f"<tr>{cells('th', 0, table['columns'])}</tr>"
+    body = "".join(f"<tr>{cells('td', r, row)}</tr>" for r, row in enumerate(table["rows"], start=1))
+    if spans:  # a rowspan does not cross from <thead> into <tbody>: merged tables keep every row in one group
+        return f"<table>{head}{body}</table>"
+    return f"<table><thead>{head}</thead><tbody>{body}</tbody></table>"
 
 
 # ----------------------------------------------------------------------------- grounding
@@ -228,17 +291,6 @@ def parse_layout(text: str, width: int, height: int) -> list[dict]:
         blocks.append({"label": match.group(1).strip(), "text": text[match.end():end].strip(),
                        "box_norm": box_norm, "box": scale_box(box_norm, width, height) if box_norm else None})
     return blocks
-
-
-def layout_markdown(blocks: list[dict]) -> str:
-    """Clean markdown from layout blocks: their texts in order; a figure as an image link once it is cropped."""
-    parts = []
-    for block in blocks:
-        if block.get("figure"):
-            parts.append(f"![{block['label']}]({block['figure']})")
-        elif block["text"]:
-            parts.append(block["text"])
-    return "\n\n".join(parts)
 
 
 def strip_grounding_tags(text: str) -> str:

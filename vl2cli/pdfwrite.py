@@ -8,14 +8,16 @@ _TEXT_MATRIX = {0: "1 0 0 1", 90: "0 1 -1 0", 180: "-1 0 0 -1", 270: "0 -1 1 0"}
 
 
 def text_pdf(text: str, pages: int = 1, lines: list[str] | None = None, size: int = 24, angle: int = 0,
-             rotate: int = 0) -> bytes:
-    """A PDF with Helvetica text: one line per page ("{text} pN"), or the given lines on every page. `angle`: the text
-    is drawn turned counterclockwise by it (0, 90, 180, 270); `rotate`: each page's /Rotate."""
+             rotate: int = 0, page_lines: list[list[str]] | None = None) -> bytes:
+    """A PDF with Helvetica text: one line per page ("{text} pN"), the given lines on every page, or each page's own
+    lines (`page_lines`, one list per page). `angle`: the text is drawn turned counterclockwise by it (0, 90, 180,
+    270); `rotate`: each page's /Rotate."""
     objs = ["<< /Type /Catalog /Pages 2 0 R >>", None, "<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica >>"]
     kids = []
+    pages = len(page_lines) if page_lines else pages
     for i in range(pages):
-        page_lines = lines or [f"{text} p{i + 1}"]
-        ops = " ".join(f"({_escape(line)}) Tj 0 -{size * 1.2:.1f} Td" for line in page_lines)
+        page_lines_here = page_lines[i] if page_lines else lines or [f"{text} p{i + 1}"]
+        ops = " ".join(f"({_escape(line)}) Tj 0 -{size * 1.2:.1f} Td" for line in page_lines_here)
         x, y = _TEXT_ORIGIN[angle]
         place = f"{_TEXT_MATRIX[angle]} {x} {y} Tm" if angle else f"{x} {y} Td"
         stream = f"BT /F1 {size} Tf {place} {ops} ET".encode("latin-1", "replace")

@@ -53,6 +53,7 @@ class Job:
     fmt: str
     model_id: str  # the checkpoint folder's real path (a hub snapshot's path names its revision)
     template: str  # the prompt template text
+    keep_furniture: bool = False  # ocr text keeps page headers, footers and numbers (rendering only: not in the key)
 
     def settings(self) -> dict:
         return {"v": KEY_VERSION, "task": self.task.name, "format": self.fmt, "model": self.model_id,

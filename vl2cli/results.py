@@ -14,7 +14,7 @@ Status = Literal["ok", "failed", "interrupted"]
 
 # Task fields: present in every record of that task (these values when the page failed).
 TASK_FIELDS: dict[str, dict[str, Any]] = {
-    "ocr": {"blocks": []},
+    "ocr": {"blocks": [], "furniture": []},
     "ask": {},
     "table": {"tables": []},
     "chart": {"description": None, "data": None},

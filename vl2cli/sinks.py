@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from vl2cli.errors import OutputBusy, OutputError, UsageError
 from vl2cli.options import Redo
-from vl2cli.results import PageResult
+from vl2cli.results import PageResult, failed_page
 from vl2cli.tasks import annotate
 from vl2cli.writers import atomic_write_bytes, atomic_write_text, remove_own_temp_files
 
@@ -188,8 +188,8 @@ class FolderSink:
         if page is not None and result.fields.get("blocks"):
             result, figures = _crop_figures(stem, result, page)
             files += figures
-        if fmt not in ("json", "jsonl"):
-            body = task.render(result, fmt)
+        if fmt in task.text_formats:
+            body = task.render(result, fmt, self.job.keep_furniture)
             if body.strip():  # no table found: no empty .csv, the record says so
                 files.append((stem + task.extension(fmt), (body.rstrip("\n") + "\n").encode()))
         files.append((stem + ".json", (task.render(result, "json") + "\n").encode()))
@@ -212,10 +212,10 @@ class FolderSink:
         """Write the files that cover a whole run (results.jsonl, whole documents); release the lock."""
         written = []
         try:
+            if self.job.task.whole_document:  # first: it may rewrite page records with the document's furniture
+                written += [rel for s in sources if self._any_done(s) for rel in self._write_document(s)]
             if self.job.fmt == "jsonl":
                 written.append(self._write_results(sources))
-            if self.job.task.whole_document and self.job.fmt in ("markdown", "text"):
-                written += [self._write_document(s) for s in sources if self._any_done(s)]
             if self.per_document:
                 written += [rel for s in sources if self._any_done(s) for rel in self._write_merged(s)]
         finally:
@@ -268,30 +268,47 @@ class FolderSink:
                 [merged], self.job.read.schema_json)))
         return written
 
-    def _write_document(self, source: Source) -> str:
-        """The pages of one document in order, each opened by a line `<!-- page N -->` (markdown) or
-        `--- page N ---` (text), as the pages are separated on stdout."""
-        def opening(number: int, why: str | None = None) -> str:
-            said = f"page {number}" + (f": {why}" if why else "")
-            return f"--- {said} ---" if self.job.fmt == "text" else f"<!-- {said} -->"
-        parts = []
+    def _write_document(self, source: Source) -> list[str]:
+        """The pages of one document in order (vl2cli/document.py): furniture found across its pages (the pages'
+        records and text files rewritten with it), then the whole-document text file, or its DoclingDocument."""
+        from vl2cli.document import document_text, settle_furniture
+        results, entries = [], []
         for number, entry, record in self._page_records(source):
-            if record is None:
-                parts.append(opening(number, (entry or {}).get("error") or "not read yet") + "\n")
-                continue
-            text = self.job.task.render(PageResult(**_result_fields(record)), self.job.fmt)
-            parts.append(f"{opening(number)}\n{text.rstrip()}\n")
-        return self._write_whole(source, self.job.task.extension(self.job.fmt), "\n".join(parts))
+            why = (entry or {}).get("error") or "not read yet"
+            results.append(PageResult(**_result_fields(record)) if record is not None
+                           else failed_page(source.label, number, self.job.task.name, why))
+            entries.append(entry)
+        settled = settle_furniture(results)
+        for before, after, entry in zip(results, settled, entries):
+            if after is not before and entry is not None:
+                self._rewrite_page(entry, after)
+        if self.job.fmt == "docling":
+            from vl2cli.docling import docling_json
+            return [self._write_whole(source, ".docling.json", docling_json(settled) + "\n")]
+        if self.job.fmt in ("markdown", "text"):
+            text = document_text(settled, self.job.fmt, self.job.keep_furniture)
+            return [self._write_whole(source, self.job.task.extension(self.job.fmt), text)]
+        return []
+
+    def _rewrite_page(self, entry: dict[str, Any], result: PageResult) -> None:
+        """A page's record and text file again, with what the whole document showed (its furniture)."""
+        task = self.job.task
+        for rel in entry.get("outputs", []):
+            if rel.endswith(".json") and not rel.endswith(".docling.json"):
+                atomic_write_text(self.out / rel, task.render(result, "json") + "\n")
+            elif self.job.fmt in task.text_formats and rel.endswith(task.extension(self.job.fmt)):
+                atomic_write_text(self.out / rel, task.render(result, self.job.fmt, self.job.keep_furniture).rstrip("\n")
+                                  + "\n")
 
 
 def _crop_figures(stem: str, result: PageResult, page: Page) -> tuple[PageResult, list[tuple[str, bytes]]]:
-    """DeepSeek-OCR's figure blocks cut from the page as `<stem>.figN.png`; each block then names its file."""
+    """Figure blocks with a box (DeepSeek-OCR's) cut from the page as `<stem>.figN.png`; each block then names its file."""
     blocks: list[dict] = []
     files: list[tuple[str, bytes]] = []
     image = page.as_given()  # the blocks' boxes are on the page as given
     for block in result.fields["blocks"]:
         box = block.get("box")
-        if block.get("label") == "image" and box and box[2] > box[0] and box[3] > box[1]:
+        if block.get("label") == "figure" and box and box[2] > box[0] and box[3] > box[1]:
             rel = f"{stem}.fig{len(files) + 1}.png"
             buf = io.BytesIO()
             image.crop(tuple(box)).save(buf, format="PNG")
@@ -310,4 +327,4 @@ def _result_fields(record: dict[str, Any]) -> dict[str, Any]:
     split = record.get("split")
     return {**common, "flags": tuple(record.get("flags", ())), "split": Split(**split) if split else None,
             "rotation": record.get("rotation", 0), "rotation_source": record.get("rotation_source"),
-            "fields": {k: record.get(k) for k in TASK_FIELDS.get(record["task"], {})}}
+            "fields": {k: record.get(k, default) for k, default in TASK_FIELDS.get(record["task"], {}).items()}}

@@ -20,11 +20,10 @@ from typing_extensions import override
 from vl2cli.engine.grammar import Grammar, GrammarError
 from vl2cli.errors import UsageError
 from vl2cli.extract import csv_row, schema_grammar
+from vl2cli.layout import blocks_markdown, furniture_of, page_blocks, strip_markdown
 from vl2cli.options import ReadOptions
 from vl2cli.parsers import (
-    layout_markdown,
     parse_grounding,
-    parse_layout,
     parse_tables,
     strip_grounding_tags,
     table_to_csv,
@@ -36,7 +35,7 @@ from vl2cli.results import PageResult
 MAX_PROMPT_FILE_BYTES = 64 * 1024
 IMAGE_MARK = "<image>"
 FORMAT_EXTENSIONS = {"markdown": ".md", "text": ".txt", "json": ".json", "jsonl": ".jsonl", "csv": ".csv",
-                     "html": ".html"}
+                     "html": ".html", "docling": ".docling.json"}
 
 
 def _clean_prompt(text: str, where: str) -> str:
@@ -137,7 +136,9 @@ class Task:
         del answer, size, text  # plain-text tasks have no fields
         return {}, ()
 
-    def render(self, result: PageResult, fmt: str) -> str:
+    def render(self, result: PageResult, fmt: str, keep_furniture: bool = False) -> str:
+        """One result in a format; `keep_furniture`: ocr's text keeps page headers, footers and numbers."""
+        del keep_furniture
         if fmt == "json":
             return json.dumps(result.to_json(), ensure_ascii=False, indent=1)
         if fmt == "jsonl":
@@ -154,6 +155,10 @@ class Task:
         answers with it): JSON as one list, JSON Lines a record a line, extraction CSV as one table; text formats
         page after page, each opened by `<!-- page N: SOURCE -->` (`--- … ---` for text) when there are several, a
         page that failed by that line with its error."""
+        if self.whole_document:  # ocr: furniture is found across each document's pages, as the CLI's sinks do
+            from vl2cli.document import settle_furniture
+            sources = list(dict.fromkeys(r.source for r in results))
+            results = [r for source in sources for r in settle_furniture([x for x in results if x.source == source])]
         if fmt == "json":
             return json.dumps([r.to_json() for r in results], ensure_ascii=False, indent=1) + "\n"
         if fmt == "jsonl":
@@ -170,6 +175,12 @@ class Task:
             parts.append((opening if len(results) > 1 or not r.ok else "") + body)
         return "\n".join(parts)
 
+    @property
+    def text_formats(self) -> tuple[str, ...]:
+        """The formats written as a file per page beside the record (json/jsonl are the record; docling is one file
+        per document)."""
+        return tuple(f for f in self.formats if f not in ("json", "jsonl", "docling"))
+
     strict_by_default: bool = False
 
     def grammar(self, opts: ReadOptions, budget: int) -> Grammar | None:
@@ -181,11 +192,6 @@ class Task:
         """--strict: compile the task's grammar at the user's budget, so a problem is a usage error up front."""
         del budget
         raise UsageError(f"{self.name}: --strict applies to ground and table")
-
-
-def strip_markdown(text: str) -> str:
-    text = re.sub(r"^#{1,6}\s*", "", text, flags=re.M)
-    return re.sub(r"(\*\*|__)(.*?)\1", r"\2", text)
 
 
 TABLE_MAX_COLUMNS, TABLE_MAX_ROWS, TABLE_CELL_CHARS = 24, 500, 120
@@ -201,20 +207,23 @@ SEP: /:?-{{3}}:?/""")
 
 
 class OcrTask(Task):
-    """Page text. DeepSeek-OCR's answers carry layout tags: they become blocks (label, text, box) and clean text."""
+    """Page text. Every answer becomes blocks in one layout (vl2cli/layout.py): DeepSeek-OCR's from its layout tags,
+    DeepSeek-VL2's and text layers' from their markdown. The markdown/text renderings leave page furniture out
+    (unless kept) and write math as \\( \\) / \\[ \\]; the record keeps the answer as the model wrote it."""
 
     @override
     def parse(self, answer: str, size: tuple[int, int], text: str | None) -> tuple[dict[str, Any], tuple[str, ...]]:
         del text
-        return {"blocks": parse_layout(answer, *size)}, ()
+        blocks = page_blocks(answer, *size)
+        return {"blocks": blocks, "furniture": furniture_of(blocks)}, ()
 
     @override
-    def render(self, result: PageResult, fmt: str) -> str:
-        blocks = result.fields.get("blocks") or []
-        if blocks and fmt in ("markdown", "text"):
-            clean = layout_markdown(blocks)
+    def render(self, result: PageResult, fmt: str, keep_furniture: bool = False) -> str:
+        blocks = result.fields.get("blocks")
+        if fmt in ("markdown", "text") and blocks is not None:
+            clean = blocks_markdown(blocks, keep_furniture)
             return strip_markdown(clean) if fmt == "text" else clean
-        return super().render(result, fmt)
+        return super().render(result, fmt, keep_furniture)
 
 
 class TableTask(Task):
@@ -232,10 +241,11 @@ class TableTask(Task):
     def parse(self, answer: str, size: tuple[int, int], text: str | None) -> tuple[dict[str, Any], tuple[str, ...]]:
         del size, text
         tables = parse_tables(answer)
-        return {"tables": tables}, () if tables else ("no_table",)
+        flags = ("merged_cells",) if any(t.get("spans") for t in tables) else ()  # csv flattens them (see table_to_csv)
+        return {"tables": tables}, flags if tables else ("no_table",)
 
     @override
-    def render(self, result: PageResult, fmt: str) -> str:
+    def render(self, result: PageResult, fmt: str, keep_furniture: bool = False) -> str:
         tables = result.fields.get("tables") or []
         if fmt == "csv":
             return "\n".join(table_to_csv(t) for t in tables)
@@ -243,7 +253,7 @@ class TableTask(Task):
             return "\n".join(table_to_html(t) for t in tables)
         if fmt == "markdown":
             return "\n\n".join(table_to_markdown(t) for t in tables) if tables else (result.answer or "")
-        return super().render(result, fmt)
+        return super().render(result, fmt, keep_furniture)
 
 
 class ChartTask(Task):
@@ -300,14 +310,14 @@ class GroundTask(Task):
         return {"objects": objects, "caption": strip_grounding_tags(answer)}, () if objects else ("no_boxes",)
 
     @override
-    def render(self, result: PageResult, fmt: str) -> str:
+    def render(self, result: PageResult, fmt: str, keep_furniture: bool = False) -> str:
         if fmt in ("markdown", "text"):
             objects = result.fields.get("objects") or []
             lines = [f"{o['label'] or '?'}: {o['box']} (normalised {o['box_norm']})" for o in objects]
             caption = result.fields.get("caption", "")
             shown = ([caption] if caption and self.name == "caption" else []) + lines
             return "\n".join(shown) or "(no boxes in the answer)"
-        return super().render(result, fmt)
+        return super().render(result, fmt, keep_furniture)
 
 
 def annotate(image: Image.Image, objects: list[dict]) -> Image.Image:
@@ -343,11 +353,11 @@ class ExtractTask(Task):
             return {"data": None}, ("incomplete_json",)
 
     @override
-    def render(self, result: PageResult, fmt: str) -> str:
+    def render(self, result: PageResult, fmt: str, keep_furniture: bool = False) -> str:
         if fmt == "csv":
             schema = (result.grammar or {}).get("schema")
             return self.csv_lines([result], json.dumps(schema) if schema else None)
-        return super().render(result, fmt)
+        return super().render(result, fmt, keep_furniture)
 
     def columns(self, schema_json: str | None) -> list[str]:
         schema = json.loads(schema_json) if schema_json else {}
@@ -368,7 +378,7 @@ class ExtractTask(Task):
 
 
 TASKS: dict[str, Task] = {
-    "ocr": OcrTask("ocr", splittable=True, whole_document=True),
+    "ocr": OcrTask("ocr", formats=("markdown", "text", "json", "jsonl", "docling"), splittable=True, whole_document=True),
     "ask": Task("ask", needs_text="question"),
     "table": TableTask("table", formats=("json", "jsonl", "csv", "markdown", "html")),
     "chart": ChartTask("chart"),

@@ -570,6 +570,12 @@ def _format_and_pages(task: str, words: dict[str, str]) -> str:
     fmt = words.get("format", "json")
     if fmt not in get_task(task).formats:
         raise ApiError(400, f"format {fmt[:40]!r}: {task} writes {', '.join(get_task(task).formats)}", param="format")
+    if fmt == "docling":
+        from vl2cli.docling import check_docling
+        try:
+            check_docling()
+        except UsageError as exc:
+            raise ApiError(400, str(exc), param="format") from None
     try:
         parse_page_ranges(words.get("pages"))
     except UsageError as exc:
@@ -695,6 +701,10 @@ async def _run_document(http: Request, server: Server, planned: _DocumentJob, st
     job = planned.job
     if job.fmt == "json":
         return JSONResponse([r.to_json() for r in done], headers=headers)
+    if job.fmt == "docling":  # the document's DoclingDocument, its furniture found across its pages
+        from vl2cli.docling import docling_json
+        from vl2cli.document import settle_furniture
+        return Response(docling_json(settle_furniture(done)), media_type="application/json", headers=headers)
     body = job.task.render_all(done, job.fmt, job.read.schema_json)  # the body `vl2 TASK -f FMT` prints
     return Response(body, media_type=FORMAT_MEDIA_TYPES[job.fmt], headers=headers)
 
