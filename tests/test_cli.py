@@ -269,6 +269,19 @@ def test_whole_document_files_separate_pages_as_stdout_does(tmp_path):
     assert "--- page" not in single  # one page prints bare: `vl2 ocr scan.png > scan.txt` is the page itself
 
 
+def test_progress_rates_are_honest(capsys):
+    from vl2cli.cli import ProgressReporter
+    quick = ProgressReporter(quiet=False)
+    quick(1, 1, 0)  # a page that failed in milliseconds: no rate from it
+    assert "1/1 pages, -- pages/s, -- tok/s" in capsys.readouterr().err
+    slow = ProgressReporter(quiet=False)
+    slow.start -= 40  # 3 tokens in 40 s: a small rate keeps its digits
+    slow(1, 2, 3)
+    slow.last -= 10
+    slow(2, 2, 3)
+    assert "0.075 tok/s" in capsys.readouterr().err
+
+
 def test_text_layer_only_reads_pdf_text(tmp_path):
     from vl2cli.pdfwrite import text_pdf
     pdf = tmp_path / "t.pdf"

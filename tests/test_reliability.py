@@ -227,13 +227,20 @@ def test_runaway_loop_is_stopped_retried_and_flagged(reader, page_image):
     original = reader._generate
 
     def spy(prompts, params, *args, **kwargs):
+        import time
         temps.append(params.temperature)
+        time.sleep(1.0)  # a retry that takes time: the page's seconds must count it
         return original(prompts, params, *args, **kwargs)
     reader._generate = spy
+    import time
+    started = time.perf_counter()
     result = reader.read(get_task("ocr"), [Page("p.png", 1, page_image)], ReadOptions(max_new_tokens=400,
                                                                                       split="never"))[0]
+    wall = time.perf_counter() - started
     assert result.generated_tokens < 120  # stopped early, not at the 400-token budget
     assert temps and all(t <= 0.7 for t in temps)  # the greedy read looped: re-read at rising temperatures
+    # seconds: the wall time of the page's own requests, retries included (all but tiling the page and parsing)
+    assert wall - 1.0 <= result.seconds <= wall, (result.seconds, wall)
     assert temps == list(LOOP_RETRY_TEMPERATURES)[:len(temps)]
     if result.finish_reason == "loop":
         assert "repetition_loop" in result.flags

@@ -576,7 +576,10 @@ class ProgressReporter:
         if self.quiet:
             return
         elapsed = max(time.monotonic() - self.start, 1e-9)
-        rate = f"{done / elapsed:.2f} pages/s, {tokens / elapsed:.1f} tok/s"
+        # no rate from the first second (a page failed in milliseconds is not "65 pages/s"); small rates keep
+        # their digits (0.08 tok/s, not 0.0)
+        rate = (f"{done / elapsed:.3g} pages/s, {tokens / elapsed:.3g} tok/s" if elapsed >= 1
+                else "-- pages/s, -- tok/s")
         if self.bar:
             self.bar.update(self.task, completed=done, total=total or None, rate=rate)
         elif done != self.shown and (time.monotonic() - self.last >= 10 or (total and done >= total)):

@@ -199,9 +199,12 @@ class Reader:
         gen = request.result
         if gen.finish_reason == "cancelled":  # the server is draining: like a signal, the page is read again
             gen.finish_reason = "interrupted"
-        answer = self._finish(gen, request.prompt, params, request.budget, opts)
+        retries_started = time.perf_counter()
+        answer = self._finish(gen, request.prompt, params, request.budget, opts)  # loop retries run in here
         if isinstance(answer, _Answer):
-            answer.grammar, answer.seconds = request.grammar, request.seconds
+            # a page's seconds: the wall time of its own requests, from admission to its last token, retries included
+            answer.grammar = request.grammar
+            answer.seconds = request.seconds + (time.perf_counter() - retries_started)
         return answer
 
     def _finish(self, gen: Generation, prompt: Prepared, params: SamplingParams, budget: int,
