@@ -111,3 +111,23 @@ def test_docling_format_without_docling_core_is_a_usage_error(monkeypatch, tmp_p
     monkeypatch.setattr(builtins, "__import__", no_docling)
     result = vl2("ocr", str(_report_pdf(tmp_path / "r.pdf")), "-f", "docling")
     assert result.exit_code == 2 and "pip install 'vl2cli[docling]'" in result.output
+
+
+@needs_docling
+def test_the_documents_endpoint_answers_format_docling_with_the_clis_document(tmp_path):
+    import httpx
+    from docling_core.types.doc import DoclingDocument
+
+    from tests.helpers import TINY, running_server
+    from vl2cli.engine.loading import load_model
+    from vl2cli.reader import Reader
+    pdf = _report_pdf(tmp_path / "report.pdf")
+    with running_server(Reader(load_model(TINY, device="cpu", dtype="float32", quant="none"))) as (url, _):
+        response = httpx.post(url + "/v1/documents/ocr", files={"file": ("report.pdf", pdf.read_bytes())},
+                              data={"text_layer": "only", "format": "docling"}, timeout=120)
+        records = httpx.post(url + "/v1/documents/ocr", files={"file": ("report.pdf", pdf.read_bytes())},
+                             data={"text_layer": "only"}, timeout=120).json()
+    assert response.status_code == 200, response.text
+    doc = DoclingDocument.model_validate_json(response.text)
+    assert [t.text for t in doc.texts if t.content_layer.value == "body"] == BODIES
+    assert [len(r["furniture"]) for r in records] == [2, 2, 2]  # the records carry the document's furniture too

@@ -699,12 +699,14 @@ async def _run_document(http: Request, server: Server, planned: _DocumentJob, st
         raise ApiError(499, "the client closed the request")
     done.sort(key=lambda r: r.page)
     job = planned.job
+    if job.task.whole_document:  # ocr: the document's furniture, found across its pages as the CLI finds it
+        from vl2cli.document import settle_furniture
+        done = settle_furniture(done)
     if job.fmt == "json":
         return JSONResponse([r.to_json() for r in done], headers=headers)
-    if job.fmt == "docling":  # the document's DoclingDocument, its furniture found across its pages
+    if job.fmt == "docling":  # the document's DoclingDocument
         from vl2cli.docling import docling_json
-        from vl2cli.document import settle_furniture
-        return Response(docling_json(settle_furniture(done)), media_type="application/json", headers=headers)
+        return Response(docling_json(done), media_type="application/json", headers=headers)
     body = job.task.render_all(done, job.fmt, job.read.schema_json)  # the body `vl2 TASK -f FMT` prints
     return Response(body, media_type=FORMAT_MEDIA_TYPES[job.fmt], headers=headers)
 
