@@ -101,3 +101,30 @@ def test_the_page_shows_the_servers_error(browser, page_url, tmp_path):
     browser.find_element(By.ID, "go").click()
     WebDriverWait(browser, 60).until(ready.text_to_be_present_in_element((By.ID, "status"), "400"))
     assert "broken.pdf" in browser.find_element(By.ID, "status").text
+
+
+def test_the_page_offers_caption_a_token_budget_a_format_and_counts_seconds_while_reading(browser, page_url):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ready
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+    browser.get(page_url + "/")
+    tasks = [o.get_attribute("value") for o in Select(browser.find_element(By.ID, "task")).options]
+    assert "caption" in tasks
+    browser.execute_script(  # every text the status line shows, to see the seconds counted while a page is read
+        "window.seen = []; const s = document.getElementById('status');"
+        "new MutationObserver(() => seen.push(s.textContent)).observe(s, {childList: true, subtree: true,"
+        " characterData: true});")
+    Select(browser.find_element(By.ID, "task")).select_by_value("ocr")
+    Select(browser.find_element(By.ID, "format")).select_by_value("text")
+    browser.find_element(By.ID, "max_tokens").send_keys("3")
+    browser.find_element(By.ID, "file").send_keys(str(Path(IMG).resolve()))
+    browser.find_element(By.ID, "go").click()
+    WebDriverWait(browser, 120).until(ready.text_to_be_present_in_element((By.ID, "status"), "pages done."))
+    shown = browser.find_element(By.CSS_SELECTOR, "article.formatted")
+    assert "· text" in shown.find_element(By.TAG_NAME, "h2").text
+    assert shown.find_element(By.CSS_SELECTOR, "a[download]").get_attribute("download") == "note_300x200.png.ocr.txt"
+    body = shown.find_element(By.TAG_NAME, "pre").get_attribute("textContent")
+    assert body.strip() and "{" not in body  # the plain text `vl2 ocr -f text` prints, not a record
+    assert any("reading for" in text for text in browser.execute_script("return window.seen"))
+    records = _read(browser, page_url, "caption", str(SAMPLES / "objects.png"))
+    assert len(records) == 1 and records[0].get_attribute("data-task") == "caption"

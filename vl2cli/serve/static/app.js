@@ -131,10 +131,53 @@ function choose(file) {
   $("drop-text").textContent = file ? `${file.name} (${Math.ceil(file.size / 1024)} KB)` : "Drop a PDF or an image here";
 }
 
+// What each task writes (vl2cli/tasks.py): besides the page view, the body `vl2 TASK -f FORMAT` prints.
+const FORMATS = {ocr: ["markdown", "text", "json", "jsonl"], ask: ["markdown", "text", "json", "jsonl"],
+  table: ["json", "jsonl", "csv", "markdown", "html"], chart: ["markdown", "text", "json", "jsonl"],
+  ground: ["markdown", "text", "json", "jsonl"], caption: ["markdown", "text", "json", "jsonl"],
+  extract: ["json", "jsonl", "csv"]};
+
 function syncTask() {
-  const task = $("task").value;
+  const task = $("task").value, format = $("format"), kept = format.value;
   $("question-box").hidden = !(task === "ask" || task === "ground");
   $("fields-box").hidden = task !== "extract";
+  format.length = 1;  // the page view stays first
+  for (const name of FORMATS[task] || []) format.add(new Option(`${name} (as vl2 ${task} -f ${name})`, name));
+  format.value = (FORMATS[task] || []).includes(kept) ? kept : "";
+}
+
+// A page on a CPU can take minutes: while one is being read, the status line counts the seconds.
+function ticking(prefix) {
+  const started = Date.now();
+  const show = () => say(`${prefix()} reading for ${Math.round((Date.now() - started) / 1000)} s…`);
+  show();
+  return setInterval(show, 1000);
+}
+
+async function readAs(task, format, body, headers) {
+  const timer = ticking(() => `Writing ${format}:`);
+  try {
+    const response = await fetch(`/v1/documents/${task}`, {method: "POST", body, headers});
+    const text = await response.text();
+    if (!response.ok) {
+      let problem = {};
+      try { problem = JSON.parse(text); } catch (_) { /* not JSON: the status says enough */ }
+      if (response.status === 401) $("key-row").hidden = false;
+      say(`${response.status}: ${(problem.error && problem.error.message) || response.statusText}`, true);
+      return;
+    }
+    const out = document.createElement("article");
+    out.className = "page formatted";
+    const link = URL.createObjectURL(new Blob([text], {type: response.headers.get("Content-Type") || "text/plain"}));
+    const name = `${chosen.name}.${task}.${{markdown: "md", text: "txt", jsonl: "jsonl"}[format] || format}`;
+    out.innerHTML = `<h2>${escapeHtml(chosen.name)} · ${escapeHtml(task)} · ${escapeHtml(format)} ` +
+      `<a download="${escapeHtml(name)}" href="${link}">download</a></h2><pre>${escapeHtml(text)}</pre>`;
+    results.appendChild(out);
+    const pages = response.headers.get("X-Vl2-Pages") || "?";
+    say(`${pages} of ${pages} pages done.`);
+  } finally {
+    clearInterval(timer);
+  }
 }
 
 async function read(event) {
@@ -142,7 +185,7 @@ async function read(event) {
   if (!chosen) { say("Choose a file first.", true); return; }
   const task = $("task").value, body = new FormData();
   body.append("file", chosen, chosen.name);
-  for (const name of ["question", "fields", "pages"]) {
+  for (const name of ["question", "fields", "pages", "max_tokens"]) {
     const value = $(name).value.trim();
     if (value && !$(name).closest("label").hidden) body.append(name, value);
   }
@@ -151,7 +194,15 @@ async function read(event) {
   $("go").disabled = true;
   results.innerHTML = "";
   say("Reading…");
+  let timer = null;
   try {
+    const format = $("format").value;
+    if (format) {
+      body.append("format", format);
+      await readAs(task, format, body, headers);
+      if (key) sessionStorage.setItem("vl2-key", key);
+      return;
+    }
     const response = await fetch(`/v1/documents/${task}?stream=true`, {method: "POST", body, headers});
     if (!response.ok) {
       const problem = await response.json().catch(() => ({}));
@@ -163,7 +214,7 @@ async function read(event) {
     const total = Number(response.headers.get("X-Vl2-Pages") || 0);
     let done = 0, buffer = "";
     const reader = response.body.getReader(), decoder = new TextDecoder();
-    say(`0 of ${total} pages done…`);
+    timer = ticking(() => `${done} of ${total} pages done;`);
     for (;;) {
       const {value, done: finished} = await reader.read();
       buffer += decoder.decode(value || new Uint8Array(), {stream: !finished});
@@ -172,15 +223,18 @@ async function read(event) {
         const line = buffer.slice(0, newline); buffer = buffer.slice(newline + 1);
         if (!line.trim()) continue;
         const record = JSON.parse(line);
-        if (record.error && !record.task) { say(record.error.message, true); continue; }
+        if (record.error && !record.task) { clearInterval(timer); say(record.error.message, true); continue; }
         showRecord(record); done++;
-        say(done < total ? `${done} of ${total} pages done…` : `${done} of ${total} pages done.`);
+        clearInterval(timer);
+        if (done < total) timer = ticking(() => `${done} of ${total} pages done;`);
+        else say(`${done} of ${total} pages done.`);
       }
       if (finished) break;
     }
   } catch (err) {
     say(`The request failed: ${err}`, true);
   } finally {
+    clearInterval(timer);
     $("go").disabled = false;
   }
 }
