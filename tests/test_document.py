@@ -188,3 +188,15 @@ def test_a_paragraph_cut_mid_sentence_joins_the_next_page_and_a_finished_one_doe
     failed = PageResult("d.pdf", 2, "ocr", "failed", error="out of memory")
     assert join_page_breaks([first.fields["blocks"], None, third.fields["blocks"]])[0][-1]["text"].endswith("for the")
     assert "<!-- page 2: out of memory -->" in document_text([first, failed, third], "markdown")
+
+
+def test_the_library_read_gives_each_document_its_furniture(tmp_path):
+    import vl2cli
+    from tests.helpers import TINY
+    reader = vl2cli.load(TINY, device="cpu", dtype="float32", quant="none")
+    first, second = _report_pdf(tmp_path / "a.pdf"), _report_pdf(tmp_path / "b.pdf", pages=2)
+    results = vl2cli.read(reader, [str(first), str(second)], options=vl2cli.ReadOptions(text_layer="only"))
+    assert [(Path(r.source).name, r.page) for r in results] == [("a.pdf", 1), ("a.pdf", 2), ("a.pdf", 3),
+                                                                 ("b.pdf", 1), ("b.pdf", 2)]
+    assert all([f["label"] for f in r.fields["furniture"]] == ["page_header", "page_number"] for r in results)
+    assert get_task("ocr").render(results[3], "markdown") == BODIES[0]

@@ -71,4 +71,8 @@ def read(reader: Reader, paths: list[str], task: str = "ocr", question: str | No
     job = Job(the_task, opts, page_opts, "json", str(reader.loaded.folder), template)
     sink = ListSink()
     read_documents(reader, job, sources, sink)
-    return sink.results
+    if not the_task.whole_document:
+        return sink.results
+    from vl2cli.document import settle_furniture  # ocr: each document's furniture, found across its pages
+    return [r for s in sources for r in settle_furniture(sorted((r for r in sink.results if r.source == s.label),
+                                                                key=lambda r: r.page))]
