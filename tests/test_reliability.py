@@ -106,6 +106,7 @@ def test_bad_inputs_never_crash_the_batch(tmp_path):
                                       "--max-new-tokens", "3", "--split", "never", "--json"])
     assert result.exit_code == 1, result.output  # some failed
     assert "Traceback" not in result.output
+    assert " at 0x" not in result.stderr and "<_io." not in result.stderr  # the problem in words, no Python reprs
     index = [json.loads(line) for line in (out / "index.jsonl").read_text().splitlines()]
     by_source: dict[str, list] = {}
     for e in index:
