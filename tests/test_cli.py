@@ -103,8 +103,15 @@ def test_users_own_token_cap_never_splits_the_page():
     assert "token_budget_reached" in record["flags"] and record["generated_tokens"] == 4
 
 
-def test_context_cutting_the_answer_splits_the_page(tmp_path):
+def test_context_cutting_the_answer_splits_the_page(tmp_path, monkeypatch):
     from tests.helpers import make_checkpoint
+    from vl2cli.reader import Reader
+    read_bands, spent = Reader._read_bands, []
+
+    def spy(self, *args):
+        spent.append(args[-1])  # the whole-page read the context cut
+        return read_bands(self, *args)
+    monkeypatch.setattr(Reader, "_read_bands", spy)
     from vl2cli.engine.loading import load_model
     from vl2cli.engine.processor import UserText
     probe = load_model(TINY, device="cpu", dtype="float32", quant="none")
@@ -114,6 +121,7 @@ def test_context_cutting_the_answer_splits_the_page(tmp_path):
     result = vl2("ocr", IMG, "--json", model=str(ckpt), tokens=50)
     [record] = json.loads(result.stdout)
     assert record["split"] == {"bands": 3, "reason": "budget"} and record["finish_reason"] == "split"
+    assert spent and spent[0] > 0 and record["seconds"] >= round(spent[0], 3)  # the first read counts in its seconds
 
 
 def test_models_lists_variants_from_config_arithmetic():

@@ -269,7 +269,7 @@ class Reader:
         template = task.template(opts.prompt_file, self.family, opts.plain)
         self.use_mode(opts.ocr_mode)
         params = self._sampling(opts)
-        banded: list[tuple[K, Page, int, str]] = []
+        banded: list[tuple[K, Page, int, str, float]] = []  # (key, page, bands, reason, seconds spent already)
         source, more = iter(pages), True
         batch = self._batch(opts.batch_size)
         try:
@@ -287,7 +287,7 @@ class Reader:
                     elif isinstance(outcome, PageResult):
                         yield key, outcome
                     else:
-                        banded.append((key, page, *outcome))
+                        banded.append((key, page, *outcome, 0.0))
                 if cancelled():
                     return
                 if batch.idle and not more:
@@ -299,18 +299,18 @@ class Reader:
                         yield done
         finally:
             batch.close()
-        for key, page, bands, reason in banded:
-            yield key, self._read_bands(task, template, page, opts, bands, reason)
+        for key, page, bands, reason, spent in banded:
+            yield key, self._read_bands(task, template, page, opts, bands, reason, spent)
             on_generated(key)
 
     def _page_done(self, task: Task, request: Request, opts: ReadOptions, params: SamplingParams,
-                   banded: list[tuple[Any, Page, int, str]]) -> tuple[Any, PageResult] | None:
+                   banded: list[tuple[Any, Page, int, str, float]]) -> tuple[Any, PageResult] | None:
         """A finished page request's (key, result); None when the context cut it and it is to be read in bands."""
         key, page = request.tag
         answer = self._answer(request, params, opts)
         if isinstance(answer, _Answer) and answer.finish_reason == "context" and task.splittable \
                 and opts.split == "auto":
-            banded.append((key, page, 3, "budget"))
+            banded.append((key, page, 3, "budget", answer.seconds))  # the whole-page read counts too
             return None
         return key, self._result(task, page, opts, answer, answer.seconds if isinstance(answer, _Answer) else 0.0)
 
@@ -340,8 +340,8 @@ class Reader:
         return self._result(task, page, opts, answer, 0.0)
 
     def _read_bands(self, task: Task, template: str, page: Page, opts: ReadOptions, n: int,
-                    reason: str) -> PageResult:
-        start = time.perf_counter()
+                    reason: str, spent: float = 0.0) -> PageResult:
+        start = time.perf_counter() - spent  # `spent`: a whole-page read the context cut, before these bands
         try:
             bands = split_bands(page.image, n)
             prompts = [self._prompt(task, template, band, opts, None) for band in bands]
