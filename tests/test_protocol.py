@@ -55,6 +55,12 @@ def test_unknown_fields_are_ignored_as_openai_does():
     assert call.max_tokens == 7 and call.grammar is None and call.model == "tiny"
 
 
+def test_openai_default_penalties_and_bias_are_taken_as_no_ops():
+    call = parse_chat({"messages": USER, "frequency_penalty": 0, "presence_penalty": 0.0, "logit_bias": {}},
+                      Limits())
+    assert call.grammar is None and call.params.temperature == 0.0
+
+
 @pytest.mark.parametrize(("extra", "kind"), [
     ({"guided_regex": "[0-9]{3}"}, "regex"),
     ({"guided_choice": ["yes", "no"]}, "lark"),
@@ -94,6 +100,9 @@ def test_vllm_json_schemas_are_bounded_to_the_budget_as_response_format_is(extra
     ({"tools": [{"type": "function"}]}, "tools"),
     ({"logprobs": True}, "logprobs"),
     ({"n": 2}, "n"),
+    ({"frequency_penalty": 0.5}, "frequency_penalty"),
+    ({"presence_penalty": -1}, "presence_penalty"),
+    ({"logit_bias": {"50256": -100}}, "logit_bias"),
 ])
 def test_constraints_vl2_cannot_honour_are_refused_by_name(extra, param):
     assert refused({"messages": USER, **extra}).param == param

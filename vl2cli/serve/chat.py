@@ -93,6 +93,11 @@ def parse_chat(body: Any, limits: Limits) -> ChatCall:
             raise ApiError(400, f"{unsupported}: not supported by vl2", param=unsupported)
     if request.logprobs or request.top_logprobs:
         raise ApiError(400, "logprobs: not supported by vl2", param="logprobs")
+    for penalty in ("frequency_penalty", "presence_penalty"):  # 0 is OpenAI's default, the same as leaving it out
+        if getattr(request, penalty):
+            raise ApiError(400, f"{penalty}: not supported by vl2 (send 0 or leave it out)", param=penalty)
+    if request.logit_bias:
+        raise ApiError(400, "logit_bias: not supported by vl2 (send {} or leave it out)", param="logit_bias")
     if request.n not in (None, 1):
         raise ApiError(400, "n: vl2 returns one choice per request (n must be 1)", param="n")
     max_tokens = request.max_completion_tokens if request.max_completion_tokens is not None else request.max_tokens

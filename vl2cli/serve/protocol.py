@@ -1,10 +1,11 @@
 """The OpenAI wire format, as pydantic models: what a chat completions request may hold and what vl2 answers with
 (as vLLM's and mlx-vlm's servers do). This is the one place a request body's shape and types are checked.
 
-A field OpenAI knows but vl2 does not use is ignored, as OpenAI ignores unknown fields; a field of the wrong type
-is a 400 whose message and `param` name it (`max_tokens: expected an integer, got '100'`). Types are strict (a
-number in a string is wrong, as with OpenAI). What a value means (roles in order, images, the budget, grammars)
-is chat.py's business.
+A field OpenAI knows but vl2 does not use is ignored when it cannot change the answer (user, metadata), as OpenAI
+ignores unknown fields; one that would (penalties, logit_bias, tools) is declared so chat.py can refuse it.
+A field of the wrong type is a 400 whose message and `param` name it (`max_tokens: expected an integer, got
+'100'`). Types are strict (a number in a string is wrong, as with OpenAI). What a value means (roles in
+order, images, the budget, grammars) is chat.py's business.
 
 vLLM's structured-output extras (guided_regex, guided_json, guided_choice, guided_grammar, structured_outputs)
 are declared here so that a constraint vl2 cannot honour is refused by name, never dropped.
@@ -155,6 +156,10 @@ class ChatRequest(_Wire):
     audio: Any = None
     logprobs: bool | None = None
     top_logprobs: int | None = None
+    # sampling shapers vl2's sampler does not apply: 0 / {} (OpenAI's defaults) are no-ops, anything else a 400
+    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    logit_bias: dict[str, float] | None = None
     # vLLM's extras (sent in the body, e.g. through the openai SDK's extra_body)
     guided_json: _SchemaOrText | None = None
     guided_regex: str | None = None
