@@ -45,6 +45,19 @@ def page_url():
         yield url
 
 
+def test_the_pages_format_lists_are_the_tasks_formats():
+    """The page's hard-coded FORMATS offers what each task writes through /v1/documents (no browser needed)."""
+    import json
+    import re
+
+    from vl2cli.tasks import TASKS
+    script = (Path(__file__).parent.parent / "vl2cli" / "serve" / "static" / "app.js").read_text()
+    literal = re.search(r"const FORMATS = (\{.*?\});", script, re.S)
+    assert literal is not None
+    offered = json.loads(re.sub(r"(\w+):", r'"\1":', literal.group(1)))
+    assert offered == {name: list(task.formats) for name, task in TASKS.items()}
+
+
 def _read(driver, url: str, task: str, path: str, question: str | None = None):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions as ready

@@ -132,7 +132,8 @@ function choose(file) {
 }
 
 // What each task writes (vl2cli/tasks.py): besides the page view, the body `vl2 TASK -f FORMAT` prints.
-const FORMATS = {ocr: ["markdown", "text", "json", "jsonl"], ask: ["markdown", "text", "json", "jsonl"],
+// As vl2cli/tasks.py TASKS[...].formats (tests/test_web.py holds the two equal).
+const FORMATS = {ocr: ["markdown", "text", "json", "jsonl", "docling"], ask: ["markdown", "text", "json", "jsonl"],
   table: ["json", "jsonl", "csv", "markdown", "html"], chart: ["markdown", "text", "json", "jsonl"],
   ground: ["markdown", "text", "json", "jsonl"], caption: ["markdown", "text", "json", "jsonl"],
   extract: ["json", "jsonl", "csv"]};
@@ -169,7 +170,7 @@ async function readAs(task, format, body, headers) {
     const out = document.createElement("article");
     out.className = "page formatted";
     const link = URL.createObjectURL(new Blob([text], {type: response.headers.get("Content-Type") || "text/plain"}));
-    const name = `${chosen.name}.${task}.${{markdown: "md", text: "txt", jsonl: "jsonl"}[format] || format}`;
+    const name = `${chosen.name}.${task}.${{markdown: "md", text: "txt", jsonl: "jsonl", docling: "docling.json"}[format] || format}`;
     out.innerHTML = `<h2>${escapeHtml(chosen.name)} · ${escapeHtml(task)} · ${escapeHtml(format)} ` +
       `<a download="${escapeHtml(name)}" href="${link}">download</a></h2><pre>${escapeHtml(text)}</pre>`;
     results.appendChild(out);
