@@ -533,3 +533,14 @@ def test_document_and_user_text_cannot_rewrite_the_prompt(tmp_path):
 def test_a_missing_input_is_reported_before_any_model_loads():
     result = vl2("ocr", IMG, "/no/such/file.pdf", model="/nonexistent/checkpoint")
     assert result.exit_code == 2 and "/no/such/file.pdf: no such file" in result.stderr
+
+
+def test_the_log_outlives_an_in_process_command(capsys):
+    """The CLI's log handler writes to the stderr of the moment: after a command run in-process (CliRunner closes
+    the stderr it lent), a server in the same process logs to the stderr then current, never to the closed one
+    ('--- Logging error ---')."""
+    import logging
+    assert vl2("serve", "--host", "0.0.0.0", tokens=None).exit_code == 2  # sets the log up, then fails fast
+    logging.getLogger("vl2cli").warning("still heard after the command")
+    err = capsys.readouterr().err
+    assert "vl2: still heard after the command" in err and "Logging error" not in err

@@ -223,11 +223,21 @@ class ModelChoice:
         return Reader(loaded)
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is when a record is logged, not the stream it was when the command began: a
+    command run in-process (a test's CliRunner) swaps stderr for its own and closes it afterwards, and a server
+    still running in that process must not log to the closed stream."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.stream = sys.stderr  # under the handler's lock (Handler.handle holds it)
+        super().emit(record)
+
+
 def _setup_logging(verbose: bool, quiet: bool) -> None:
     """The library logs; here we decide what reaches stderr."""
     logger = logging.getLogger("vl2cli")
     logger.handlers.clear()
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _StderrHandler()
     handler.setFormatter(logging.Formatter("vl2: %(message)s"))
     logger.addHandler(handler)
     logger.setLevel(logging.DEBUG if verbose else logging.ERROR if quiet else logging.WARNING)
