@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
-from tests.helpers import CKPT, PARITY
+from tests.helpers import CKPT, PARITY, TINY, running_server
 
 
 @pytest.fixture(scope="session")
@@ -28,6 +30,36 @@ def page_image():
 def reader(loaded_tiny):
     from vl2cli.reader import Reader
     return Reader(loaded_tiny)
+
+
+@pytest.fixture(scope="module")
+def module_reader():
+    """One reader of the tiny checkpoint per test module, for the servers it starts."""
+    from vl2cli.engine.loading import load_model
+    from vl2cli.reader import Reader
+    return Reader(load_model(TINY, device="cpu", dtype="float32", quant="none"))
+
+
+@pytest.fixture(scope="module")
+def served(module_reader):
+    """A server on module_reader (up to 8 rows decoding together): (url, server)."""
+    with running_server(module_reader, max_batch=8) as (url, server):
+        yield url, server
+
+
+@pytest.fixture
+def slow_decoding(module_reader, monkeypatch):
+    """Every decode step takes 20 ms and no answer stops early: requests stay in flight long enough to watch."""
+    from vl2cli import reader as reader_module
+    engine = module_reader.engine
+    real = engine.decode_step
+
+    def slow(tokens, cache):
+        time.sleep(0.02)
+        return real(tokens, cache)
+    monkeypatch.setattr(engine, "decode_step", slow)
+    monkeypatch.setattr(reader_module, "find_loop", lambda ids: None)
+    monkeypatch.setattr(engine, "eos_id", -1)
 
 
 def pytest_terminal_summary(terminalreporter):

@@ -20,7 +20,7 @@ import httpx
 import openai
 import pytest
 
-from tests.helpers import DATA, IMG, SAMPLES, TINY, running_server, vl2
+from tests.helpers import DATA, IMG, SAMPLES, running_server, vl2
 
 MODEL = "tiny"
 RECORDED = DATA / "clients"
@@ -33,13 +33,6 @@ def needs(module: str):
         return __import__(module)
     return pytest.importorskip(module, reason=f"{module} is not installed (.ci/run installs the clients: pip install -r "
                                               ".ci/clients.txt && pip install --no-deps -r .ci/clients-nodeps.txt)")
-
-
-@pytest.fixture(scope="module")
-def module_reader():
-    from vl2cli.engine.loading import load_model
-    from vl2cli.reader import Reader
-    return Reader(load_model(TINY, device="cpu", dtype="float32", quant="none"))
 
 
 @pytest.fixture(scope="module")

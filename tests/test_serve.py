@@ -30,19 +30,6 @@ def image_message(text: str, path: str = IMG) -> list[dict]:
                                          {"type": "text", "text": text}]}]
 
 
-@pytest.fixture(scope="module")
-def module_reader():
-    from vl2cli.engine.loading import load_model
-    from vl2cli.reader import Reader
-    return Reader(load_model(TINY, device="cpu", dtype="float32", quant="none"))
-
-
-@pytest.fixture(scope="module")
-def served(module_reader):
-    with running_server(module_reader, max_batch=8) as (url, server):
-        yield url, server
-
-
 @pytest.fixture
 def client(served):
     return openai.OpenAI(base_url=served[0] + "/v1", api_key="unused", max_retries=0, timeout=60)
@@ -221,21 +208,6 @@ def test_metrics_are_prometheus_text(served):
                  "vl2_running_batch_size", "vl2_time_per_output_token_seconds"):
         assert f"# TYPE {name} " in text and any(line.startswith(name + " ") for line in text.splitlines())
     assert httpx.get(served[0] + "/health").json()["status"] == "ok"
-
-
-@pytest.fixture
-def slow_decoding(module_reader, monkeypatch):
-    """Every decode step takes 20 ms and no answer stops early: requests stay in flight long enough to watch."""
-    from vl2cli import reader as reader_module
-    engine = module_reader.engine
-    real = engine.decode_step
-
-    def slow(tokens, cache):
-        time.sleep(0.02)
-        return real(tokens, cache)
-    monkeypatch.setattr(engine, "decode_step", slow)
-    monkeypatch.setattr(reader_module, "find_loop", lambda ids: None)
-    monkeypatch.setattr(engine, "eos_id", -1)
 
 
 def test_auth_limits_and_a_full_queue(module_reader, slow_decoding):

@@ -14,24 +14,11 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 
-from tests.helpers import IMG, TINY, running_server
+from tests.helpers import IMG, running_server
 
 MODEL = "tiny"
 CHAT = "/v1/chat/completions"
 HI = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
-
-
-@pytest.fixture(scope="module")
-def module_reader():
-    from vl2cli.engine.loading import load_model
-    from vl2cli.reader import Reader
-    return Reader(load_model(TINY, device="cpu", dtype="float32", quant="none"))
-
-
-@pytest.fixture(scope="module")
-def served(module_reader):
-    with running_server(module_reader, max_batch=8) as (url, server):
-        yield url, server
 
 
 def _error_shape(response: httpx.Response, status: int) -> dict:
@@ -328,21 +315,6 @@ def test_remote_images_are_never_fetched_from_loopback_private_or_link_local_add
 
 
 # ---------------------------------------------------------------------------------------------- clients that leave
-
-
-@pytest.fixture
-def slow_decoding(module_reader, monkeypatch):
-    """Every decode step takes 20 ms and no answer stops early: requests stay in flight long enough to watch."""
-    from vl2cli import reader as reader_module
-    engine = module_reader.engine
-    real = engine.decode_step
-
-    def slow(tokens, cache):
-        time.sleep(0.02)
-        return real(tokens, cache)
-    monkeypatch.setattr(engine, "decode_step", slow)
-    monkeypatch.setattr(reader_module, "find_loop", lambda ids: None)
-    monkeypatch.setattr(engine, "eos_id", -1)
 
 
 def _sent(url: str, request: httpx.Request) -> socket.socket:
