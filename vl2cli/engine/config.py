@@ -469,36 +469,31 @@ def is_ocr2_config(raw: dict[str, Any]) -> bool:
     return OCR2_ARCHITECTURE in (raw.get("architectures") or [])
 
 
-def ocr2_config_from_dict(raw: dict[str, Any]) -> OCR2Config:
+def _ocr_language(raw: dict[str, Any], model: str, projector_input: int) -> LanguageConfig:
+    """The decoder of a DeepSeek-OCR family checkpoint, once its linear projector is known to map the encoder's
+    `projector_input` channels to the decoder's width."""
     if raw.get("model_type") not in (None, "deepseek_vl_v2"):
-        raise ConfigError(f"model_type = {raw.get('model_type')!r}: not a DeepSeek-OCR 2 checkpoint")
+        raise ConfigError(f"model_type = {raw.get('model_type')!r}: not a {model} checkpoint")
     language = _pick(LanguageConfig, raw.get("language_config"), "language_config")
     _validate_language(language)
     projector = raw.get("projector_config") or {}
     if not isinstance(projector, dict) or projector.get("projector_type", "linear") != "linear":
-        raise ConfigError(f"projector_config.projector_type = {projector.get('projector_type')!r}: DeepSeek-OCR 2's "
+        raise ConfigError(f"projector_config.projector_type = {projector.get('projector_type')!r}: {model}'s "
                           "projector is 'linear'")
-    if projector.get("input_dim", 896) != 896 or projector.get("n_embed", language.hidden_size) != language.hidden_size:
+    if (projector.get("input_dim", projector_input) != projector_input
+            or projector.get("n_embed", language.hidden_size) != language.hidden_size):
         raise ConfigError(f"projector_config: input_dim {projector.get('input_dim')} / n_embed "
-                          f"{projector.get('n_embed')}: DeepSeek-OCR 2 projects 896 channels to hidden_size "
+                          f"{projector.get('n_embed')}: {model} projects {projector_input} channels to hidden_size "
                           f"{language.hidden_size}")
-    return OCR2Config(language=language)
+    return language
+
+
+def ocr2_config_from_dict(raw: dict[str, Any]) -> OCR2Config:
+    return OCR2Config(language=_ocr_language(raw, "DeepSeek-OCR 2", OCR2Config.projector_input))
 
 
 def ocr_config_from_dict(raw: dict[str, Any]) -> OCRConfig:
-    if raw.get("model_type") not in (None, "deepseek_vl_v2"):
-        raise ConfigError(f"model_type = {raw.get('model_type')!r}: not a DeepSeek-OCR checkpoint")
-    language = _pick(LanguageConfig, raw.get("language_config"), "language_config")
-    _validate_language(language)
-    projector = raw.get("projector_config") or {}
-    if not isinstance(projector, dict) or projector.get("projector_type", "linear") != "linear":
-        raise ConfigError(f"projector_config.projector_type = {projector.get('projector_type')!r}: DeepSeek-OCR's "
-                          "projector is 'linear'")
-    if projector.get("input_dim", 2048) != 2048 or projector.get("n_embed", language.hidden_size) != language.hidden_size:
-        raise ConfigError(f"projector_config: input_dim {projector.get('input_dim')} / n_embed "
-                          f"{projector.get('n_embed')}: DeepSeek-OCR projects 2048 channels to hidden_size "
-                          f"{language.hidden_size}")
-    return OCRConfig(language=language)
+    return OCRConfig(language=_ocr_language(raw, "DeepSeek-OCR", OCRConfig.projector_input))
 
 
 def load_config(folder: str | Path) -> VL2Config:
