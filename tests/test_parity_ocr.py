@@ -4,6 +4,7 @@ folder's own generator (which checks its sha256)."""
 
 from __future__ import annotations
 
+import io
 import json
 import subprocess
 import sys
@@ -169,3 +170,41 @@ def test_the_ngram_rule_is_on_for_deepseek_ocr_and_can_be_turned_off(ocr_ckpt):
     tok = reader.loaded.processor.tokenizer
     assert rule.whitelist == {tok.tok.token_to_id("<td>"), tok.tok.token_to_id("</td>")}
     assert reader._sampling(ReadOptions(no_repeat=False)).no_repeat is None
+
+
+def test_two_concurrent_requests_in_different_modes_each_read_as_alone(ocr_ckpt, page_image):
+    """The mode travels with each request (and with views cut ahead): a gundam page read beside a tiny one gets
+    the prompt, tokens and answer it gets alone, in the library and through the server."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import httpx
+
+    from tests.helpers import running_server
+    from vl2cli.engine.loading import load_model
+    from vl2cli.options import ReadOptions
+    from vl2cli.pages import Page
+    from vl2cli.reader import Reader
+    from vl2cli.tasks import get_task
+    reader = Reader(load_model(str(ocr_ckpt), device="cpu", dtype="float32", quant="none"))
+    task, page = get_task("ocr"), Page("p.png", 1, page_image)
+
+    def read(mode: str) -> tuple[int, str]:
+        result = reader.read(task, [page], ReadOptions(max_new_tokens=3, split="never", ocr_mode=mode))[0]
+        return result.prompt_tokens, result.answer or ""
+    alone = {mode: read(mode) for mode in ("gundam", "tiny")}
+    assert alone["gundam"][0] > 800 > 100 > alone["tiny"][0]  # 903 and 83 tokens: the modes really differ
+    with ThreadPoolExecutor(2) as pool:
+        together = dict(zip(("gundam", "tiny"), pool.map(read, ("gundam", "tiny"))))
+    assert together == alone
+    buf = io.BytesIO()
+    page_image.save(buf, "PNG")
+    with running_server(reader, max_batch=2) as (url, _):
+        def post(mode: str) -> tuple[int, str]:
+            response = httpx.post(url + "/v1/documents/ocr", files={"file": ("p.png", buf.getvalue(), "image/png")},
+                                  data={"max_tokens": "3", "split": "never", "ocr_mode": mode}, timeout=600)
+            assert response.status_code == 200, response.text
+            record = response.json()[0]
+            return record["prompt_tokens"], record.get("answer") or ""
+        with ThreadPoolExecutor(2) as pool:
+            served = dict(zip(("gundam", "tiny"), pool.map(post, ("gundam", "tiny"))))
+    assert served == alone

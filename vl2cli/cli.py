@@ -327,7 +327,7 @@ def _read(req: ReadRequest) -> None:
         elif work:
             with StartingUp():
                 reader = req.choice.load(folder, req.verbose)
-            reader.use_mode(req.read.ocr_mode)  # before the rendering thread cuts pages into views
+            reader.check_mode(req.read.ocr_mode)  # refused before any page is read
             if req.auto_batch:
                 job = replace(job, read=replace(job.read, batch_size=reader.auto_batch_size()))
                 log.info("batch size %d", job.read.batch_size)
@@ -785,7 +785,7 @@ def ask(
     choice = ModelChoice(model, quant, device, dtype, revision, offline)
     with StartingUp():
         reader = choice.load(choice.resolve(), verbose)
-    reader.use_mode(opts.ocr_mode)
+    reader.check_mode(opts.ocr_mode)
     labels = [s.label for s in sources]
     result = _answer(reader, images, question, opts, [], labels, json_out)
     if out is not None:

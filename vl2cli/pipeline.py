@@ -16,7 +16,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from functools import cached_property
+from functools import cached_property, partial
 from typing import TYPE_CHECKING, Any, Protocol
 
 from vl2cli.errors import InputError, UsageError
@@ -285,8 +285,8 @@ def _run(reader: Reader, job: Job, work: list[PageItem], sink: Sink, summary: Su
          stop: StopFlag) -> None:
     q: queue.Queue = queue.Queue(maxsize=max(2, 2 * job.read.batch_size))
     quit_renderer = threading.Event()
-    thread = threading.Thread(target=_render, args=(work, job.pages, reader.loaded.processor.tile, q, quit_renderer),
-                              daemon=True, name="vl2-render")
+    tile = partial(reader.loaded.processor.tile, mode=job.read.ocr_mode)  # the job's mode, not a shared setting
+    thread = threading.Thread(target=_render, args=(work, job.pages, tile, q, quit_renderer), daemon=True, name="vl2-render")
     thread.start()
     generated = 0
 

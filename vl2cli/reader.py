@@ -109,12 +109,6 @@ class Reader:
     def context(self) -> int:
         return self.loaded.cfg.language.max_position_embeddings
 
-    def use_mode(self, mode: str) -> None:
-        """DeepSeek-OCR: the resolution mode pages are cut in (set before pages are tiled ahead)."""
-        self.check_mode(mode)
-        if isinstance(self.loaded.processor, OCRProcessor):
-            self.loaded.processor.mode = mode
-
     def check_mode(self, mode: str) -> None:
         """DeepSeek-OCR 2 has one setting (its official one, DeepSeek-OCR's gundam with 768-pixel tiles): any other
         mode is refused, never quietly read another way."""
@@ -248,7 +242,8 @@ class Reader:
     def _prompt(self, task: Task, template: str, image: Image.Image | Tiling, opts: ReadOptions,
                 hint: str | None) -> Prepared:
         schema = describe_json(opts.schema_json) if opts.schema_json else None
-        return self.loaded.processor.prepare_prompt(task.prompt(1, template, opts.text, hint, schema), [image])
+        return self.loaded.processor.prepare_prompt(task.prompt(1, template, opts.text, hint, schema), [image],
+                                                    mode=opts.ocr_mode)
 
     def read(self, task: Task, pages: Sequence[Page], opts: ReadOptions,
              on_generated: Callable[[int], None] | None = None) -> list[PageResult]:
@@ -267,7 +262,6 @@ class Reader:
         drawn from `pages` only when there is room, so a renderer feeding it stays just ahead of the model.
         Once `cancelled()` is true the pages in flight are dropped and nothing more is yielded."""
         template = task.template(opts.prompt_file, self.family, opts.plain)
-        self.use_mode(opts.ocr_mode)
         params = self._sampling(opts)
         banded: list[tuple[K, Page, int, str, float]] = []  # (key, page, bands, reason, seconds spent already)
         source, more = iter(pages), True
@@ -398,7 +392,7 @@ class Reader:
                 messages.append(Message("user", [UserText(q)]))
             if a is not None:
                 messages.append(Message("assistant", [UserText(a)]))
-        prepared = self.loaded.processor.prepare(messages)
+        prepared = self.loaded.processor.prepare(messages, mode=opts.ocr_mode)
         if len(prepared.input_ids) >= self.context:
             raise UsageError(f"the prompt needs {len(prepared.input_ids)} tokens, more than the model's "
                              f"{self.context}-token context: ask about fewer pages (--pages) or use "

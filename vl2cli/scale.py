@@ -101,7 +101,7 @@ class PageReader:
             raise ConfigError(f"{spec.folder}: the model folder is not on node {socket.gethostname()} (every node "
                               "needs the model at the same path: a shared folder, or `vl2 models download` on each)")
         self.reader = Reader(load_model(spec.folder, device=spec.device, dtype=spec.dtype, quant=spec.quant))
-        self.reader.use_mode(job.read.ocr_mode)
+        self.reader.check_mode(job.read.ocr_mode)
         self.job = job
         self.name = f"{socket.gethostname()}:{os.getpid()}"
         self.keep_image = job.task.name in IMAGE_TASKS or self.reader.family == "ocr"

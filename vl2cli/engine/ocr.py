@@ -118,7 +118,7 @@ def ocr_views(image: Image.Image, mode: str, cfg: OCRConfig) -> OcrViews:
                                      else (None, 1, 1))
     view = image.resize((base, base)) if not cropping and base <= OCR_TILE else image
     global_pixels = _normalise(ImageOps.pad(view, (base, base), color=fill), table)[None]
-    return OcrViews(global_pixels, local, tiles_wide, tiles_high)
+    return OcrViews(global_pixels, local, tiles_wide, tiles_high, mode)
 
 
 def ocr_token_count(mode: str, tiles_wide: int, tiles_high: int, tiled: bool) -> int:
@@ -141,34 +141,40 @@ class OcrPrompt:
 
 
 class OCRProcessor:
-    """DeepSeek-OCR's raw prompts (no chat template) and views, behind the same interface as the VL2 Processor."""
+    """DeepSeek-OCR's raw prompts (no chat template) and views, behind the same interface as the VL2 Processor.
+
+    The mode is each call's own (`mode`, else the default given here): two requests in different modes never see
+    each other's; views cut ahead carry the mode they were cut in."""
 
     def __init__(self, tokenizer: VL2Tokenizer, cfg: OCRConfig, mode: str = "gundam"):
         self.tokenizer, self.cfg, self.mode = tokenizer, cfg, mode
 
-    def tile(self, image: Image.Image) -> OcrViews:
-        return ocr_views(image, self.mode, self.cfg)
+    def tile(self, image: Image.Image, mode: str | None = None) -> OcrViews:
+        return ocr_views(image, mode or self.mode, self.cfg)
 
-    def prepare_prompt(self, prompt: Content, images: list[Image.Image | OcrViews], system_prompt: str = "") -> Prepared:
+    def prepare_prompt(self, prompt: Content, images: list[Image.Image | OcrViews], system_prompt: str = "",
+                       mode: str | None = None) -> Prepared:
         del system_prompt  # the raw prompt has no system turn
         if len(images) != 1:
             raise UsageError(f"DeepSeek-OCR reads one image per prompt, not {len(images)}")
-        done = prepare_ocr_prompt(self.tokenizer, self.cfg, prompt, images[0], self.mode)
+        done = prepare_ocr_prompt(self.tokenizer, self.cfg, prompt, images[0], mode or self.mode)
         text = prompt if isinstance(prompt, str) else "".join(prompt)
         v = done.views
         return Prepared(text, done.input_ids, done.image_mask, np.zeros((0, 3, 1, 1), np.float32),
                         [[v.tiles_wide, v.tiles_high]], views=v)
 
-    def prepare(self, messages: list[Message], system_prompt: str = "") -> Prepared:
+    def prepare(self, messages: list[Message], system_prompt: str = "", mode: str | None = None) -> Prepared:
         if len(messages) != 1 or messages[0].role != "user":
             raise UsageError("DeepSeek-OCR answers one prompt at a time (no conversation, no --chat)")
-        return self.prepare_prompt(messages[0].content, list(messages[0].images), system_prompt)  # type: ignore[arg-type]
+        return self.prepare_prompt(messages[0].content, list(messages[0].images), system_prompt,  # type: ignore[arg-type]
+                                   mode)
 
 
 def prepare_ocr_prompt(tokenizer: VL2Tokenizer, cfg: OCRConfig, prompt: Content, image: Image.Image | OcrViews,
                        mode: str) -> OcrPrompt:
     """The raw prompt, no chat template: [bos] + text before <image> + image ids + text after (one image)."""
     views = image if isinstance(image, OcrViews) else ocr_views(image, mode, cfg)
+    mode = views.mode or mode  # views cut ahead were cut in their own mode: the image tokens follow them
     n = ocr_token_count(mode, views.tiles_wide, views.tiles_high, views.local_pixels is not None)
     ids, mask = raw_prompt_ids(tokenizer, cfg.image_token, prompt, n)
     return OcrPrompt(ids, mask, views, mode)

@@ -137,7 +137,8 @@ class OCR2Processor:
     def __init__(self, tokenizer: VL2Tokenizer, cfg: OCR2Config):
         self.tokenizer, self.cfg = tokenizer, cfg
 
-    def tile(self, image: Image.Image) -> Ocr2Views:
+    def tile(self, image: Image.Image, mode: str | None = None) -> Ocr2Views:
+        del mode  # one setting only (the reader refuses any other mode)
         return ocr2_views(image, self.cfg)
 
     def prompt_ids(self, prompt: Content, image: Image.Image | OcrViews) -> tuple[list[int], list[bool], OcrViews]:
@@ -146,8 +147,9 @@ class OCR2Processor:
         ids, mask = raw_prompt_ids(self.tokenizer, self.cfg.image_token, prompt, ocr2_token_count(self.cfg, tiles))
         return ids, mask, views
 
-    def prepare_prompt(self, prompt: Content, images: list[Image.Image | OcrViews], system_prompt: str = "") -> Prepared:
-        del system_prompt  # the raw prompt has no system turn
+    def prepare_prompt(self, prompt: Content, images: list[Image.Image | OcrViews], system_prompt: str = "",
+                       mode: str | None = None) -> Prepared:
+        del system_prompt, mode  # the raw prompt has no system turn; one setting only
         if len(images) != 1:
             raise UsageError(f"DeepSeek-OCR 2 reads one image per prompt, not {len(images)}")
         ids, mask, views = self.prompt_ids(prompt, images[0])
@@ -155,7 +157,8 @@ class OCR2Processor:
         return Prepared(text, ids, mask, np.zeros((0, 3, 1, 1), np.float32), [[views.tiles_wide, views.tiles_high]],
                         views=views)
 
-    def prepare(self, messages: list[Message], system_prompt: str = "") -> Prepared:
+    def prepare(self, messages: list[Message], system_prompt: str = "", mode: str | None = None) -> Prepared:
         if len(messages) != 1 or messages[0].role != "user":
             raise UsageError("DeepSeek-OCR 2 answers one prompt at a time (no conversation, no --chat)")
-        return self.prepare_prompt(messages[0].content, list(messages[0].images), system_prompt)  # type: ignore[arg-type]
+        return self.prepare_prompt(messages[0].content, list(messages[0].images), system_prompt,  # type: ignore[arg-type]
+                                   mode)

@@ -304,14 +304,16 @@ class Processor:
         state["pixels"].append(tiling.pixels)
         state["crop"].append([tiling.tiles_wide, tiling.tiles_high])
 
-    def prepare(self, messages: list[Message], system_prompt: str = "") -> Prepared:
-        """Tokenise a conversation as the official processor does, message by message.
+    def prepare(self, messages: list[Message], system_prompt: str = "", mode: str | None = None) -> Prepared:
+        """Tokenise a conversation as the official processor does, message by message (`mode`: DeepSeek-OCR's
+        resolution mode, which DeepSeek-VL2 has no use for).
 
         Each user turn is tokenised as `<|User|>: {text}\\n\\n<|Assistant|>:`; earlier assistant
         turns as their text plus the end-of-sentence id. Tiling happens only with <= 2 images.
         A system prompt (an argument or a leading system message) appears in the rendered prompt string
         only: the official processor builds the ids from the template's own, empty, system message.
         """
+        del mode
         if not messages or messages[-1].role != "user":
             raise UsageError("a conversation must end with a user message")
         if messages[0].role == "system":
@@ -337,11 +339,13 @@ class Processor:
         return Prepared(render_prompt(messages, system_prompt.strip()), state["ids"], state["mask"], pixels,
                         state["crop"])
 
-    def prepare_prompt(self, prompt: Content, images: list[Image.Image | Tiling], system_prompt: str = "") -> Prepared:
-        return self.prepare([Message("user", prompt, list(images))], system_prompt)
+    def prepare_prompt(self, prompt: Content, images: list[Image.Image | Tiling], system_prompt: str = "",
+                       mode: str | None = None) -> Prepared:
+        return self.prepare([Message("user", prompt, list(images))], system_prompt, mode)
 
-    def tile(self, image: Image.Image) -> Tiling:
-        """A page's tiles, cut ahead of the model (in the rendering thread)."""
+    def tile(self, image: Image.Image, mode: str | None = None) -> Tiling:
+        """A page's tiles, cut ahead of the model (in the rendering thread); DeepSeek-VL2 has one way (no modes)."""
+        del mode
         return tile_image(image, self.cfg)
 
 
@@ -356,6 +360,7 @@ class OcrViews:
     local_pixels: np.ndarray | None  # [n, 3, T, T] (T = 640, or 768 for OCR 2), row by row; None: not tiled
     tiles_wide: int
     tiles_high: int
+    mode: str = ""  # DeepSeek-OCR's resolution mode they were cut in (it decides the prompt's image tokens)
 
 
 def tile_grid(width: int, height: int, min_crops: int, max_crops: int, tile: int) -> tuple[int, int]:
