@@ -220,19 +220,20 @@ def test_output_folder_that_cannot_be_created_fails_cleanly(tmp_path):
     assert "Loading" not in result.output  # found before the model loads
 
 
-def test_runaway_loop_is_stopped_retried_and_flagged(reader, page_image):
+def test_runaway_loop_is_stopped_retried_and_flagged(reader, page_image, monkeypatch):
+    from vl2cli.engine import scheduler
     from vl2cli.options import LOOP_RETRY_TEMPERATURES, ReadOptions
     from vl2cli.pages import Page
     from vl2cli.tasks import get_task
     temps = []
-    original = reader._generate
+    original = scheduler.LocalBatch.add
 
-    def spy(prompts, params, *args, **kwargs):
-        import time
-        temps.append(params.temperature)
-        time.sleep(1.0)  # a retry that takes time: the page's seconds must count it
-        return original(prompts, params, *args, **kwargs)
-    reader._generate = spy
+    def spy(self, request):
+        if request.params.temperature > 0:  # a re-read (the first read is greedy)
+            temps.append(request.params.temperature)
+            time.sleep(1.0)  # a retry that takes time: the page's seconds must count it
+        return original(self, request)
+    monkeypatch.setattr(scheduler.LocalBatch, "add", spy)
     import time
     started = time.perf_counter()
     result = reader.read(get_task("ocr"), [Page("p.png", 1, page_image)], ReadOptions(max_new_tokens=400,

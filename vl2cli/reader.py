@@ -12,10 +12,11 @@ import functools
 import logging
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
+from tokenizers.decoders import DecodeStream
 
 from vl2cli.bands import merge_band_texts, planned_bands, split_bands
 from vl2cli.engine.generation import Engine, Generation, NoRepeatNgram, SamplingParams
@@ -58,21 +59,110 @@ class _Answer:
     seconds: float = 0.0
 
 
+@dataclass(eq=False)
+class _Part:
+    """One request's worth of a page (the page, or one of its bands), through its loop retries."""
+
+    grammar: Grammar | None
+    retries: int = 0
+    params: SamplingParams | None = None  # the first read's sampling, which each retry's is derived from
+    began: float | None = None  # when its first request was admitted (time.monotonic)
+    seconds: float = 0.0
+    answer: _Answer | PageFailed | None = None
+
+
+@dataclass(eq=False)
+class _PagePlan:
+    """A page in flight: its parts, each its own request in the running batch; done when all have answered."""
+
+    key: Any
+    page: Page
+    parts: list[_Part] = field(default_factory=list)
+    split: Split | None = None  # read in bands
+    started: float = 0.0
+
+
+def replace_request(request: Request, params: SamplingParams) -> Request:
+    """The same prompt, budget and rules as a fresh request under other sampling (a loop retry)."""
+    return Request(request.prompt, params, request.budget, None, request.stop_rule, prefill_chunk=request.prefill_chunk)
+
+
+class AnswerText:
+    """An answer's text as its tokens arrive, each token at a cost independent of the answer's length (tokenizers'
+    DecodeStream: never a decode from the start). The pieces join to what Reader.decode gives before its strip,
+    less a trailing half character (which waits for its next token)."""
+
+    def __init__(self, reader: Reader):
+        tok = reader.loaded.processor.tokenizer
+        self._tokenizer, self._skip = tok.tok, {tok.eos_id, tok.pad_id}
+        self._start()
+
+    def _start(self) -> None:
+        self._stream = DecodeStream(skip_special_tokens=False)
+        self.count = 0  # tokens taken
+        self.pieces: list[str] = []
+        self.length = 0  # characters so far
+
+    def push(self, token: int) -> str:
+        """Take one token; the characters it completes ('' while a multi-byte character is unfinished)."""
+        self.count += 1
+        if token in self._skip:
+            return ""
+        piece = self._stream.step(self._tokenizer, token) or ""
+        if piece:
+            self.pieces.append(piece)
+            self.length += len(piece)
+        return piece
+
+    def feed(self, ids: list[int]) -> str:
+        """Take the ids not taken yet; a list that started over (a request retried after a failed step) starts the
+        text over."""
+        if len(ids) < self.count:
+            self._start()
+        return "".join(self.push(t) for t in ids[self.count:])
+
+    def tail(self, n: int) -> str:
+        """The last n characters (reads only the pieces they lie in)."""
+        out: list[str] = []
+        size = 0
+        for piece in reversed(self.pieces):
+            if size >= n:
+                break
+            out.append(piece)
+            size += len(piece)
+        return "".join(reversed(out))[-n:] if n else ""
+
+    @property
+    def text(self) -> str:
+        return "".join(self.pieces)
+
+
 class TokenStream:
-    """Feeds an answer to `write` while it is generated: each new piece once its bytes decode to whole characters."""
+    """Feeds an answer to `write` while it is generated: each new piece once its bytes decode to whole characters,
+    without the answer's leading whitespace, and trailing whitespace held until text follows it (Reader.decode
+    strips both)."""
 
     def __init__(self, reader: Reader, write: Callable[[str], None]):
-        self.reader, self.write = reader, write
-        self.ids: list[int] = []
-        self.shown = ""
+        self.text, self.write = AnswerText(reader), write
+        self.started = False
+        self.held = ""
+        self.written: list[str] = []
 
     def __call__(self, _row: int, token: int) -> None:
-        self.ids.append(token)
-        text = self.reader.decode(self.ids)
-        if text.endswith("\ufffd") or not text.startswith(self.shown):
-            return  # half a multi-byte character, or a re-segmentation: wait for more tokens
-        self.write(text[len(self.shown):])
-        self.shown = text
+        piece = self.held + self.text.push(token)
+        if not self.started:
+            piece = piece.lstrip()
+            self.started = bool(piece)
+        body = piece.rstrip()
+        self.held = piece[len(body):]
+        if body:
+            self.written.append(body)
+            self.write(body)
+
+    @property
+    def shown(self) -> str:
+        """Everything written so far."""
+        return "".join(self.written)
 
 
 class Reader:
@@ -168,12 +258,6 @@ class Reader:
         """Each prompt's answer budget: what the user asked for, or what the context leaves (0: no room)."""
         return [max(0, min(wanted, self.context - len(p.input_ids))) for p in prompts]
 
-    def _answers(self, task: Task, prompts: list[Prepared], opts: ReadOptions) -> list[_Answer | PageFailed]:
-        params = self._sampling(opts)
-        requests = [self._request(task, p, opts, params) for p in prompts]
-        self._run([r for r in requests if isinstance(r, Request)])
-        return [r if isinstance(r, PageFailed) else self._answer(r, params, opts) for r in requests]
-
     def _request(self, task: Task, prompt: Prepared, opts: ReadOptions, params: SamplingParams) -> Request | PageFailed:
         """A prompt's request, with its budget (what the context leaves) and grammar; or why it cannot run."""
         budget = self._budgets([prompt], opts.max_new_tokens)[0]
@@ -186,29 +270,35 @@ class Reader:
             return PageFailed(str(exc))
         return Request(prompt, params, budget, grammar, self.stop_rule)
 
-    def _answer(self, request: Request, params: SamplingParams, opts: ReadOptions) -> _Answer | PageFailed:
-        """A finished request's answer: loops re-read, flags set; or the failure it ended with."""
+    def _part_ended(self, request: Request, opts: ReadOptions) -> Request | _Answer | PageFailed:
+        """A finished request of one part of a page: its answer (flags set), the failure it ended with, or the
+        next loop retry to run (a looping answer is re-read at rising temperatures, as one more request in the
+        running batch; the first clean answer wins, else the last)."""
+        part: _Part = request.tag[1]
+        # a part's seconds: the wall time of its own requests, from the first's admission to the last's end (the
+        # loop retries included)
+        if part.began is None:
+            part.began = request.admitted_at or request.ended_at
+        part.seconds = max(0.0, request.ended_at - part.began)
         if request.failure is not None:
             return _page_failure(request.failure)
         gen = request.result
         if gen.finish_reason == "cancelled":  # the server is draining: like a signal, the page is read again
             gen.finish_reason = "interrupted"
-        retries_started = time.perf_counter()
-        answer = self._finish(gen, request.prompt, params, request.budget, opts)  # loop retries run in here
-        if isinstance(answer, _Answer):
-            # a page's seconds: the wall time of its own requests, from admission to its last token, retries included
-            answer.grammar = request.grammar
-            answer.seconds = request.seconds + (time.perf_counter() - retries_started)
+        if gen.finish_reason == "loop" and opts.loop_retries and part.retries < len(LOOP_RETRY_TEMPERATURES):
+            if part.params is None:
+                part.params = request.params
+            params, i = part.params, part.retries
+            retry = SamplingParams(params.max_new_tokens, LOOP_RETRY_TEMPERATURES[i], 0.9,
+                                   max(params.repetition_penalty, 1.05), (params.seed or 0) + i + 1, params.no_repeat)
+            part.retries += 1
+            return replace_request(request, retry)
+        temperature = LOOP_RETRY_TEMPERATURES[part.retries - 1] if part.retries else None
+        answer = self._finish(gen, request.budget, opts, temperature)
+        answer.grammar, answer.seconds = part.grammar, part.seconds
         return answer
 
-    def _finish(self, gen: Generation, prompt: Prepared, params: SamplingParams, budget: int,
-                opts: ReadOptions) -> _Answer | PageFailed:
-        temperature = None
-        if gen.finish_reason == "loop" and opts.loop_retries:
-            retried = self._retry_loop(prompt, params, budget)
-            if isinstance(retried, PageFailed):
-                return retried
-            gen, temperature = retried
+    def _finish(self, gen: Generation, budget: int, opts: ReadOptions, temperature: float | None) -> _Answer:
         ids = gen.ids
         flags: list[str] = []
         reason = gen.finish_reason
@@ -220,22 +310,6 @@ class Reader:
             if budget < opts.max_new_tokens:
                 reason = "context"  # the context cut the answer, not the user's own cap
         return _Answer(self.decode(ids), reason, tuple(flags), gen.prompt_tokens, len(gen.ids), temperature)
-
-    def _retry_loop(self, prompt: Prepared, params: SamplingParams,
-                    budget: int) -> tuple[Generation, float] | PageFailed:
-        """Re-read a looping page at rising temperatures; the first clean answer (or the last)."""
-        last: Generation | None = None
-        for i, temperature in enumerate(LOOP_RETRY_TEMPERATURES):
-            p = SamplingParams(params.max_new_tokens, temperature, 0.9, max(params.repetition_penalty, 1.05),
-                               (params.seed or 0) + i + 1, params.no_repeat)
-            outcome = self._generate([prompt], p, [budget])[0]
-            if isinstance(outcome, PageFailed):
-                return outcome
-            last = outcome
-            if last.finish_reason != "loop":
-                return last, temperature
-        assert last is not None
-        return last, LOOP_RETRY_TEMPERATURES[-1]
 
     # ------------------------------------------------------------------ pages
 
@@ -263,7 +337,6 @@ class Reader:
         Once `cancelled()` is true the pages in flight are dropped and nothing more is yielded."""
         template = task.template(opts.prompt_file, self.family, opts.plain)
         params = self._sampling(opts)
-        banded: list[tuple[K, Page, int, str, float]] = []  # (key, page, bands, reason, seconds spent already)
         source, more = iter(pages), True
         batch = self._batch(opts.batch_size)
         try:
@@ -274,39 +347,88 @@ class Reader:
                         more = False
                         break
                     key, page = entry
+                    plan = _PagePlan(key, page)
                     outcome = self._page_request(task, template, page, opts, params)
                     if isinstance(outcome, Request):
-                        outcome.tag = (key, page)
-                        batch.add(outcome)
+                        self._start(batch, plan, [outcome])
                     elif isinstance(outcome, PageResult):
                         yield key, outcome
                     else:
-                        banded.append((key, page, *outcome, 0.0))
+                        unreadable = self._start_bands(batch, task, template, plan, opts, params, *outcome)
+                        if unreadable is not None:
+                            on_generated(key)
+                            yield key, unreadable
                 if cancelled():
                     return
                 if batch.idle and not more:
                     break
                 for request in batch.wait():
-                    done = self._page_done(task, request, opts, params, banded)
-                    if done is not None:
-                        on_generated(done[0])
-                        yield done
+                    finished = self._part_done(batch, task, template, request, opts, params)
+                    if finished is not None:
+                        on_generated(finished[0])
+                        yield finished
         finally:
             batch.close()
-        for key, page, bands, reason, spent in banded:
-            yield key, self._read_bands(task, template, page, opts, bands, reason, spent)
-            on_generated(key)
 
-    def _page_done(self, task: Task, request: Request, opts: ReadOptions, params: SamplingParams,
-                   banded: list[tuple[Any, Page, int, str, float]]) -> tuple[Any, PageResult] | None:
-        """A finished page request's (key, result); None when the context cut it and it is to be read in bands."""
-        key, page = request.tag
-        answer = self._answer(request, params, opts)
-        if isinstance(answer, _Answer) and answer.finish_reason == "context" and task.splittable \
-                and opts.split == "auto":
-            banded.append((key, page, 3, "budget", answer.seconds))  # the whole-page read counts too
+    def _start(self, batch: LocalBatch | LoopBatch, plan: _PagePlan, requests: list[Request]) -> None:
+        """A page's parts (the page, or its bands) join the running batch, side by side."""
+        plan.parts = [_Part(r.grammar) for r in requests]
+        for request, part in zip(requests, plan.parts):
+            request.tag = (plan, part)
+            batch.add(request)
+
+    def _start_bands(self, batch: LocalBatch | LoopBatch, task: Task, template: str, plan: _PagePlan,
+                     opts: ReadOptions, params: SamplingParams, n: int, reason: str) -> PageResult | None:
+        """Read a dense page in n bands, each one more request in the running batch; or the page's failure."""
+        page = plan.page
+        plan.split, plan.started = Split(n, reason), time.perf_counter()  # type: ignore[arg-type]
+        try:
+            bands = split_bands(page.image, n)
+            requests = [self._request(task, self._prompt(task, template, band, opts, None), opts, params)
+                        for band in bands]
+        except Exception as exc:
+            return failed_page(page.source, page.number, task.name, _describe(exc), opts.text)
+        failed = next((r for r in requests if isinstance(r, PageFailed)), None)
+        if failed is not None:
+            return failed_page(page.source, page.number, task.name, str(failed), opts.text)
+        plan.split = Split(len(bands), reason)  # type: ignore[arg-type]
+        self._start(batch, plan, [r for r in requests if isinstance(r, Request)])
+        return None
+
+    def _part_done(self, batch: LocalBatch | LoopBatch, task: Task, template: str, request: Request,
+                   opts: ReadOptions, params: SamplingParams) -> tuple[Any, PageResult] | None:
+        """One part of a page ended: a loop retry or the page's bands go back into the batch, or the page is
+        complete and its (key, result) comes back."""
+        plan, part = request.tag
+        outcome = self._part_ended(request, opts)
+        if isinstance(outcome, Request):
+            outcome.tag = request.tag
+            batch.add(outcome)
             return None
-        return key, self._result(task, page, opts, answer, answer.seconds if isinstance(answer, _Answer) else 0.0)
+        part.answer = outcome
+        if plan.split is None and isinstance(outcome, _Answer) and outcome.finish_reason == "context" \
+                and task.splittable and opts.split == "auto":  # the context cut it: read it in bands
+            unreadable = self._start_bands(batch, task, template, plan, opts, params, 3, "budget")
+            plan.started -= outcome.seconds  # the whole-page read the context cut counts in the page's seconds
+            return None if unreadable is None else (plan.key, unreadable)
+        if any(p.answer is None for p in plan.parts):
+            return None
+        answers = [p.answer for p in plan.parts if p.answer is not None]
+        page = plan.page
+        if plan.split is None:
+            answer = answers[0]
+            return plan.key, self._result(task, page, opts, answer, answer.seconds if isinstance(answer, _Answer)
+                                          else 0.0)
+        failed = next((a for a in answers if isinstance(a, PageFailed)), None)
+        if failed is not None:
+            return plan.key, self._result(task, page, opts, failed, 0.0)
+        bands = [a for a in answers if isinstance(a, _Answer)]
+        interrupted = any(a.finish_reason == "interrupted" for a in bands)
+        merged = _Answer(merge_band_texts([a.text for a in bands]), "interrupted" if interrupted else "split",
+                         tuple(sorted({f for a in bands for f in a.flags})), sum(a.prompt_tokens for a in bands),
+                         sum(a.generated_tokens for a in bands))
+        result = self._result(task, page, opts, merged, time.perf_counter() - plan.started)
+        return plan.key, replace(result, split=plan.split)
 
     def _page_request(self, task: Task, template: str, page: Page, opts: ReadOptions,
                       params: SamplingParams) -> Request | PageResult | tuple[int, str]:
@@ -332,26 +454,6 @@ class Reader:
         text = (page.text_layer or "").strip()
         answer = _Answer(text, "text_layer", (), 0, 0)
         return self._result(task, page, opts, answer, 0.0)
-
-    def _read_bands(self, task: Task, template: str, page: Page, opts: ReadOptions, n: int,
-                    reason: str, spent: float = 0.0) -> PageResult:
-        start = time.perf_counter() - spent  # `spent`: a whole-page read the context cut, before these bands
-        try:
-            bands = split_bands(page.image, n)
-            prompts = [self._prompt(task, template, band, opts, None) for band in bands]
-        except Exception as exc:
-            return failed_page(page.source, page.number, task.name, _describe(exc), opts.text)
-        answers = self._answers(task, prompts, opts)
-        failed = next((a for a in answers if isinstance(a, PageFailed)), None)
-        if failed is not None:
-            return self._result(task, page, opts, failed, 0.0)
-        done = [a for a in answers if isinstance(a, _Answer)]
-        interrupted = any(a.finish_reason == "interrupted" for a in done)
-        merged = _Answer(merge_band_texts([a.text for a in done]), "interrupted" if interrupted else "split",
-                         tuple(sorted({f for a in done for f in a.flags})), sum(a.prompt_tokens for a in done),
-                         sum(a.generated_tokens for a in done))
-        result = self._result(task, page, opts, merged, time.perf_counter() - start)
-        return replace(result, split=Split(len(bands), reason))  # type: ignore[arg-type]
 
     def _result(self, task: Task, page: Page, opts: ReadOptions, answer: _Answer | PageFailed,
                 seconds: float) -> PageResult:
