@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 from rotation import bench_rotation
+from soak import bench_detokenize, bench_soak
 
 from vl2cli.engine.cache import KVCache
 from vl2cli.engine.config import preset_config
@@ -630,7 +631,8 @@ def bench_ray(smoke: bool) -> dict:
 BENCHES = {"moe": bench_moe, "kv": bench_kv, "batching": bench_batching, "memory": bench_memory,
            "pages": bench_pages, "loading": bench_loading, "coldstart": bench_coldstart, "cli": bench_cli, "syncs": bench_syncs,
            "grammar": bench_grammar, "ocr": bench_ocr, "continuous": bench_continuous,
-           "server": bench_server, "ray": bench_ray, "rotation": bench_rotation}
+           "server": bench_server, "ray": bench_ray, "rotation": bench_rotation, "soak": bench_soak,
+           "detokenize": bench_detokenize}
 
 
 def run(which: str = "all", smoke: bool = False) -> Iterator[dict]:

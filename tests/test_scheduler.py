@@ -282,3 +282,68 @@ def test_a_dead_or_stalled_engine_thread_is_reported_and_no_caller_waits_forever
     assert "stopped" in (loop.health() or "")
     with pytest.raises(Closed):
         loop.submit(_text_requests(loaded_tiny, 1)[0], lambda _r: None)
+
+
+def test_a_looping_page_is_re_read_in_the_running_batch_while_the_others_go_on(reader, page_image, monkeypatch):
+    """A loop retry is one more request in the same running batch: the other page keeps decoding through all of
+    the looping page's re-reads (counted in decode steps), and bands of a page run side by side."""
+    from vl2cli.options import LOOP_RETRY_TEMPERATURES, ReadOptions
+    from vl2cli.pages import Page
+    from vl2cli.tasks import get_task
+    engine = reader.engine
+    monkeypatch.setattr(engine, "eos_id", -1)  # every answer runs to its budget unless a rule stops it
+    steps, sizes = [0], []
+    real_step = engine.decode_step
+
+    def counted(tokens, cache):
+        steps[0] += 1
+        sizes.append(tokens.shape[0])
+        return real_step(tokens, cache)
+    monkeypatch.setattr(engine, "decode_step", counted)
+    real_request = type(reader)._page_request
+
+    def looping_first_page(self, task, template, page, opts, params):
+        request = real_request(self, task, template, page, opts, params)
+        if page.number == 1:  # every read of page 1 "loops" at its 4th token
+            request.stop_rule = lambda ids, constrained: "loop" if len(ids) >= 4 else None
+        return request
+    monkeypatch.setattr(type(reader), "_page_request", looping_first_page)
+    pages = [(n, Page("a.png", n, page_image)) for n in (1, 2)]
+    ended_at = {}
+    for key, result in reader.read_stream(get_task("ocr"), pages, ReadOptions(max_new_tokens=40, split="never",
+                                                                              batch_size=2)):
+        ended_at[key] = (steps[0], result)
+    looped_at, looped = ended_at[1]
+    other_at, other = ended_at[2]
+    assert looped.retry_temperature == LOOP_RETRY_TEMPERATURES[-1] and "repetition_loop" in looped.flags
+    assert other.generated_tokens == 40
+    # page 2 needed 40 steps and got them while page 1 was read 1 + 3 times beside it (4 x 4 tokens): nested
+    # retries would have stopped it for their 12 steps
+    assert looped_at < other_at <= 40 and max(sizes) == 2 and sizes.count(2) >= 4 * 3
+    monkeypatch.setattr(type(reader), "_page_request", real_request)
+    sizes.clear()
+    banded = reader.read(get_task("ocr"), [Page("a.png", 1, page_image)], ReadOptions(max_new_tokens=5, split="3",
+                                                                                       batch_size=4))[0]
+    assert banded.split.bands == 3 and sizes == [3] * 4  # the three bands decoded side by side (5 tokens: 1 + 4 steps)
+
+
+def test_answer_text_is_decoded_a_token_at_a_time_and_equals_the_whole_decode(reader):
+    """Incremental detokenization: each token decoded once (never the answer from the start), the pieces joining
+    to the whole decode, multi-byte characters waiting for their last token; the CLI's stream shows the same."""
+    from vl2cli.reader import AnswerText, TokenStream
+    tok = reader.loaded.processor.tokenizer
+    words = "  Total: 1,234.50 € — Ünïcödé 日本語 テキスト. " * 20
+    ids = [*tok.tok.encode(words, add_special_tokens=False).ids, tok.eos_id]
+    text = AnswerText(reader)
+    pieces = [text.push(i) for i in ids]
+    assert "".join(pieces) == text.text and text.text.strip() == reader.decode(ids)
+    assert text.tail(9) == text.text[-9:] and text.length == len(text.text)
+    written: list[str] = []
+    stream = TokenStream(reader, written.append)
+    for i in ids:
+        stream(0, i)
+    assert "".join(written) == stream.shown == reader.decode(ids)  # stripped at both ends, as the answer is
+    again = AnswerText(reader)
+    again.feed(ids[:5])
+    again.feed(ids[:3])  # the request started over (a failed step): so does its text
+    assert again.count == 3 and again.text == AnswerText(reader).feed(ids[:3])

@@ -33,6 +33,7 @@ from starlette.staticfiles import StaticFiles
 from vl2cli.engine.scheduler import Closed, EngineLoop, QueueFull
 from vl2cli.engine.scheduler import Request as EngineRequest
 from vl2cli.errors import UsageError
+from vl2cli.reader import AnswerText
 from vl2cli.serve.chat import (
     ApiError,
     ChatCall,
@@ -123,10 +124,15 @@ class Server:
         bounds the answer (a JSON schema sized to the budget) repetition is not a runaway; a client's regex or Lark
         grammar may loop without end (olmOCR's `[\\s\\S]+`), so there loops are watched as in free text."""
         reader = self.reader
+        text = AnswerText(reader)  # each token decoded once, on the engine thread: no re-decode from the start
+        longest = max((len(stop) for stop in stops.stops), default=0)
 
         def rule(ids: list[int], constrained: bool) -> str | None:
-            if stops.stops and stops.cut(reader.decode(ids))[1]:
-                return "stop"
+            if stops.stops:
+                new = text.feed(ids)
+                # a stop string that ends in the new characters lies within them and the len(stop) - 1 before
+                if new and stops.cut(text.tail(longest - 1 + len(new)))[1]:
+                    return "stop"
             return reader.stop_rule(ids, constrained and bounded)
         return rule
 
@@ -417,7 +423,8 @@ async def _stream(server: Server, call: ChatCall, request: EngineRequest, answer
     """Server-sent events in OpenAI's chunk format, ending with [DONE]. A client that disconnects cancels the
     generator (starlette), and with it the request."""
     cid, stops, decode = completion_id(), StopText(call.stop), server.reader.decode
-    shown = ""
+    text, shown, longest = AnswerText(server.reader), "", max((len(stop) for stop in call.stop), default=0)
+    shown_to = 0  # characters of the raw text shown so far (the answer's leading whitespace included)
 
     def event(body: dict[str, Any]) -> str:
         return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
@@ -425,14 +432,21 @@ async def _stream(server: Server, call: ChatCall, request: EngineRequest, answer
         yield event(chunk_body(cid, model, {"role": "assistant", "content": ""}, include_usage=call.include_usage))
         while (item := await answer.queue.get()) is not None:
             del item
-            text = decode(request.result.ids)
-            if text.endswith("\ufffd"):
-                continue  # half a multi-byte character
-            visible = stops.safe(text)
-            if visible.startswith(shown) and len(visible) > len(shown):
-                yield event(chunk_body(cid, model, {"content": visible[len(shown):]},
-                                       include_usage=call.include_usage))
-                shown = visible
+            if not text.feed(request.result.ids):
+                continue  # no new whole character
+            # What is shown holds no stop string nor the start of one at its end: only its last len(stop) - 1
+            # characters and the new ones can begin one, so only they are searched (a cost per token independent
+            # of the answer's length). Trailing whitespace waits for what follows it (the answer is stripped).
+            start = max(0, shown_to - max(0, longest - 1))
+            window = text.tail(text.length - start)
+            end = start + len(stops.safe(window).rstrip())
+            if end > shown_to:
+                piece = window[shown_to - start:end - start]
+                piece = piece if shown else piece.lstrip()
+                shown_to = end
+                if piece:
+                    shown += piece
+                    yield event(chunk_body(cid, model, {"content": piece}, include_usage=call.include_usage))
         bad = _ended_badly(request)
         if bad is not None:
             yield event(bad.body())
