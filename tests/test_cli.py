@@ -449,6 +449,7 @@ def test_batch_output_inside_the_input_folder_is_not_read_back(tmp_path):
                 "--no-strict", tokens=2)
     assert first.exit_code == 0, first.output
     assert json.loads(first.stdout)["pages_done"] == 1
+    assert 0 < json.loads(first.stdout)["kv_cache_peak_used_tokens"] <= 4096  # one page: its prompt and answer
     link = tmp_path / "link"
     link.symlink_to(src / "results")  # --out through a symlink into the input folder: still left out
     again = vl2("batch", str(src), "--task", "ground", "--question", "x", "--out", str(link), "--json", "--no-strict",

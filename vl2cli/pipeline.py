@@ -107,6 +107,7 @@ class Summary:
     interrupted_by: int | None = None
     workers: dict[str, int] = field(default_factory=dict)  # pages read per Ray worker (--ray)
     turned: dict[str, int] = field(default_factory=dict)  # pages read turned, by what decided the turn
+    kv_cache_peak_used: int = 0  # the most KV cache positions that held live tokens at once
 
     @property
     def pages_left(self) -> int:
@@ -123,6 +124,7 @@ class Summary:
                 "files_failed": self.files_failed, "pages_left": self.pages_left, "loops_flagged": self.loops_flagged,
                 "generated_tokens": self.generated_tokens, "seconds": round(self.seconds, 2), "out": out,
                 "pages_turned": sum(self.turned.values()), "turned_by": dict(sorted(self.turned.items())),
+                "kv_cache_peak_used_tokens": self.kv_cache_peak_used,
                 "failures": [{"input": a, "error": b} for a, b in self.failures],
                 **({"workers": self.workers} if self.workers else {})}
 
@@ -279,6 +281,7 @@ def run_work(reader: Reader, job: Job, work: list[PageItem], sink: Sink, summary
         _run(reader, job, work, sink, summary, progress, stop)
     summary.seconds += time.perf_counter() - started
     summary.interrupted_by = stop.signal
+    summary.kv_cache_peak_used = max(summary.kv_cache_peak_used, reader.kv_cache_peak_used)
 
 
 def _run(reader: Reader, job: Job, work: list[PageItem], sink: Sink, summary: Summary, progress: Progress | None,

@@ -173,6 +173,7 @@ class Reader:
         self._llg_tokenizer: Any = None
         self.deadline: float | None = None  # time.monotonic() after which generation stops ("interrupted")
         self.loop: EngineLoop | None = None  # a server's engine thread: all generation goes through it
+        self.kv_cache_peak_used = 0  # the most KV cache positions live at once in this reader's batches
 
     def auto_batch_size(self) -> int:
         """Pages per batch for this device: on a GPU, what its free memory holds now that the weights are in."""
@@ -369,6 +370,7 @@ class Reader:
                         yield finished
         finally:
             batch.close()
+            self.kv_cache_peak_used = max(self.kv_cache_peak_used, batch.peak_used)
 
     def _start(self, batch: LocalBatch | LoopBatch, plan: _PagePlan, requests: list[Request]) -> None:
         """A page's parts (the page, or its bands) join the running batch, side by side."""

@@ -452,6 +452,11 @@ class LocalBatch:
                 return ended
         return []
 
+    @property
+    def peak_used(self) -> int:
+        """The most cache positions live at once."""
+        return self.runner.scheduler.peak_used
+
     def close(self) -> None:
         for request in self.runner.scheduler.in_flight + list(self.runner.scheduler.waiting):
             request.cancelled = True
@@ -670,6 +675,11 @@ class LoopBatch:
     @property
     def idle(self) -> bool:
         return not self.pending and not self.ended
+
+    @property
+    def peak_used(self) -> int:
+        """The most cache positions live at once in the shared loop (every caller's rows)."""
+        return self.loop.runner.scheduler.peak_used
 
     def _on_end(self, request: Request) -> None:
         with self.changed:
