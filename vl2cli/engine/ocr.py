@@ -118,7 +118,7 @@ def ocr_views(image: Image.Image, mode: str, cfg: OCRConfig) -> OcrViews:
                                      else (None, 1, 1))
     view = image.resize((base, base)) if not cropping and base <= OCR_TILE else image
     global_pixels = _normalise(ImageOps.pad(view, (base, base), color=fill), table)[None]
-    return OcrViews(global_pixels, local, tiles_wide, tiles_high, mode)
+    return OcrViews(global_pixels, local, tiles_wide, tiles_high, mode=mode)
 
 
 def ocr_token_count(mode: str, tiles_wide: int, tiles_high: int, tiled: bool) -> int:

@@ -360,7 +360,9 @@ class OcrViews:
     local_pixels: np.ndarray | None  # [n, 3, T, T] (T = 640, or 768 for OCR 2), row by row; None: not tiled
     tiles_wide: int
     tiles_high: int
-    mode: str = ""  # DeepSeek-OCR's resolution mode they were cut in (it decides the prompt's image tokens)
+    # DeepSeek-OCR's resolution mode they were cut in (it decides the prompt's image tokens); keyword-only, so that
+    # subclasses' own fields need no defaults
+    mode: str = field(default="", kw_only=True)
 
 
 def tile_grid(width: int, height: int, min_crops: int, max_crops: int, tile: int) -> tuple[int, int]:
