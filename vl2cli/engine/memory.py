@@ -88,10 +88,10 @@ def weight_bytes(cfg: VL2Config, quant: str) -> float:
 def working_bytes(cfg: VL2Config, batch: int, context: int = CONTEXT) -> float:
     """Everything a batch of pages needs besides the weights, at its peak (the prefill of full-size pages).
 
-    KV cache for the whole context, once more while finished rows leave the batch (selecting rows copies
-    the cache); the MoE prefill's temporaries (tokens gathered per expert, their outputs, the float32
-    weighted sum: ~12 bytes per hidden value per routed slot); MLA's expanded keys and values during prefill;
-    float32 logits over the vocabulary for every row.
+    KV cache for the whole context, counted twice: the fixed slot cache needs it once (a row that leaves copies
+    one row, not the cache), the second is headroom kept until measured on cards; the MoE prefill's temporaries
+    (tokens gathered per expert, their outputs, the float32 weighted sum: ~12 bytes per hidden value per routed
+    slot); MLA's expanded keys and values during prefill; float32 logits over the vocabulary for every row.
     """
     lc = cfg.language
     tokens = batch * PAGE_PROMPT_TOKENS
