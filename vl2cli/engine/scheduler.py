@@ -160,11 +160,12 @@ class Scheduler:
         """Admit waiting requests (a prefill chunk), decode one token for every running row; the requests that ended.
         An exception leaves the scheduler mid-step: call `abandon` before stepping again."""
         ended = self._admit()
+        self.peak_used = max(self.peak_used, self.used)
         if self.running:
             assert self.cache is not None and self.tokens is not None
             logits = self.engine.decode_step(self.tokens, self.cache)
+            self.peak_used = max(self.peak_used, self.used)  # before the rows that end free their slots
             ended += self._advance(self.running, logits)
-        self.peak_used = max(self.peak_used, self.used)
         return ended
 
     def run(self) -> None:
