@@ -402,16 +402,18 @@ def _real_vocab_tokenizer() -> tuple[str, bool]:
 
 
 def bench_ocr(smoke: bool) -> dict:
-    """Image tokens and prefill seconds for one letter page: DeepSeek-OCR base and gundam vs DeepSeek-VL2-tiny, at
-    the real shapes (the tiny decoder, the full encoders) with random weights, bfloat16 on CPU."""
+    """Image tokens and prefill seconds for one letter page: DeepSeek-OCR base and gundam, and DeepSeek-OCR 2, vs
+    DeepSeek-VL2-tiny, at the real shapes (the tiny decoder, the full encoders) with random weights, bfloat16 on
+    CPU."""
     import gc
 
     from gpucheck import letter_page, page_prompt
 
-    from vl2cli.engine.config import OCRConfig
+    from vl2cli.engine.config import OCR2Config, OCRConfig
     from vl2cli.engine.generation import Engine
     from vl2cli.engine.ocr import ocr_token_count, ocr_views
-    from vl2cli.engine.processor import Prepared
+    from vl2cli.engine.ocr2 import ocr2_token_count, ocr2_views
+    from vl2cli.engine.processor import OcrViews, Prepared
     over = {"num_hidden_layers": 2} if smoke else {}
     tiny = preset_config("tiny", **over)
     page = letter_page()
@@ -430,12 +432,24 @@ def bench_ocr(smoke: bool) -> dict:
     gc.collect()
     ocr_cfg = OCRConfig(language=tiny.language)
     ocr = random_model(ocr_cfg, dtype=torch.bfloat16)  # type: ignore[arg-type]
+
+    def page_prefill(model, views: OcrViews, n: int) -> dict:
+        ids = [0] + [1] * n + list(range(2, 18))  # bos, the image, a 16-token prompt
+        prepared = Prepared("", ids, [False] + [True] * n + [False] * 16, prompt.pixels[:0], [], views=views)
+        return {"image_tokens": n, "prefill_s": prefill_seconds(model, prepared)}
+
     for mode in ("base", "gundam"):
         views = ocr_views(page, mode, ocr_cfg)
-        n = ocr_token_count(mode, views.tiles_wide, views.tiles_high, views.local_pixels is not None)
-        ids = [0] + [1] * n + list(range(2, 18))
-        prepared = Prepared("", ids, [False] + [True] * n + [False] * 16, prompt.pixels[:0], [], views=views)
-        rows[f"ocr_{mode}"] = {"image_tokens": n, "prefill_s": prefill_seconds(ocr, prepared)}
+        rows[f"ocr_{mode}"] = page_prefill(ocr, views, ocr_token_count(mode, views.tiles_wide, views.tiles_high,
+                                                                        views.local_pixels is not None))
+    del ocr
+    gc.collect()
+    ocr2_cfg = OCR2Config(language=tiny.language)
+    ocr2 = random_model(ocr2_cfg, dtype=torch.bfloat16)  # type: ignore[arg-type]
+    views = ocr2_views(page, ocr2_cfg)
+    tiles = 0 if views.local_pixels is None else len(views.local_pixels)
+    rows["ocr2"] = {**page_prefill(ocr2, views, ocr2_token_count(ocr2_cfg, tiles)),
+                   "tiles": [views.tiles_wide, views.tiles_high]}
     return {"bench": "ocr_vs_vl2", "page": f"letter at {page.size}", "decoder_layers": tiny.language.num_hidden_layers,
             **rows}
 

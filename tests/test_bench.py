@@ -25,6 +25,7 @@ def test_benchmarks_smoke():
     assert results["memory"]["nf4_over_bf16_linear_bytes"] <= 0.30
     assert results["constrained_decoding"]["masked_over_free_step"] <= 1.5  # 1.03 measured on 2 layers
     assert results["ocr_vs_vl2"]["ocr_base"]["image_tokens"] == 273 < results["ocr_vs_vl2"]["vl2_tiny"]["image_tokens"]
+    assert results["ocr_vs_vl2"]["ocr2"]["image_tokens"] == 257 + 6 * 144  # a letter page: 2 x 3 tiles of 768
     json.dumps(results)
 
 

@@ -216,3 +216,62 @@ def test_nf4_quantizes_the_decoder_and_keeps_the_encoder_16_bit(ocr2_ckpt):
     assert not is_quantized_module(model.qwen2_model.layers[0].self_attn.q_proj)
     assert not is_quantized_module(model.qwen2_model.layers[0].mlp.up_proj)
     assert not is_quantized_module(model.projector.layers)
+
+
+@pytest.mark.slow
+def test_every_reading_path_runs_on_deepseek_ocr2(ocr2_ckpt, tmp_path):
+    """The flow on random weights: vl2 ocr on the sample PDF, a tiled page, vl2 batch and its resume; DeepSeek-OCR's
+    prompt forms; other modes and unknown prompt forms refused before the model loads."""
+    from PIL import Image
+
+    from tests.helpers import SAMPLES, assert_valid_record, vl2
+    model = str(ocr2_ckpt)
+    pdf = str(SAMPLES / "report.pdf")
+    result = vl2("ocr", pdf, "-f", "json", "--dpi", "60", "--split", "never", model=model, tokens=4)
+    assert result.exit_code == 0, result.output
+    records = json.loads(result.stdout)
+    assert [r["page"] for r in records] == [1, 2, 3]
+    for record in records:
+        assert_valid_record(record)
+        assert record["status"] == "ok" and record["generated_tokens"] == 4
+    tail = len(ocr2_tokenizer(ocr2_ckpt).encode("\n<|grounding|>Convert the document to markdown."))
+    assert records[0]["prompt_tokens"] == 1 + 257 + tail  # one 1024 view: a 510 x 660 page fits in a 768 tile
+    wide = tmp_path / "wide.png"
+    Image.new("RGB", (1600, 700), "white").save(wide)
+    tiled = json.loads(vl2("ocr", str(wide), "-f", "json", "--split", "never", model=model, tokens=2).stdout)[0]
+    assert tiled["prompt_tokens"] == 1 + 257 + 2 * 144 + tail  # 1600 x 700: 2 x 1 tiles of 768
+    out = tmp_path / "out"
+    first = vl2("batch", pdf, "--pages", "1", "--dpi", "60", "--out", str(out), "--json", model=model, tokens=2)
+    again = vl2("batch", pdf, "--pages", "1", "--dpi", "60", "--out", str(out), "--json", model=model, tokens=2)
+    assert first.exit_code == 0, first.output
+    assert json.loads(first.stdout)["pages_done"] == 1 and json.loads(again.stdout)["pages_skipped"] == 1
+    other_mode = vl2("ocr", pdf, "--ocr-mode", "base", model=model, tokens=2)
+    assert other_mode.exit_code == 2 and "DeepSeek-OCR 2 reads in one setting only" in other_mode.stderr
+    refused = vl2("table", pdf, model=model, tokens=2)
+    assert refused.exit_code == 2 and "no known prompt for table" in refused.stderr
+
+
+def ocr2_tokenizer(folder: Path):
+    from vl2cli.engine.config import load_any_config
+    from vl2cli.engine.processor import VL2Tokenizer
+    return VL2Tokenizer(folder, load_any_config(folder))  # type: ignore[arg-type]
+
+
+@pytest.mark.slow
+def test_the_servers_document_endpoint_reads_with_deepseek_ocr2(loaded_ocr2):
+    import httpx
+
+    from tests.helpers import IMG, assert_valid_record, running_server
+    from vl2cli.reader import Reader
+    with running_server(Reader(loaded_ocr2), max_batch=2) as (url, _server):
+        with open(IMG, "rb") as f:
+            response = httpx.post(url + "/v1/documents/ocr", files={"file": ("note.png", f, "image/png")},
+                                  data={"max_tokens": "3", "split": "never"}, timeout=300)
+        assert response.status_code == 200, response.text
+        [record] = response.json()
+        assert_valid_record(record)
+        assert record["source"] == "note.png" and record["generated_tokens"] == 3
+        with open(IMG, "rb") as f:
+            refused = httpx.post(url + "/v1/documents/ocr", files={"file": ("note.png", f, "image/png")},
+                                 data={"ocr_mode": "tiny"}, timeout=60)
+        assert refused.status_code == 400 and "one setting only" in refused.json()["error"]["message"]
