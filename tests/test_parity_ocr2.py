@@ -199,9 +199,9 @@ def test_the_ngram_rule_is_on_and_other_modes_are_refused(loaded_ocr2):
     assert reader.family == "ocr"
     rule = reader._sampling(ReadOptions()).no_repeat
     assert rule is not None and (rule.size, rule.window) == (30, 90)
-    reader.use_mode("gundam")
+    reader.check_mode("gundam")
     with pytest.raises(UsageError, match="DeepSeek-OCR 2 reads in one setting only"):
-        reader.use_mode("base")
+        reader.check_mode("base")
 
 
 @pytest.mark.slow
