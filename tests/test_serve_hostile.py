@@ -390,14 +390,19 @@ def test_documents_get_429_when_the_queue_is_full(module_reader, slow_decoding):
 
 
 def test_a_document_in_flight_at_shutdown_gets_503(module_reader, slow_decoding):
-    with running_server(module_reader, max_batch=1, drain_seconds=0.5) as (url, server):
-        with ThreadPoolExecutor(2) as pool:
-            document = pool.submit(httpx.post, url + "/v1/documents/ocr", files={"file": ("three.pdf", _pdf(3))},
-                                   data={"max_tokens": "2000", "split": "never"}, timeout=60)
-            _until(lambda: server.loop.running == 1, "the document never started")
-            pool.submit(server.drain).result()
-            error = _error_shape(document.result(), 503)
-            assert error["code"] == "shutting_down"
+    for stream in (False, True):
+        with running_server(module_reader, max_batch=1, drain_seconds=0.5) as (url, server):
+            with ThreadPoolExecutor(2) as pool:
+                document = pool.submit(httpx.post, url + f"/v1/documents/ocr?stream={stream}",
+                                       files={"file": ("three.pdf", _pdf(3))},
+                                       data={"max_tokens": "2000", "split": "never"}, timeout=60)
+                _until(lambda: server.loop.running == 1, "the document never started")
+                pool.submit(server.drain).result()
+                if stream:  # the status went out with the first byte: the last line says why the pages stopped
+                    last = json.loads(document.result().text.splitlines()[-1])
+                    assert last["error"]["code"] == "shutting_down"
+                else:
+                    assert _error_shape(document.result(), 503)["code"] == "shutting_down"
 
 
 def test_document_options_and_bodies_are_checked(module_reader):

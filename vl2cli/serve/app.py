@@ -694,13 +694,14 @@ async def _run_document(http: Request, server: Server, planned: _DocumentJob, st
     headers = {"X-Vl2-Pages": str(run.total)}
     if stream:
         async def lines() -> AsyncIterator[str]:
-            sent = 0
+            records, refused = 0, False
             async for item in run.records(http):
+                refused |= isinstance(item, ApiError)
+                records += not isinstance(item, ApiError)
                 body = item.body() if isinstance(item, ApiError) else item.to_json()
-                sent += 1
                 yield json.dumps(body, ensure_ascii=False) + "\n"
-            if sent < run.total and server.draining and run.ended:  # pages left unread: say why, as the last line
-                yield json.dumps(_shutting_down().body()) + "\n"
+            if records < run.total and not refused and server.draining and run.ended:
+                yield json.dumps(_shutting_down().body()) + "\n"  # pages left unread: why, as the last line
         return StreamingResponse(lines(), media_type="application/x-ndjson", headers=headers)
     done: list[PageResult] = []
     async for item in run.records(http):
