@@ -459,3 +459,56 @@ def test_a_callers_first_request_is_refused_by_a_full_queue_and_its_later_ones_w
         assert later in document.requests
     finally:
         loop.drain(0.1)
+
+
+# ---------------------------------------------------------------------------------------------- PDF streams
+
+
+def _pdf_with_streams(streams: list[tuple[str, bytes]]) -> bytes:
+    """A one-page PDF whose page's content is these (filter, data) streams, in order."""
+    contents = " ".join(f"{5 + i} 0 R" for i in range(len(streams)))
+    objs = [b"<< /Type /Catalog /Pages 2 0 R >>", b"<< /Type /Pages /Kids [3 0 R] /Count 1 >>",
+            f"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 200 200] /Contents [{contents}] >>".encode(),
+            b"[/FlateDecode]"]  # object 4: a filter reached through an indirect reference
+    objs += [f"<< /Length {len(data)} /Filter {filt} >>\nstream\n".encode() + data + b"\nendstream"
+             for filt, data in streams]
+    out, offsets = b"%PDF-1.4\n", []
+    for n, body in enumerate(objs, 1):
+        offsets.append(len(out))
+        out += f"{n} 0 obj\n".encode() + body + b"\nendobj\n"
+    xref = len(out)
+    out += f"xref\n0 {len(objs) + 1}\n0000000000 65535 f \n".encode()
+    out += "".join(f"{o:010d} 00000 n \n" for o in offsets).encode()
+    return out + f"trailer\n<< /Size {len(objs) + 1} /Root 1 0 R >>\nstartxref\n{xref}\n%%EOF\n".encode()
+
+
+def test_pdf_streams_that_inflate_past_the_cap_are_refused_before_pdfium_reads_them(served, tmp_path):
+    import base64
+    import zlib
+
+    from tests.helpers import vl2
+    from vl2cli.errors import InputError
+    from vl2cli.pages import MAX_PDF_STREAM_BYTES, _inflated_size, check_pdf_streams
+    bomb = zlib.compress(b"0 0 m " * (MAX_PDF_STREAM_BYTES // 6 + 1), 9)  # ~65 KB that inflate past 64 MB
+    path = tmp_path / "bomb.pdf"
+    path.write_bytes(_pdf_with_streams([("/FlateDecode", bomb)]))
+    result = vl2("ocr", str(path))
+    assert result.exit_code != 0 and "inflates to more than 64 MB" in result.stderr
+    refused = httpx.post(served[0] + "/v1/documents/ocr", files={"file": ("bomb.pdf", path.read_bytes())}, timeout=60)
+    assert "bomb.pdf: a compressed PDF stream inflates" in _error_shape(refused, 400)["message"]
+    # Armoured, or behind a filter given by reference: the same count. The inflating is bounded by the cap too.
+    mb = 1 << 20
+    small_bomb = zlib.compress(b"1 1 l " * mb, 9)
+    for filt, data in (("[/ASCII85Decode /FlateDecode]", base64.a85encode(small_bomb) + b"~>"),
+                       ("[/AHx /Fl]", small_bomb.hex().encode() + b">"), ("4 0 R", small_bomb)):
+        with pytest.raises(InputError, match="inflates to more than 1 MB"):
+            check_pdf_streams("b.pdf", _pdf_with_streams([(filt, data)]), pages=1, limit=mb)
+    assert _inflated_size(memoryview(bomb), mb + 1) <= 2 * mb  # counted a megabyte at a time, stopped at the cap
+    # Many streams, each under the cap, count together: at most the cap per page.
+    parts = [("/FlateDecode", zlib.compress(b" " * (mb * 3 // 4)))] * 2
+    with pytest.raises(InputError, match="per page"):
+        check_pdf_streams("two.pdf", _pdf_with_streams(parts), pages=1, limit=mb)
+    check_pdf_streams("two.pdf", _pdf_with_streams(parts), pages=2, limit=mb)
+    ok = tmp_path / "fine.pdf"
+    ok.write_bytes(_pdf_with_streams([("/FlateDecode", zlib.compress(b"0 0 m 10 10 l S"))]))
+    assert vl2("ocr", str(ok), "--json", tokens=2).exit_code == 0

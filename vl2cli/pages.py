@@ -8,6 +8,7 @@ thread-safe: call both from one thread at a time (the pipeline plans first, then
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import io
 import os
@@ -15,6 +16,7 @@ import re
 import sys
 import threading
 import warnings
+import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -232,6 +234,73 @@ def _open_pdf(where: str, data: bytes | Path, password: str | None):
         raise InputError(f"{where}: not a readable PDF ({_short(exc)})") from None
 
 
+# A PDF's compressed streams (page contents, fonts) inflate inside PDFium when a page is rendered, up to 1000x their
+# size: a 500 KB content stream can become 500 MB (and twice that in memory). --max-pixels caps what a page renders
+# to; these cap what its streams inflate to. Both are checked here, before PDFium sees a page.
+MAX_PDF_STREAM_BYTES = 64 * 1024 * 1024  # any one compressed stream, inflated
+_STREAM = re.compile(rb"(?<!end)stream(?:\r\n|\n|\r)")
+_ARMOUR = re.compile(rb"/(ASCIIHexDecode|AHx|ASCII85Decode|A85)\b")
+
+
+def check_pdf_streams(where: str, data: bytes, pages: int, limit: int | None = None) -> None:
+    """Inflate every zlib-compressed stream of a PDF (after any ASCII armour), counting and discarding, and refuse
+    the file (InputError) when one would inflate beyond `limit` bytes, or all of them beyond `limit` per page. The
+    work is bounded the same way: at most `limit` per page is inflated here. Every stream that starts as zlib data
+    counts, whatever its dictionary says (a filter can hide behind an indirect reference); streams this cannot read
+    ahead of PDFium (an encrypted file's, or behind an LZW or run-length filter) are left to it."""
+    limit = MAX_PDF_STREAM_BYTES if limit is None else limit
+    budget, since = limit * max(1, pages), 0
+    for match in _STREAM.finditer(data):
+        head = data[since:match.start()]  # from the previous stream keyword: each byte is looked at once
+        since = match.end()
+        if not head.rstrip().endswith(b">>"):
+            continue  # not a stream object's keyword (those bytes are inside some other stream's data)
+        own = head.rfind(b"obj")  # this stream's own dictionary follows its "N 0 obj"
+        armour = [m.group(1) for m in _ARMOUR.finditer(head[own + 3:] if own >= 0 else head)]
+        size = _inflated_size(_unarmoured(data, match.end(), armour), min(limit, budget) + 1)
+        if size > limit:
+            raise InputError(f"{where}: a compressed PDF stream inflates to more than {limit // (1 << 20)} MB "
+                             "(a possible decompression bomb); refused")
+        budget -= size
+        if budget < 0:
+            raise InputError(f"{where}: its compressed PDF streams inflate to more than {limit // (1 << 20)} MB per "
+                             "page (a possible decompression bomb); refused")
+
+
+def _unarmoured(data: bytes, start: int, armour: list[bytes]) -> memoryview:
+    """A stream's bytes from `start`, ASCII armour (hex, base-85) taken off first where the filters name it."""
+    if not armour:
+        return memoryview(data)[start:]
+    end = data.find(b"endstream", start)
+    raw = data[start:end if end >= 0 else len(data)]
+    try:
+        for name in armour:
+            text = re.sub(rb"\s", b"", raw)
+            hexed = text.split(b">")[0]
+            raw = bytes.fromhex((hexed + b"0" * (len(hexed) % 2)).decode("ascii")) \
+                if name in (b"ASCIIHexDecode", b"AHx") else base64.a85decode(text.split(b"~>")[0])
+    except ValueError:  # damaged armour: PDFium cannot inflate it either
+        return memoryview(b"")
+    return memoryview(raw)
+
+
+def _inflated_size(stream: memoryview, stop_after: int) -> int:
+    """How many bytes a zlib stream inflates to, counted a megabyte at a time (never held), up to `stop_after`."""
+    inflater, size, pos = zlib.decompressobj(), 0, 0
+    try:
+        while not inflater.eof and size < stop_after:
+            tail = inflater.unconsumed_tail  # input held back when the last call's megabyte was full
+            chunk = tail or stream[pos:pos + 65536]
+            pos += 0 if tail else 65536
+            out = len(inflater.decompress(chunk, 1 << 20))
+            if not out and not chunk:
+                break  # nothing in, nothing out: the file ends before the stream does
+            size += out
+    except zlib.error:  # damaged: PDFium reads what it can of it, no more than was counted here
+        pass
+    return size
+
+
 # PDFium is not thread-safe: every call into it holds this lock (a server renders several uploads at once).
 PDFIUM = threading.RLock()
 
@@ -323,6 +392,7 @@ def _count(source: Source, data: bytes, opts: PageOptions) -> int:
                 pdf.close()
         if count == 0:
             raise InputError(f"{source.label}: PDF has no pages")
+        check_pdf_streams(source.label, data, count)
         return count
     return _frames(_open_image(source.label, io.BytesIO(data), opts.max_pixels))
 
