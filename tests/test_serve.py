@@ -256,16 +256,21 @@ def test_a_client_that_disconnects_frees_its_slot(module_reader, slow_decoding):
 
 def test_a_drain_finishes_running_requests_and_refuses_queued_ones(module_reader, slow_decoding):
     with running_server(module_reader, max_batch=1, drain_seconds=20) as (url, server):
-        body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 40}
+        body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 200}
+
+        def until(condition) -> None:  # the order of events, not their timing (a loaded machine is slow)
+            deadline = time.monotonic() + 60
+            while not condition():
+                assert time.monotonic() < deadline
+                time.sleep(0.02)
         with ThreadPoolExecutor(3) as pool:
             running = pool.submit(_post, url, "/v1/chat/completions", json=body)
-            time.sleep(0.3)
+            until(lambda: server.loop.running == 1)
             queued = pool.submit(_post, url, "/v1/chat/completions", json=body)
-            time.sleep(0.3)
-            assert server.loop.queue_depth == 1
+            until(lambda: server.loop.queue_depth == 1)
             pool.submit(server.drain)
             assert running.result().status_code == 200
-            assert running.result().json()["usage"]["completion_tokens"] == 40
+            assert running.result().json()["usage"]["completion_tokens"] == 200
             _error_shape(queued.result(), 503)
         _error_shape(_post(url, "/v1/chat/completions", json=body), 503)
 
