@@ -377,6 +377,8 @@ def _say(result: PageResult, quiet: bool) -> None:
     elif not quiet:
         for flag in result.flags:
             err(f"vl2: warning: {result.label}: {flag.replace('_', ' ')}")
+        for warning in result.fields.get("warnings") or ():  # extract: where an answer stopped, which bound bit
+            err(f"vl2: warning: {result.label}: {warning}")
 
 
 def _report(req: ReadRequest, summary: Summary, written: list[str]) -> None:

@@ -67,6 +67,7 @@ class _Part:
     retries: int = 0
     params: SamplingParams | None = None  # the first read's sampling, which each retry's is derived from
     began: float | None = None  # when its first request was admitted (time.monotonic)
+    extended: bool = False  # re-read with the room the context leaves after the user's budget cut it
     seconds: float = 0.0
     answer: _Answer | PageFailed | None = None
 
@@ -82,9 +83,11 @@ class _PagePlan:
     started: float = 0.0
 
 
-def replace_request(request: Request, params: SamplingParams) -> Request:
-    """The same prompt, budget and rules as a fresh request under other sampling (a loop retry)."""
-    return Request(request.prompt, params, request.budget, None, request.stop_rule, prefill_chunk=request.prefill_chunk)
+def replace_request(request: Request, params: SamplingParams, budget: int | None = None) -> Request:
+    """The same prompt, grammar and rules as a fresh request under other sampling (a loop retry), or with another
+    budget (a structured answer re-read with the room the context leaves)."""
+    return Request(request.prompt, params, request.budget if budget is None else budget, request.grammar,
+                   request.stop_rule, prefill_chunk=request.prefill_chunk)
 
 
 class AnswerText:
@@ -266,10 +269,14 @@ class Reader:
             return PageFailed(f"the prompt needs {len(prompt.input_ids)} tokens, more than the model's "
                               f"{self.context}-token context")
         try:
-            grammar = task.grammar(opts, budget)
+            grammar = task.grammar(opts, budget, self._room(prompt))  # a structured answer's: sized to the room
         except UsageError as exc:  # a schema that cannot fit this page's budget fails this page
             return PageFailed(str(exc))
         return Request(prompt, params, budget, grammar, self.stop_rule)
+
+    def _room(self, prompt: Prepared) -> int:
+        """What the context leaves for the answer after the prompt."""
+        return max(0, self.context - len(prompt.input_ids))
 
     def _part_ended(self, request: Request, opts: ReadOptions) -> Request | _Answer | PageFailed:
         """A finished request of one part of a page: its answer (flags set), the failure it ended with, or the
@@ -403,10 +410,18 @@ class Reader:
         complete and its (key, result) comes back."""
         plan, part = request.tag
         outcome = self._part_ended(request, opts)
+        if isinstance(outcome, _Answer) and task.structured and outcome.finish_reason == "length" \
+                and plan.split is None and not part.extended and self._room(request.prompt) > request.budget:
+            # cut by the user's budget before the object was complete: read again with the room the context leaves
+            # (the grammar's bounds were sized to that room)
+            outcome, part.extended, part.retries = replace_request(request, part.params or request.params,
+                                                                   self._room(request.prompt)), True, 0
         if isinstance(outcome, Request):
             outcome.tag = request.tag
             batch.add(outcome)
             return None
+        if part.extended and isinstance(outcome, _Answer):
+            outcome.flags = (*outcome.flags, "budget_extended")
         part.answer = outcome
         if plan.split is None and isinstance(outcome, _Answer) and outcome.finish_reason == "context" \
                 and task.splittable and opts.split == "auto":  # the context cut it: read it in bands
@@ -464,8 +479,8 @@ class Reader:
         fields, task_flags = task.parse(answer.text, page.image.size, opts.text)  # boxes on the page as read
         w, h = page.size_as_given
         fields = fields_as_given(fields, page.rotation, (w, h))  # ... and as given, where the file's own boxes are
-        if task.structured and answer.finish_reason != "stop":  # cut by the budget: never passed off as valid
-            fields, task_flags = {**fields, "data": None}, ("incomplete_json",)
+        if task.structured:  # cut, or not valid under the user's schema: never passed off as valid
+            fields, task_flags = task.settle(answer.text, answer.finish_reason == "stop", answer.grammar, opts)
         flags = list(answer.flags) + list(task_flags)
         if opts.text_layer == "only" and answer.finish_reason != "text_layer":
             flags.append("no_text_layer")  # asked for the text layer, but this page has none

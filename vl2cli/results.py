@@ -20,7 +20,7 @@ TASK_FIELDS: dict[str, dict[str, Any]] = {
     "chart": {"description": None, "data": None},
     "ground": {"objects": [], "caption": ""},
     "caption": {"objects": [], "caption": ""},
-    "extract": {"data": None},
+    "extract": {"data": None, "warnings": []},
 }
 SCHEMA_FILES = {"page": "page-record.schema.json", "ask": "ask-record.schema.json"}
 

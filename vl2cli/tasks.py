@@ -19,7 +19,7 @@ from typing_extensions import override
 
 from vl2cli.engine.grammar import Grammar, GrammarError
 from vl2cli.errors import UsageError
-from vl2cli.extract import csv_row, schema_grammar
+from vl2cli.extract import csv_row, schema_grammar, settle
 from vl2cli.layout import blocks_markdown, furniture_of, page_blocks, strip_markdown
 from vl2cli.options import ReadOptions
 from vl2cli.parsers import (
@@ -183,10 +183,18 @@ class Task:
 
     strict_by_default: bool = False
 
-    def grammar(self, opts: ReadOptions, budget: int) -> Grammar | None:
-        """The grammar every answer must follow at this answer budget, if the task and options ask for one."""
-        del opts, budget
+    def grammar(self, opts: ReadOptions, budget: int, room: int | None = None) -> Grammar | None:
+        """The grammar every answer must follow at this answer budget (`room`: what the context leaves, which a
+        structured answer may be re-read with), if the task and options ask for one."""
+        del opts, budget, room
         return None
+
+    def settle(self, answer: str, complete: bool, grammar: Grammar | None,
+               opts: ReadOptions) -> tuple[dict[str, Any], tuple[str, ...]]:
+        """A structured task's fields and flags from its answer: an incomplete answer has no data."""
+        del grammar, opts
+        fields, flags = self.parse(answer, (0, 0), None)
+        return (fields, flags) if complete else ({**fields, "data": None}, ("incomplete_json",))
 
     def check_strict(self, budget: int) -> None:
         """--strict: compile the task's grammar at the user's budget, so a problem is a usage error up front."""
@@ -228,8 +236,8 @@ class OcrTask(Task):
 
 class TableTask(Task):
     @override
-    def grammar(self, opts: ReadOptions, budget: int) -> Grammar | None:
-        del budget
+    def grammar(self, opts: ReadOptions, budget: int, room: int | None = None) -> Grammar | None:
+        del budget, room
         return table_grammar() if opts.strict else None
 
     @override
@@ -296,7 +304,7 @@ LABEL: /[^<>\\n]{{1,{label}}}/""")
 
 class GroundTask(Task):
     @override
-    def grammar(self, opts: ReadOptions, budget: int) -> Grammar | None:
+    def grammar(self, opts: ReadOptions, budget: int, room: int | None = None) -> Grammar | None:
         return grounding_grammar(budget) if opts.strict and self.name == "ground" else None
 
     @override
@@ -339,10 +347,15 @@ class ExtractTask(Task):
     """Fields from a JSON Schema: the answer is constrained to the schema, so `data` always validates."""
 
     @override
-    def grammar(self, opts: ReadOptions, budget: int) -> Grammar | None:
+    def grammar(self, opts: ReadOptions, budget: int, room: int | None = None) -> Grammar | None:
         if not opts.schema_json:
             raise UsageError("extract: give --schema FILE or --fields SPEC")
-        return schema_grammar(opts.schema_json, budget)
+        return schema_grammar(opts.schema_json, max(budget, room or 0))
+
+    @override
+    def settle(self, answer: str, complete: bool, grammar: Grammar | None,
+               opts: ReadOptions) -> tuple[dict[str, Any], tuple[str, ...]]:
+        return settle(answer, complete, grammar, opts.schema_json)
 
     @override
     def parse(self, answer: str, size: tuple[int, int], text: str | None) -> tuple[dict[str, Any], tuple[str, ...]]:

@@ -9,6 +9,7 @@ would pick unconstrained whenever that choice is allowed.
 from __future__ import annotations
 
 import json
+import random
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 
@@ -18,8 +19,7 @@ if TYPE_CHECKING:
     import llguidance
     import torch
 
-# Compact JSON (no free whitespace) and no \\u escapes: every character costs at most 4 bytes, so the answer's
-# length in tokens is bounded by the schema's bounds (vl2cli/extract.py sizes them to the budget).
+# Compact JSON (no free whitespace: the answer's tokens go to its content) and no \\u escapes.
 JSON_OPTIONS: dict[str, Any] = {"whitespace_flexible": False, "json_allowed_escapes": 'nrt"\\'}
 
 
@@ -32,15 +32,23 @@ class Grammar:
     kind: str  # "json_schema" | "lark" | "regex"
     source: str  # the schema (compact JSON), the Lark text or the regex, as the record shows it
     compiled: str  # llguidance's grammar definition
+    narrowed: tuple[dict[str, Any], ...] = ()  # json_schema: bounds vl2 added where the schema sets none
+    relaxed: tuple[str, ...] = ()  # json_schema: what the grammar does not enforce (checked after decoding)
 
     @classmethod
-    def from_json_schema(cls, schema: dict[str, Any]) -> Grammar:
+    def from_json_schema(cls, schema: dict[str, Any], lenient: bool = False, narrowed: tuple[dict[str, Any], ...] = (),
+                         relaxed: tuple[str, ...] = ()) -> Grammar:
+        """`lenient`: keywords and formats llguidance does not implement (and `oneOf` it cannot prove exclusive,
+        taken as `anyOf`) are left out of the grammar and named in `relaxed`, instead of refused."""
         import llguidance
+        options = {**JSON_OPTIONS, "lenient": True} if lenient else JSON_OPTIONS
         try:
-            compiled = llguidance.LLMatcher.grammar_from_json_schema(schema, defaults=cast(Any, JSON_OPTIONS))
+            compiled = llguidance.LLMatcher.grammar_from_json_schema(schema, defaults=cast(Any, options))
         except ValueError as exc:
             raise GrammarError(f"the schema is not a JSON object ({exc})") from None
-        return cls("json_schema", json.dumps(schema, separators=(",", ":"), ensure_ascii=False), _checked(compiled))
+        compiled, warnings = _checked_with_warnings(compiled)
+        return cls("json_schema", json.dumps(schema, separators=(",", ":"), ensure_ascii=False), compiled,
+                   narrowed, (*relaxed, *(" ".join(w.split())[:200] for w in warnings)))
 
     @classmethod
     def from_lark(cls, text: str) -> Grammar:
@@ -53,18 +61,34 @@ class Grammar:
         import llguidance
         return cls("regex", pattern, _checked(llguidance.LLMatcher.grammar_from_regex(pattern)))
 
+    @property
+    def bounds_length(self) -> bool:
+        """Whether repetition inside the grammar is expected rather than a runaway loop (a Lark grammar's
+        repetitions are counted; a client's regex is taken as written); a JSON Schema's free strings are as long
+        as the context, so a loop inside one is caught and re-read."""
+        return self.kind in ("lark", "regex")
+
     def to_json(self) -> dict[str, Any]:
         if self.kind == "json_schema":
-            return {"kind": self.kind, "schema": json.loads(self.source)}
+            out: dict[str, Any] = {"kind": self.kind, "schema": json.loads(self.source)}
+            if self.narrowed:
+                out["narrowed"] = [dict(n) for n in self.narrowed]
+            if self.relaxed:
+                out["relaxed"] = list(self.relaxed)
+            return out
         return {"kind": self.kind, "regex" if self.kind == "regex" else "lark": self.source}
 
 
-def _checked(compiled: str) -> str:
+def _checked_with_warnings(compiled: str) -> tuple[str, list[str]]:
     import llguidance
     failed, messages = llguidance.LLMatcher.validate_grammar_with_warnings(compiled)
     if failed:
         raise GrammarError("unsupported by the grammar compiler: " + " ".join(messages[0].split())[:300])
-    return compiled
+    return compiled, list(messages)
+
+
+def _checked(compiled: str) -> str:
+    return _checked_with_warnings(compiled)[0]
 
 
 class RowMasks:
@@ -113,3 +137,45 @@ def grammar_tokenizer(tokenizer_json: str, vocab_size: int, eos_id: int) -> llgu
     """llguidance's view of the checkpoint's tokenizer (built once per model: ~1 s for a 129k vocabulary)."""
     import llguidance
     return llguidance.LLTokenizer(tokenizer_json, n_vocab=vocab_size, eos_token=eos_id)
+
+
+def random_walk(grammar: Grammar, tokenizer: llguidance.LLTokenizer, rng: random.Random, max_tokens: int,
+                terse: float = 0.0) -> tuple[list[int], bool]:
+    """A random answer the grammar admits, without a model: each step takes a token the grammar allows, uniformly
+    (what random weights amount to); with probability `terse`, the end token or a token that closes a value when
+    one is allowed (a model that answers briefly). The ids, and whether the answer ended within `max_tokens`."""
+    import llguidance
+    import numpy as np
+    matcher = llguidance.LLMatcher(tokenizer, grammar.compiled, log_level=0)
+    eos = tokenizer.eos_token
+    closing = _closing_tokens(tokenizer)
+    ids: list[int] = []
+    while len(ids) < max_tokens:
+        bits = np.unpackbits(np.frombuffer(matcher.compute_bitmask(), dtype=np.uint8), bitorder="little")
+        allowed = np.flatnonzero(bits[: tokenizer.vocab_size])
+        if not len(allowed):
+            raise GrammarError(f"the grammar allows no token after {len(ids)}: {matcher.get_error()[:200]}")
+        pick = allowed
+        if terse and rng.random() < terse:
+            ending = allowed[np.isin(allowed, [eos])] if eos in allowed else allowed[closing[allowed]]
+            pick = ending if len(ending) else allowed
+        token = int(pick[rng.randrange(len(pick))])
+        if token == eos:
+            return ids, True
+        if not matcher.consume_token(token):
+            raise GrammarError(f"the grammar rejected token {token} it allowed: {matcher.get_error()[:200]}")
+        ids.append(token)
+    return ids, False
+
+
+_CLOSING: dict[int, Any] = {}
+
+
+def _closing_tokens(tokenizer: llguidance.LLTokenizer) -> Any:
+    """Per token id: whether its bytes end a JSON value (a quote, a closing bracket or brace)."""
+    import numpy as np
+    key = id(tokenizer)
+    if key not in _CLOSING:
+        _CLOSING[key] = np.array([any(c in tokenizer.decode_bytes([i]) for c in b'"]}')
+                                  for i in range(tokenizer.vocab_size)])
+    return _CLOSING[key]

@@ -296,7 +296,7 @@ class Scheduler:
             request.seen = torch.cat([request.seen, request.seen.new_tensor([token])])
         if request.on_token:
             request.on_token(token)
-        constrained = request.masks is not None
+        constrained = request.masks is not None and request.grammar is not None and request.grammar.bounds_length
         if request.masks is not None and token != self.engine.eos_id:
             request.masks.consume(0, token)
         reason: Any = None

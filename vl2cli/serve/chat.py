@@ -76,11 +76,12 @@ class ChatCall:
     images: list[Image.Image] = field(default_factory=list)
 
     def grammar_for(self, budget: int) -> Grammar | None:
-        """The answer's grammar at its budget: a json_schema is narrowed so that any answer it admits fits."""
+        """The answer's grammar at its budget: a json_schema bounded where it leaves strings and arrays open (sized
+        to the budget), with nothing left to a check after decoding (a server answer is not checked again)."""
         if self.schema_json is None:
             return self.grammar
         try:
-            return schema_grammar(self.schema_json, budget)  # compiled once per schema and budget
+            return schema_grammar(self.schema_json, budget, relax=False)  # compiled once per schema and budget
         except GrammarError as exc:
             raise ApiError(400, f"{self.constraint}: {exc}", param=self.constraint) from None
 
