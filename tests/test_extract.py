@@ -129,7 +129,7 @@ def real_vocab_reader(real_vocab_ckpt):
 @pytest.mark.parametrize("name", ["flat", "items", "date", "refs", "closed", "pattern", "enum", "bounds", "nested",
                                   "optional", "strings"])
 def test_schema_valid_json_on_the_real_vocabulary(real_vocab_reader, name):
-    record = _read_in_room(real_vocab_reader, SCHEMAS[name], 64, 160, 1.0)
+    record = _read_in_room(real_vocab_reader, SCHEMAS[name], 32, 64, 1.0)
     _check(record, SCHEMAS[name])
     if name in ALWAYS_SHORT:
         assert record["data"] is not None, record
