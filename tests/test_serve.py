@@ -79,8 +79,8 @@ def test_streaming_gives_the_same_text_in_openai_chunks(client):
 
 
 def test_response_format_json_schema_gives_schema_valid_json(client):
-    schema = {"type": "object", "properties": {"total": {"type": "number"}, "currency": {"type": "string",
-                                                                                      "enum": ["EUR", "USD"]},
+    schema = {"type": "object", "properties": {"total": {"type": "integer", "minimum": 0, "maximum": 99999},
+                                              "currency": {"type": "string", "enum": ["EUR", "USD"]},
                                               "lines": {"type": "array", "maxItems": 3,
                                                         "items": {"type": "string", "maxLength": 12}}},
               "required": ["total", "currency", "lines"], "additionalProperties": False}  # fits 200 tokens
