@@ -512,3 +512,19 @@ def test_pdf_streams_that_inflate_past_the_cap_are_refused_before_pdfium_reads_t
     ok = tmp_path / "fine.pdf"
     ok.write_bytes(_pdf_with_streams([("/FlateDecode", zlib.compress(b"0 0 m 10 10 l S"))]))
     assert vl2("ocr", str(ok), "--json", tokens=2).exit_code == 0
+
+
+def test_a_billion_laughs_json_schema_is_a_400_and_health_answers_meanwhile(served):
+    """The extraction's bounder sizes each $ref once, so the server refuses the schema from its size; /health is
+    answered from the same event loop right after, so the refusal held nothing up (asserted as order, not time)."""
+    from tests.test_extract import billion_laughs
+
+    url = served[0]
+    body = {**HI, "response_format": {"type": "json_schema",
+                                      "json_schema": {"name": "laughs", "schema": billion_laughs(8)}}}
+    with ThreadPoolExecutor(2) as pool:
+        refused = pool.submit(httpx.post, url + CHAT, json=body, timeout=60)
+        health = pool.submit(httpx.get, url + "/health", timeout=60)
+        error = _error_shape(refused.result(), 400)
+        assert health.result().status_code == 200
+    assert "smallest answer the schema admits" in error["message"]
