@@ -106,12 +106,14 @@ def test_users_own_token_cap_never_splits_the_page():
 def test_context_cutting_the_answer_splits_the_page(tmp_path, monkeypatch):
     from tests.helpers import make_checkpoint
     from vl2cli.reader import Reader
-    read_bands, spent = Reader._read_bands, []
+    part_ended, spent = Reader._part_ended, []
 
     def spy(self, *args):
-        spent.append(args[-1])  # the whole-page read the context cut
-        return read_bands(self, *args)
-    monkeypatch.setattr(Reader, "_read_bands", spy)
+        outcome = part_ended(self, *args)
+        if getattr(outcome, "finish_reason", None) == "context":
+            spent.append(outcome.seconds)  # the whole-page read the context cut
+        return outcome
+    monkeypatch.setattr(Reader, "_part_ended", spy)
     from vl2cli.engine.loading import load_model
     from vl2cli.engine.processor import UserText
     probe = load_model(TINY, device="cpu", dtype="float32", quant="none")
