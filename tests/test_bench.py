@@ -12,7 +12,8 @@ def test_benchmarks_smoke():
     assert set(results) == {"moe_dispatch", "kv_cache", "batching", "memory", "pages_in", "loading_peak_ram",
                             "cold_start", "decode_step_counts", "constrained_decoding",
                             "ocr_vs_vl2", "continuous_batching", "server_overhead",
-                            "ray_batch", "rotation", "soak", "detokenize"}
+                            "ray_batch", "rotation", "soak", "detokenize", "cli_start"}
+    assert not any(c["imports_torch"] for c in results["cli_start"]["commands"].values())
     assert results["soak"]["cache_capacity_min"] == results["soak"]["cache_capacity_max"]
     assert results["continuous_batching"]["tokens_per_step_ratio_vs_padded"] > 1.0
     assert results["server_overhead"]["server_seconds_per_request"] > 0
