@@ -175,7 +175,9 @@ def test_guided_choice_answers_one_of_the_choices(client, field):
 
 
 def test_guided_json_and_grammar_constrain_the_answer(client):
-    schema = {"type": "object", "properties": {"n": {"type": "integer"}, "ok": {"type": "boolean"}},
+    # bounded values: a random model's digits run on, and an unbounded integer is never narrowed to fit the budget
+    schema = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 999},
+                                               "ok": {"type": "boolean"}},
               "required": ["n", "ok"], "additionalProperties": False}
     reply = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "JSON"}],
                                            max_tokens=60, temperature=0.7, seed=1, extra_body={"guided_json": schema})
@@ -278,7 +280,7 @@ def test_openai_sdk_parse_with_a_pydantic_model(client):
 
 def test_langchain_chat_stream_batch_and_structured_output(served):
     langchain_openai = needs("langchain_openai")
-    from pydantic import BaseModel
+    from pydantic import BaseModel, Field
 
     chat = langchain_openai.ChatOpenAI(model=MODEL, base_url=served[0] + "/v1", api_key="unused", max_tokens=6,
                                        temperature=0, max_retries=0, timeout=300)
@@ -290,9 +292,9 @@ def test_langchain_chat_stream_batch_and_structured_output(served):
     assert "".join(str(c.content) for c in chat.stream([message])) == whole.content
     assert [r.content for r in chat.batch([[message], [message]])] == [whole.content] * 2
 
-    class Reading(BaseModel):
-        title: str
-        pages: int
+    class Reading(BaseModel):  # bounded fields: vl2 never narrows a schema to fit a budget on its own
+        title: str = Field(max_length=20)
+        pages: int = Field(ge=0, le=999)
 
     roomy = langchain_openai.ChatOpenAI(model=MODEL, base_url=served[0] + "/v1", api_key="unused", max_tokens=120,
                                         temperature=0, max_retries=0, timeout=300)
