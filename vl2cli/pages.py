@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
@@ -30,6 +30,8 @@ from vl2cli.options import PageOptions
 from vl2cli.orient import orientation, text_layer_rotation, turn
 
 if TYPE_CHECKING:
+    import pypdfium2 as pdfium
+
     from vl2cli.engine.processor import Tiling
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff", ".bmp", ".gif"}
@@ -223,7 +225,7 @@ def _image_pages(where: str, data: io.BytesIO | Path, numbers: list[int], max_pi
         yield upright(Page(where, number, page), rotate)
 
 
-def _open_pdf(where: str, data: bytes | Path, password: str | None):
+def _open_pdf(where: str, data: bytes | Path, password: str | None) -> pdfium.PdfDocument:
     import pypdfium2 as pdfium
     try:
         return pdfium.PdfDocument(data if isinstance(data, bytes) else str(data), password=password)
@@ -325,7 +327,7 @@ def _pdf_pages(where: str, data: bytes | Path, numbers: list[int], opts: PageOpt
             pdf.close()
 
 
-def _render_pdf_page(pdf: Any, number: int, label: str,
+def _render_pdf_page(pdf: pdfium.PdfDocument, number: int, label: str,
                      opts: PageOptions) -> tuple[Image.Image, str | None, int | None]:
     """The rendered page, its text layer (when asked for) and the turn its text layer says makes it upright
     (--rotate auto; None when it cannot tell)."""

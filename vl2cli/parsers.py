@@ -61,13 +61,13 @@ class _HtmlTables(HTMLParser):
     """HTML tables onto a grid: a cell with rowspan/colspan holds its text in its top-left grid cell, the cells it
     covers stay empty, and the table's `spans` lists it (row 0 is the header row, `columns`)."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         super().__init__(convert_charrefs=True)
         self.tables: list[dict] = []
         self.stack: list[dict] = []  # nested tables: inner ones become their own tables
         self.cell: list[str] | None = None
 
-    def handle_starttag(self, tag, attrs):
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
         if tag == "table":
             self.stack.append({"cells": [], "row": -1, "in_row": False})
         elif not self.stack:
@@ -82,12 +82,12 @@ class _HtmlTables(HTMLParser):
             self.cell = []
             t["cells"].append([t["row"], _span(a.get("rowspan")), _span(a.get("colspan")), ""])
 
-    def _open_row(self):
+    def _open_row(self) -> None:
         t = self.stack[-1]
         t["row"] += 1
         t["in_row"] = True
 
-    def handle_endtag(self, tag):
+    def handle_endtag(self, tag: str) -> None:
         if not self.stack:
             return
         t = self.stack[-1]
@@ -99,12 +99,12 @@ class _HtmlTables(HTMLParser):
         elif tag == "table":
             self._close()
 
-    def _close(self):
+    def _close(self) -> None:
         table = _grid(self.stack.pop()["cells"])
         if table is not None:
             self.tables.append(table)
 
-    def handle_data(self, data):
+    def handle_data(self, data: str) -> None:
         if self.cell is not None:
             self.cell.append(data)
 
@@ -194,7 +194,7 @@ def table_to_markdown(table: Table) -> str:
     if table.get("spans"):
         return table_to_html(table)
 
-    def row(cells):
+    def row(cells: list[str]) -> str:
         return "| " + " | ".join(c.replace("|", "\\|").replace("\n", " ") for c in cells) + " |"
     cols = table["columns"] or [""]
     lines = [row(cols), "| " + " | ".join("---" for _ in cols) + " |"]
