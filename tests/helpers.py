@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -13,6 +14,9 @@ from typer.testing import CliRunner
 from vl2cli.cli import app
 from vl2cli.engine.config import load_config
 from vl2cli.engine.loading import model_to_checkpoint_name, random_model
+from vl2cli.errors import InputError
+from vl2cli.options import PageOptions
+from vl2cli.pages import Page, plan_source, render_pages
 
 DATA = Path(__file__).parent / "data"
 PARITY = DATA / "parity"
@@ -42,6 +46,16 @@ def make_checkpoint(folder: Path, base: str = "tiny", seed: int = 0, language: d
         tensors.pop(name)
     save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
     return folder
+
+
+def file_pages(path: str, opts: PageOptions | None = None) -> Iterator[Page]:
+    """Every requested page of one file as the pipeline gets them (planned, then rendered one at a time); InputError
+    when the file cannot be read at all."""
+    opts = opts or PageOptions()
+    source = plan_source(path, opts)
+    if source.error:
+        raise InputError(source.error)
+    yield from render_pages(source, opts)
 
 
 _runner = CliRunner()

@@ -9,11 +9,11 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from tests.helpers import CKPT
+from tests.helpers import CKPT, file_pages
 from vl2cli.cli import app
 from vl2cli.errors import UsageError
 from vl2cli.options import PageOptions
-from vl2cli.pages import expand_inputs, iter_pages, normalise_image, parse_page_ranges
+from vl2cli.pages import expand_inputs, normalise_image, parse_page_ranges
 from vl2cli.pdfwrite import text_pdf
 
 TINY = str(CKPT / "tiny")
@@ -32,7 +32,7 @@ def test_page_ranges():
 def test_pdf_pages_and_text_layer(tmp_path):
     pdf = tmp_path / "d.pdf"
     pdf.write_bytes(text_pdf("hello", pages=5))
-    pages = list(iter_pages(str(pdf), PageOptions(pages="2,4-", dpi=72, text_layer=True)))
+    pages = list(file_pages(str(pdf), PageOptions(pages="2,4-", dpi=72, text_layer=True)))
     assert [p.number for p in pages] == [2, 4, 5]
     assert pages[0].image.size == (612, 792) and "hello p2" in pages[0].text_layer
 
@@ -41,9 +41,9 @@ def test_multipage_tiff_every_frame_gif_first(tmp_path):
     frames = [Image.new("RGB", (40, 30), c) for c in ("red", "green", "blue")]
     frames[0].save(tmp_path / "t.tiff", save_all=True, append_images=frames[1:])
     frames[0].save(tmp_path / "a.gif", save_all=True, append_images=frames[1:])
-    tiff = list(iter_pages(str(tmp_path / "t.tiff")))
+    tiff = list(file_pages(str(tmp_path / "t.tiff")))
     assert [p.number for p in tiff] == [1, 2, 3] and tiff[2].image.getpixel((0, 0)) == (0, 0, 255)
-    assert len(list(iter_pages(str(tmp_path / "a.gif")))) == 1
+    assert len(list(file_pages(str(tmp_path / "a.gif")))) == 1
 
 
 def test_exif_orientation_is_applied(tmp_path):
@@ -51,7 +51,7 @@ def test_exif_orientation_is_applied(tmp_path):
     exif = Image.Exif()
     exif[0x0112] = 6  # rotate 90 CW on display
     img.save(tmp_path / "r.jpg", exif=exif)
-    assert next(iter_pages(str(tmp_path / "r.jpg"))).image.size == (20, 60)
+    assert next(file_pages(str(tmp_path / "r.jpg"))).image.size == (20, 60)
 
 
 @pytest.mark.parametrize("mode", ["I;16", "CMYK", "P", "RGBA", "LA", "L", "1", "F"])
@@ -130,6 +130,6 @@ def test_max_pixels_can_admit_pages_above_pillows_own_guard(tmp_path):
     big = tmp_path / "big.png"
     Image.new("L", (10000, 9500), 255).save(big)  # 95 Mpx: over Pillow's 89 Mpx guard
     with pytest.raises(Exception, match="Mpx"):
-        next(iter_pages(str(big)))
-    page = next(iter_pages(str(big), PageOptions(max_pixels=100_000_000)))
+        next(file_pages(str(big)))
+    page = next(file_pages(str(big), PageOptions(max_pixels=100_000_000)))
     assert page.image.size == (10000, 9500)

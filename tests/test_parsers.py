@@ -99,8 +99,8 @@ def test_band_split_covers_page_and_merge_drops_overlap():
 def test_density_estimate_tells_dense_print_from_photos_and_forms():
     from PIL import Image
 
+    from tests.helpers import file_pages
     from vl2cli.bands import looks_dense
-    from vl2cli.pages import iter_pages
     from vl2cli.pdfwrite import text_pdf
     words = "The committee reviewed the quarterly figures and noted that revenue in the north rose".split()
     lines = [" ".join(words[(i * 3) % 10:] + words[:(i * 3) % 10]) for i in range(55)]
@@ -110,7 +110,7 @@ def test_density_estimate_tells_dense_print_from_photos_and_forms():
             path = f"{tmp}/{n}.pdf"
             with open(path, "wb") as f:
                 f.write(text_pdf("", lines=lines[:n], size=11))
-            assert looks_dense(next(iter_pages(path)).image) is expect
+            assert looks_dense(next(file_pages(path)).image) is expect
     assert not looks_dense(Image.new("RGB", (800, 600), "white"))
     noise = Image.effect_noise((640, 480), 120).convert("RGB")
     assert not looks_dense(noise.resize((64, 48)).resize((640, 480)))  # photo-like blobs

@@ -14,11 +14,10 @@ from pathlib import Path
 import pytest
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
-from tests.helpers import IMG, assert_valid_record, vl2
+from tests.helpers import IMG, assert_valid_record, file_pages, vl2
 from vl2cli import orient
 from vl2cli.options import PageOptions
 from vl2cli.orient import Orientation, box_as_given, fields_as_given, turn
-from vl2cli.pages import iter_pages
 
 FONT = Path("/usr/share/fonts/truetype/dejavu/DejaVuSerif.ttf")  # Debian fonts-dejavu-core
 REAL_IMAGES = Path(__file__).resolve().parents[2] / "shared" / "real-images"  # CI lays shared/ beside the clone
@@ -79,7 +78,7 @@ def test_osd_turns_sideways_and_upside_down_text_pages_upright(tesseract, tmp_pa
     upright = text_page(size, lines)
     for angle in (0, 90, 180, 270):
         given = turn(upright, -angle)  # the page as scanned: reading it needs a clockwise turn of `angle`
-        page = next(iter_pages(saved(given, tmp_path / f"scan{angle}.png")))
+        page = next(file_pages(saved(given, tmp_path / f"scan{angle}.png")))
         assert (page.rotation, page.rotation_source) == (angle, "osd"), angle
         assert page.image.tobytes() == upright.tobytes() and page.size_as_given == given.size
         assert page.as_given().tobytes() == given.tobytes()
@@ -95,7 +94,7 @@ def test_osd_turns_a_photographed_page(tesseract):
 
 
 def test_a_page_without_text_is_read_as_given(tesseract, tmp_path):
-    page = next(iter_pages(str(Path(__file__).parent.parent / "samples" / "objects.png")))
+    page = next(file_pages(str(Path(__file__).parent.parent / "samples" / "objects.png")))
     assert (page.rotation, page.rotation_source) == (0, None)
 
 
@@ -106,7 +105,7 @@ def test_born_digital_text_drawn_turned_is_detected_from_its_text_layer(monkeypa
     pdf = tmp_path / "turned.pdf"
     pdf.write_bytes(text_pdf("", lines=[" ".join(WORDS[i:i + 8]) for i in range(0, 64, 4)], size=14, angle=angle,
                              rotate=page_rotate))
-    page = next(iter_pages(str(pdf)))
+    page = next(file_pages(str(pdf)))
     expected = (angle - page_rotate) % 360  # text drawn turned counterclockwise; /Rotate turns the page clockwise
     assert (page.rotation, page.rotation_source) == (expected, "text_layer")
     ink = Image.eval(page.image.convert("L"), lambda v: 255 - v).getbbox()  # the text starts at its own top left
@@ -120,7 +119,7 @@ def test_a_thin_text_layer_leaves_the_decision_to_osd(monkeypatch, tmp_path):
     monkeypatch.setattr(orient, "run_osd", lambda image, *a: asked.append(image.size))
     pdf = tmp_path / "label.pdf"
     pdf.write_bytes(text_pdf("", lines=["p. 7"], angle=90))  # 4 characters say nothing about the page
-    page = next(iter_pages(str(pdf)))
+    page = next(file_pages(str(pdf)))
     assert asked and (page.rotation, page.rotation_source) == (0, None)
 
 
@@ -148,7 +147,7 @@ def test_rotate_takes_only_auto_off_and_right_angles(tmp_path):
     bad = vl2("ocr", IMG, "--rotate", "sideways")
     assert bad.exit_code == 2 and "--rotate 'sideways': expected auto, off, 0, 90, 180 or 270" in bad.stderr
     for rotate, expected in (("off", (0, None)), ("0", (0, "user")), ("180", (180, "user"))):
-        page = next(iter_pages(IMG, PageOptions(rotate=rotate)))
+        page = next(file_pages(IMG, PageOptions(rotate=rotate)))
         assert (page.rotation, page.rotation_source) == expected
 
 
@@ -307,5 +306,5 @@ def test_a_detection_failure_never_fails_the_page(monkeypatch, tmp_path):
     def broken(*_args, **_kwargs):
         raise ValueError("a Tesseract answer nobody expected")
     monkeypatch.setattr(orient, "run_osd", broken)
-    page = next(iter_pages(IMG))
+    page = next(file_pages(IMG))
     assert (page.rotation, page.rotation_source) == (0, None) and page.image.size == (300, 200)

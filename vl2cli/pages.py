@@ -434,15 +434,6 @@ def render_pages(source: Source, opts: PageOptions, numbers: list[int] | None = 
                                 opts.max_pixels, opts.rotate)
 
 
-def iter_pages(path: str, opts: PageOptions | None = None) -> Iterator[Page]:
-    """Every requested page of one file (the simple library entry point); InputError on an unreadable file."""
-    opts = opts or PageOptions()
-    source = plan_source(path, opts)
-    if source.error:
-        raise InputError(source.error)
-    yield from render_pages(source, opts)
-
-
 @dataclass
 class Inputs:
     files: list[str]
