@@ -55,17 +55,15 @@ def load(model: str = "tiny", *, device: str | None = None, dtype: str | None = 
 
 def read(reader: Reader, paths: list[str], task: str = "ocr", question: str | None = None, pages: str | None = None,
          options: ReadOptions | None = None, page_options: PageOptions | None = None) -> list[PageResult]:
-    """Every page of the given files (PDFs, images, folders), through the same pipeline as the CLI."""
-    from dataclasses import replace
-
+    """Every page of the given files (PDFs, images, folders), through the same pipeline as the CLI, with the CLI's
+    defaults: `options`/`page_options` as given, the task's own defaults where they leave a choice (ground's
+    grammar), `question` and `pages` over them when given."""
     from vl2cli.pages import expand_inputs
     from vl2cli.pipeline import Job, ListSink, plan_inputs, read_documents
-    from vl2cli.tasks import get_task
-    the_task = get_task(task)
-    opts = options or ReadOptions()
-    if question is not None:
-        opts = replace(opts, text=question)
-    page_opts = page_options or PageOptions(pages=pages, text_layer=opts.text_layer != "off")
+    from vl2cli.resolve import resolve_options
+    resolved = resolve_options(task, {"question": question, "pages": pages, "fmt": "json"}, read=options,
+                               pages=page_options)
+    the_task, opts, page_opts = resolved.task, resolved.read, resolved.pages
     sources, _ = plan_inputs(expand_inputs(list(paths)), page_opts, strict=True)
     template = the_task.template(opts.prompt_file, reader.family, opts.plain)  # the prompt Reader.read will use
     job = Job(the_task, opts, page_opts, "json", str(reader.loaded.folder), template)

@@ -22,17 +22,10 @@ import typer
 from typer.core import TyperGroup
 
 from vl2cli.errors import UsageError, Vl2Error
-from vl2cli.options import (
-    DEFAULT_ASK_TOKENS,
-    DEFAULT_DPI,
-    DEFAULT_MAX_NEW_TOKENS,
-    DEFAULT_MAX_PIXELS,
-    DEFAULT_ROTATE,
-    PageOptions,
-    ReadOptions,
-)
+from vl2cli.flags import plain_help_types, with_options
 
 if TYPE_CHECKING:
+    from vl2cli.options import PageOptions, ReadOptions
     from vl2cli.pages import Page, Source
     from vl2cli.pipeline import Job, PageItem, StopFlag, Summary
     from vl2cli.reader import Reader
@@ -65,7 +58,7 @@ class Vl2Group(TyperGroup):
     def main(self, args: Any = None, *rest: Any, **kwargs: Any) -> Any:
         words = list(args) if args is not None else sys.argv[1:]
         self.verbose = any(w in ("-v", "--verbose") for w in words)
-        _plain_help_types(self)
+        plain_help_types(self)
         return super().main(args, *rest, **kwargs)
 
     def invoke(self, ctx: Any) -> Any:  # typer's vendored click Context
@@ -86,30 +79,6 @@ class Vl2Group(TyperGroup):
             err(f"vl2: error: {type(exc).__name__}: {str(exc)[:300]}" + ("" if verbose else
                                                                          " (run with -v for the traceback)"))
             raise typer.Exit(1) from None
-
-
-def _plain_help_types(command: Any) -> None:
-    """typer labels every option in --help with its Python type; `<bool>` on a flag (which takes no value) and
-    `<list[str]>` on the inputs read as if a value were expected. Flags and the inputs show no label."""
-    for sub in getattr(command, "commands", {}).values():
-        _plain_help_types(sub)
-    for param in getattr(command, "params", []):
-        if param.param_type_name == "option" and param.metavar is None and getattr(param, "is_flag", False):
-            param.metavar = ""
-        elif param.param_type_name == "option" and param.metavar is None and hasattr(param, "bare_type") \
-                and param.bare_type().startswith("list["):
-            param.metavar = f"<{param.bare_type()[5:-1]}>"  # a repeatable option takes one value each time
-        elif param.param_type_name == "argument" and param.nargs == -1:
-            param.display_type_rich = lambda ctx: ""  # noqa: ARG005 (typer passes ctx=); typer's argument label ignores metavar
-    if hasattr(command, "get_help_option"):
-        make_help_option = command.get_help_option
-
-        def help_option(ctx: Any) -> Any:  # -h is a flag too, made when help is asked for
-            option = make_help_option(ctx)
-            if option is not None and option.metavar is None:
-                option.metavar = ""
-            return option
-        command.get_help_option = help_option
 
 
 def _traceback_if(verbose: bool) -> None:
@@ -143,44 +112,6 @@ def _show_version(value: bool) -> None:
 def _root(version_flag: Annotated[bool, typer.Option("--version", callback=_show_version, is_eager=True,
                                                      help="Print the version and exit.")] = False) -> None:
     """Read documents locally with DeepSeek-VL2: OCR, questions, tables, charts, grounding."""
-
-
-Model = Annotated[str, typer.Option("--model", "-m", help="Checkpoint folder, tiny/small/base, ocr (DeepSeek-OCR), "
-                                                          "or hf:ORG/NAME.")]
-Quant = Annotated[str, typer.Option(help="auto (nf4 on CUDA, none on CPU), nf4, int8 or none.")]
-Device = Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N.")]
-Dtype = Annotated[str, typer.Option(help="auto, float32, bfloat16, float16.")]
-MaxNew = Annotated[int, typer.Option("--max-new-tokens", help="Answer budget per page.")]
-Temp = Annotated[float, typer.Option(help="0 = greedy; the model card advises <= 0.7.")]
-PromptFile = Annotated[str | None, typer.Option("--prompt-file", help="A prompt file to use instead of the task's.")]
-Out = Annotated[Path | None, typer.Option("--out", "-o", help="Write outputs into this folder (resumable).")]
-Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Model details, tracebacks.")]
-Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="Only results and errors.")]
-JsonOut = Annotated[bool, typer.Option("--json", help="Records as one JSON list on stdout (as -f json); with --out, "
-                                                       "the run's summary as JSON.")]
-Pages = Annotated[str | None, typer.Option(help="Pages to read, e.g. 1-3,7,10-.")]
-Dpi = Annotated[int, typer.Option(help="PDF render resolution (see README).")]
-Password = Annotated[str | None, typer.Option(help="Password of encrypted PDFs.")]
-Revision = Annotated[str | None, typer.Option(help="Pin a hub revision (commit or tag).")]
-Offline = Annotated[bool, typer.Option("--offline", help="Never touch the network (also HF_HUB_OFFLINE=1).")]
-BatchSize = Annotated[int | None, typer.Option("--batch-size", help="Pages read together (default: what the GPU's "
-                                                                  "free memory holds; 4 on CPU).")]
-Split = Annotated[str, typer.Option(help="Dense pages: auto, never, or N bands.")]
-TextLayer = Annotated[str, typer.Option("--text-layer", help="Born-digital PDFs: off, hint or only.")]
-MaxPixels = Annotated[int, typer.Option("--max-pixels", help="Refuse pages above this many pixels.")]
-Rotate = Annotated[str, typer.Option("--rotate", help="Turn pages upright before reading: auto (from the PDF text layer, "
-                                                      "else Tesseract), off, or 0/90/180/270 (clockwise, every page).")]
-Redo = Annotated[str, typer.Option("--redo", help="With --out: none (resume), failed or all.")]
-SchemaFile = Annotated[str | None, typer.Option("--schema", help="extract: a JSON Schema file.")]
-Fields = Annotated[str | None, typer.Option("--fields", help='extract: shorthand, e.g. "number, total:number, '
-                                                             'date:date, items:[{name, qty:integer}]".')]
-Per = Annotated[str, typer.Option("--per", help="extract: one object per page, or per document (merged).")]
-NoRepeat = Annotated[bool, typer.Option("--no-repeat-ngrams/--allow-repeat-ngrams",
-                                        help="DeepSeek-OCR: ban a repeated 30-gram within 90 tokens (<td> exempt).")]
-KeepFurniture = Annotated[bool, typer.Option("--keep-furniture", help="ocr: keep page headers, footers and page "
-                                             "numbers in the markdown/text (the record labels them either way).")]
-OcrMode = Annotated[str, typer.Option("--ocr-mode", help="DeepSeek-OCR (--model ocr): tiny, small, base, large or "
-                                                         "gundam (640-pixel tiles + a 1024 view; documents).")]
 
 
 @dataclass(frozen=True)
@@ -618,114 +549,65 @@ def _print_summary(summary: Summary, out: Path, written: list[str]) -> None:
     Console(stderr=True).print(table)
 
 
-def _request(task_name: str, inputs: list[str], text: str | None, fmt: str, *, out: Path | None, model: str,
-             quant: str, device: str, dtype: str, revision: str | None, offline: bool, max_new_tokens: int,
-             temperature: float, prompt_file: str | None, pages: str | None, dpi: int, password: str | None,
-             batch_size: int | None, split: str, text_layer: str, max_pixels: int, schema: str | None = None,
-             fields: str | None = None, per: str = "page", strict: bool | None = None, ocr_mode: str = "gundam",
-             no_repeat: bool = True, rotate: str = DEFAULT_ROTATE, **rest: Any) -> ReadRequest:
+def _request(task_name: str, inputs: list[str], words: dict[str, Any], text: str | None = None,
+             **rest: Any) -> ReadRequest:
+    """A reading command's words (the option table's, by name) as one request, resolved as the server and the
+    library resolve them."""
     from vl2cli.extract import load_schema_file
-    from vl2cli.pipeline import task_options
-    if per not in ("page", "document"):
-        raise UsageError(f"--per {per!r}: expected page or document")
-    task, read, page_opts = task_options(
-        task_name, fmt, text=text, max_new_tokens=max_new_tokens, temperature=temperature, prompt_file=prompt_file,
-        pages=pages, dpi=dpi, password=password, batch_size=batch_size, split=split, text_layer=text_layer,
-        max_pixels=max_pixels, schema=load_schema_file(schema) if schema is not None else None, fields=fields,
-        strict=strict, ocr_mode=ocr_mode, no_repeat=no_repeat, rotate=rotate)
-    return ReadRequest(task, inputs, text, fmt, out,
-                       ModelChoice(model, quant, device, dtype, revision, offline), read, page_opts,
-                       auto_batch=batch_size is None, per_document=per == "document", **rest)
+    from vl2cli.resolve import resolve_options
+    if words["per"] not in ("page", "document"):
+        raise UsageError(f"--per {words['per']!r}: expected page or document")
+    fmt = "json" if words["json_out"] and words["out"] is None else words["fmt"]
+    schema = load_schema_file(words["schema"]) if words["schema"] is not None else None
+    resolved = resolve_options(task_name, {**words, "question": text, "fmt": fmt, "schema": schema})
+    choice = ModelChoice(**{name: words[name] for name in ModelChoice.__dataclass_fields__})
+    return ReadRequest(resolved.task, inputs, text, resolved.fmt, words["out"], choice, resolved.read, resolved.pages,
+                       auto_batch=words["batch_size"] is None, per_document=words["per"] == "document",
+                       redo=words["redo"], verbose=words["verbose"], quiet=words["quiet"],
+                       summary_json=words["json_out"], keep_furniture=words["keep_furniture"], **rest)
 
 
-def _task_command(name: str, help_text: str, needs: str | None = None, default_fmt: str = "markdown") -> None:
-    from vl2cli.tasks import get_task
-    formats = ", ".join(get_task(name).formats)
+def _task_command(name: str, help_text: str, needs: str | None = None) -> None:
+    inputs_help = "PDFs, images, folders, or - for stdin" + (f"; the {needs} comes last." if needs else ".")
 
-    def command(
-        inputs: Annotated[list[str], typer.Argument(help="PDFs, images, folders, or - for stdin.")],
-        model: Model = "tiny", quant: Quant = "auto", device: Device = "auto", dtype: Dtype = "auto",
-        max_new_tokens: MaxNew = DEFAULT_MAX_NEW_TOKENS, temperature: Temp = 0.0, prompt_file: PromptFile = None, out: Out = None,
-        fmt: str = default_fmt,
-        verbose: Verbose = False, quiet: Quiet = False, json_out: JsonOut = False, pages: Pages = None,
-        dpi: Dpi = DEFAULT_DPI, password: Password = None, revision: Revision = None, offline: Offline = False,
-        batch_size: BatchSize = None, split: Split = "auto", text_layer: TextLayer = "off",
-        max_pixels: MaxPixels = DEFAULT_MAX_PIXELS, redo: Redo = "none", schema: SchemaFile = None,
-        fields: Fields = None, per: Per = "page", strict: bool | None = None, ocr_mode: OcrMode = "gundam",
-        no_repeat: NoRepeat = True, rotate: Rotate = DEFAULT_ROTATE, keep_furniture: KeepFurniture = False,
-    ) -> None:
+    def command(inputs: list[str], **words: Any) -> None:
         text = None
         if needs:
             if len(inputs) < 2:
                 raise UsageError(f"{name}: give the input file(s) and then the {needs}")
             *inputs, text = inputs
-        _read(_request(name, inputs, text, "json" if json_out and out is None else fmt, out=out, model=model, quant=quant,
-                       device=device, dtype=dtype, revision=revision, offline=offline, max_new_tokens=max_new_tokens,
-                       temperature=temperature, prompt_file=prompt_file, pages=pages, dpi=dpi, password=password,
-                       batch_size=batch_size, split=split, text_layer=text_layer, max_pixels=max_pixels, redo=redo,
-                       verbose=verbose, quiet=quiet, summary_json=json_out, schema=schema, fields=fields, per=per,
-                       strict=strict, ocr_mode=ocr_mode, no_repeat=no_repeat, rotate=rotate,
-                       keep_furniture=keep_furniture))
+        _read(_request(name, inputs, words, text))
 
     command.__doc__ = help_text
-    command.__annotations__["fmt"] = Annotated[str, typer.Option("--format", "-f", help=f"Output format: {formats}.")]
-    command.__annotations__["strict"] = Annotated[bool | None, typer.Option(
-        "--strict/--no-strict", hidden=name not in ("ground", "table"), show_default=False,
-        help="Constrain answers by a grammar: every box parses (ground, on by default) / a well-formed markdown table "
-             "(table, off by default).")]
-    if name != "ocr":  # furniture is ocr's
-        command.__annotations__["keep_furniture"] = Annotated[bool, typer.Option("--keep-furniture", hidden=True)]
-    if name != "extract":  # the schema options belong to extract alone
-        command.__annotations__.update(
-            schema=Annotated[str | None, typer.Option("--schema", hidden=True)],
-            fields=Annotated[str | None, typer.Option("--fields", hidden=True)],
-            per=Annotated[str, typer.Option("--per", hidden=True)])
-    if needs:  # the query is the last positional word: say so in --help
-        help_words = f"PDFs, images, folders, or - for stdin; the {needs} comes last."
-        command.__annotations__["inputs"] = Annotated[list[str], typer.Argument(help=help_words)]
-    app.command(name)(command)
+    command.__annotations__["inputs"] = Annotated[list[str], typer.Argument(help=inputs_help)]
+    app.command(name)(with_options(name)(command))
 
 
 _task_command("ocr", "Page text as markdown or plain text.\n\nExample: vl2 ocr samples/report.pdf --pages 1-2")
-_task_command("table", "Tables as JSON (or csv/markdown/html).\n\nExample: vl2 table samples/invoice.png -f csv",
-              default_fmt="json")
+_task_command("table", "Tables as JSON (or csv/markdown/html).\n\nExample: vl2 table samples/invoice.png -f csv")
 _task_command("chart", "Chart description plus its data table.\n\nExample: vl2 chart samples/report.pdf --pages 3")
 _task_command("ground", "Boxes of the described object, in pixels and 0-999.\n\n"
               'Example: vl2 ground samples/objects.png "the red circle" --out boxes/', needs="query")
 _task_command("caption", "Grounded caption: every object mentioned, with boxes.\n\n"
               "Example: vl2 caption samples/objects.png --out caps/")
 _task_command("extract", "Fields from a JSON Schema, always valid JSON (constrained decoding).\n\n"
-              'Example: vl2 extract samples/invoice.png --fields "invoice_number, total:number, date:date"',
-              default_fmt="json")
+              'Example: vl2 extract samples/invoice.png --fields "invoice_number, total:number, date:date"')
 
 
 @app.command()
+@with_options("batch")
 def batch(
     inputs: Annotated[list[str], typer.Argument(help="Folders, files or globs.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder (required; resumable).")],
     task: Annotated[str, typer.Option(help="ocr, table, chart, ask, ground, caption or extract.")] = "ocr",
-    question: Annotated[str | None, typer.Option(help="Question (ask) or object (ground).")] = None,
     glob: Annotated[str | None, typer.Option(help="Only files matching this pattern in folders.")] = None,
-    model: Model = "tiny", quant: Quant = "auto", device: Device = "auto", dtype: Dtype = "auto",
-    max_new_tokens: MaxNew = DEFAULT_MAX_NEW_TOKENS, temperature: Temp = 0.0, prompt_file: PromptFile = None,
-    fmt: Annotated[str | None, typer.Option("--format", "-f", help="Output format per page (the task's first "
-                                                                   "by default).")] = None,
-    verbose: Verbose = False, quiet: Quiet = False,
-    json_out: Annotated[bool, typer.Option("--json", help="The run's summary as JSON on stdout.")] = False,
-    pages: Pages = None,
-    dpi: Dpi = DEFAULT_DPI, password: Password = None, revision: Revision = None, offline: Offline = False,
-    batch_size: BatchSize = None, split: Split = "auto", text_layer: TextLayer = "off",
-    max_pixels: MaxPixels = DEFAULT_MAX_PIXELS, redo: Redo = "none", schema: SchemaFile = None, fields: Fields = None,
-    per: Per = "page", ocr_mode: OcrMode = "gundam", no_repeat: NoRepeat = True, rotate: Rotate = DEFAULT_ROTATE,
-    keep_furniture: KeepFurniture = False,
-    strict: Annotated[bool | None, typer.Option("--strict/--no-strict", show_default=False,
-                                                help="Grammar-constrained answers: ground (default on), table "
-                                                     "(default off).")] = None,
+    *,
     ray: Annotated[str | None, typer.Option("--ray", help="Read on Ray Data: local (a Ray instance on this machine), "
                                                           "auto (the cluster this machine is in) or an address.")] = None,
     workers: Annotated[int, typer.Option(help="--ray: model actors (each loads the model once).")] = 2,
     gpus_per_worker: Annotated[float | None, typer.Option(help="--ray: GPUs per actor (default 1 when the cluster "
                                                                "has GPUs, else CPU).")] = None,
+    **words: Any,
 ) -> None:
     """Read every page of many documents into --out; rerun to resume.
 
@@ -733,31 +615,21 @@ def batch(
     """
     from vl2cli.tasks import get_task
     needs = get_task(task).needs_text
-    if needs and not (question or "").strip():
+    if needs and not (words["question"] or "").strip():
         raise UsageError(f"batch --task {task}: give the {needs} with --question \"...\"")
-    _read(_request(task, inputs, question, fmt or get_task(task).formats[0], out=out, model=model, quant=quant,
-                   device=device, dtype=dtype, revision=revision, offline=offline, max_new_tokens=max_new_tokens,
-                   temperature=temperature, prompt_file=prompt_file, pages=pages, dpi=dpi, password=password,
-                   batch_size=batch_size, split=split, text_layer=text_layer, max_pixels=max_pixels, glob=glob,
-                   redo=redo, named_files=False, verbose=verbose, quiet=quiet, summary_json=json_out, schema=schema,
-                   fields=fields, per=per, strict=strict, ocr_mode=ocr_mode, no_repeat=no_repeat, rotate=rotate, ray=ray,
-                   workers=workers, gpus_per_worker=gpus_per_worker, keep_furniture=keep_furniture))
+    _read(_request(task, inputs, {**words, "out": out}, words["question"], glob=glob, named_files=False, ray=ray,
+                   workers=workers, gpus_per_worker=gpus_per_worker))
 
 
 # ---------------------------------------------------------------------- ask
 
 
 @app.command()
+@with_options("ask")
 def ask(
     inputs: Annotated[list[str], typer.Argument(help="Image(s) or PDF page(s), then the question.")],
-    model: Model = "tiny", quant: Quant = "auto", device: Device = "auto", dtype: Dtype = "auto",
-    max_new_tokens: MaxNew = DEFAULT_ASK_TOKENS, temperature: Temp = 0.0, pages: Pages = None, dpi: Dpi = DEFAULT_DPI,
-    password: Password = None, chat: Annotated[bool, typer.Option("--chat", help="Keep asking follow-ups.")] = False,
-    verbose: Verbose = False, quiet: Quiet = False,
-    json_out: Annotated[bool, typer.Option("--json", help="Each answer's record as one JSON line on stdout.")] = False,
-    out: Out = None,
-    revision: Revision = None, offline: Offline = False, max_pixels: MaxPixels = DEFAULT_MAX_PIXELS,
-    ocr_mode: OcrMode = "gundam", rotate: Rotate = DEFAULT_ROTATE,
+    chat: Annotated[bool, typer.Option("--chat", help="Keep asking follow-ups.")] = False,
+    **words: Any,
 ) -> None:
     """Ask a question about one or more images or pages (all go into one prompt).
 
@@ -765,15 +637,17 @@ def ask(
     """
     from vl2cli.pages import expand_inputs, render_pages
     from vl2cli.pipeline import plan_inputs
+    from vl2cli.resolve import resolve_options
     from vl2cli.tasks import get_task
+    verbose, quiet, json_out, out = words["verbose"], words["quiet"], words["json_out"], words["out"]
     _setup_logging(verbose, quiet)
     if len(inputs) < 2:
         raise UsageError("ask: give the input file(s) and then the question")
     *files, question = inputs
     get_task("ask").check_text(question)
     _not_a_file("question", question)
-    opts = ReadOptions(max_new_tokens=max_new_tokens, temperature=temperature, text=question, ocr_mode=ocr_mode)
-    page_opts = PageOptions(pages=pages, dpi=dpi, password=password, max_pixels=max_pixels, rotate=rotate)
+    resolved = resolve_options("ask", {**words, "question": question}, asking=True)
+    opts, page_opts = resolved.read, resolved.pages
     if out is not None:
         from vl2cli.sinks import check_output_folder
         check_output_folder(out)
@@ -784,7 +658,7 @@ def ask(
     for note in notes:
         log.warning("%s", note)
     images = [page.image for source in sources for page in render_pages(source, page_opts)]
-    choice = ModelChoice(model, quant, device, dtype, revision, offline)
+    choice = ModelChoice(**{name: words[name] for name in ModelChoice.__dataclass_fields__})
     with StartingUp():
         reader = choice.load(choice.resolve(), verbose)
     reader.check_mode(opts.ocr_mode)
@@ -845,9 +719,9 @@ LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
 @app.command()
+@with_options("serve")
 def serve(
-    model: Model = "tiny", quant: Quant = "auto", device: Device = "auto", dtype: Dtype = "auto",
-    revision: Revision = None, offline: Offline = False, verbose: Verbose = False,
+    *,
     host: Annotated[str, typer.Option(help="Address to bind; anything but loopback needs --api-key.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port (0: any free port).")] = 8000,
     api_key: Annotated[str | None, typer.Option("--api-key", envvar="VL2_API_KEY", show_envvar=True,
@@ -858,7 +732,6 @@ def serve(
     max_upload_mb: Annotated[int, typer.Option(help="Largest request body or upload, in MB; beyond it, 413.")] = 50,
     max_images: Annotated[int, typer.Option(help="Images per chat request; beyond it, 400.")] = 8,
     max_pages: Annotated[int, typer.Option(help="Pages per document request; beyond it, 413.")] = 200,
-    max_pixels: MaxPixels = DEFAULT_MAX_PIXELS,
     drain_seconds: Annotated[float, typer.Option(help="On Ctrl-C, how long running requests may finish.")] = 30.0,
     log_level: Annotated[str, typer.Option("--log-level", help="debug, info (a line per request: method, path, "
                                                                "status, tokens, seconds), warning or error.")] = "info",
@@ -868,12 +741,14 @@ def serve(
     max_tokens_policy: Annotated[str, typer.Option(
         help="A max_tokens beyond what the context leaves: clamp (lowered to it; finish_reason 'length' if the "
              "answer reaches it) or refuse (OpenAI's 400 context_length_exceeded).")] = "clamp",
+    **words: Any,
 ) -> None:
     """An OpenAI-compatible server (chat completions with images, streaming, JSON schemas), document endpoints,
     metrics and a page to drop files on.
 
     Example: vl2 serve --model tiny --port 8000, then open http://127.0.0.1:8000/
     """
+    verbose, max_pixels = words["verbose"], words["max_pixels"]
     _setup_logging(verbose, False)
     levels = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
     if log_level not in levels:
@@ -905,11 +780,11 @@ def serve(
         except ValueError as exc:
             raise UsageError(str(exc)) from None
         starting.check()
-        choice = ModelChoice(model, quant, device, dtype, revision, offline)
+        choice = ModelChoice(**{name: words[name] for name in ModelChoice.__dataclass_fields__})
         folder = choice.resolve()
         starting.check()
         reader = choice.load(folder, verbose)
-    model_id, aliases = model_names(model, folder)
+    model_id, aliases = model_names(choice.model, folder)
     limits = Limits(max_body_bytes=max_upload_mb * 1024 * 1024, max_image_pixels=max_pixels, max_images=max_images,
                     max_pages=max_pages, max_queue=max_queue, allow_remote_images=allow_remote_images)
     settings = ServeSettings(model_id, aliases, api_key, limits, max_batch, drain_seconds, origins,
@@ -922,17 +797,18 @@ def serve(
 
 
 @app.command()
+@with_options("trace")
 def trace(
     model: Annotated[str, typer.Option("--model", "-m", help="Checkpoint folder (DeepSeek-VL2, DeepSeek-OCR or "
                                                              "DeepSeek-OCR 2).")],
     prompt: Annotated[str, typer.Option(help="User message; <image> marks each image; \\n is a newline.")],
     out: Annotated[str, typer.Option(help="Output prefix: PREFIX.json + PREFIX.npz.")],
     image: Annotated[list[Path] | None, typer.Option("--image", help="Image files, in <image> order.")] = None,
-    max_new_tokens: MaxNew = 16, dtype: Dtype = "float32", device: Device = "cpu",
+    *,
     all_positions: Annotated[bool, typer.Option(help="Store logits at every prompt position.")] = False,
     ocr_mode: Annotated[str | None, typer.Option("--ocr-mode", help="DeepSeek-OCR checkpoints: tiny, small, base, "
                                                                     "large or gundam.")] = None,
-    verbose: Verbose = False,
+    **words: Any,
 ) -> None:
     """Write the parity trace of one prompt (tokens, tiles, logits, greedy ids); also a debugging view.
 
@@ -940,7 +816,8 @@ def trace(
     """
     from vl2cli.engine.config import OCR2Config, OCRConfig, load_any_config
     from vl2cli.engine.hub import resolve_model
-    _setup_logging(verbose, False)
+    max_new_tokens, dtype, device = words["max_new_tokens"], words["dtype"], words["device"]
+    _setup_logging(words["verbose"], False)
     text = prompt.replace("\\n", "\n")
     cfg = load_any_config(resolve_model(model))
     if isinstance(cfg, OCRConfig | OCR2Config):
@@ -1008,15 +885,16 @@ def models(ctx: typer.Context,
 
 
 @models_app.command("download")
+@with_options("models download")
 def models_download(name: Annotated[str, typer.Argument(help="tiny, small, base, ocr (DeepSeek-OCR) or a hub id "
                                                                                 "(ORG/NAME).")],
-                    revision: Revision = None) -> None:
+                    **words: Any) -> None:
     """Download a variant into the Hugging Face cache (safetensors and configs only).
 
     Example: vl2 models download small
     """
     from vl2cli.engine.hub import resolve_model
-    typer.echo(str(resolve_model(name, revision=revision, offline=False, explicit=True)))
+    typer.echo(str(resolve_model(name, revision=words["revision"], offline=False, explicit=True)))
 
 
 def main() -> None:

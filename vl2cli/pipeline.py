@@ -20,20 +20,10 @@ from functools import cached_property, partial
 from typing import TYPE_CHECKING, Any, Protocol
 
 from vl2cli.errors import InputError, UsageError
-from vl2cli.extract import schema_from_fields, schema_grammar
-from vl2cli.options import (
-    DEFAULT_BATCH_SIZE,
-    DEFAULT_DPI,
-    DEFAULT_MAX_NEW_TOKENS,
-    DEFAULT_MAX_PIXELS,
-    DEFAULT_ROTATE,
-    PageOptions,
-    ReadOptions,
-)
+from vl2cli.options import PageOptions, ReadOptions
 from vl2cli.orient import osd_available
 from vl2cli.pages import Inputs, Page, Source, plan_source, render_pages
 from vl2cli.results import PageResult, failed_page
-from vl2cli.tasks import get_task
 
 if TYPE_CHECKING:
     from vl2cli.reader import Reader
@@ -142,35 +132,6 @@ class StopFlag:
 
 
 Progress = Callable[[int, int, int], None]  # (pages finished this run, pages to do this run, tokens generated)
-
-
-def task_options(task_name: str, fmt: str = "json", *, text: str | None = None,
-                 max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, temperature: float = 0.0, prompt_file: str | None = None,
-                 pages: str | None = None, dpi: int = DEFAULT_DPI, password: str | None = None,
-                 batch_size: int | None = None, split: str = "auto", text_layer: str = "off",
-                 max_pixels: int = DEFAULT_MAX_PIXELS, schema: dict[str, Any] | None = None, fields: str | None = None,
-                 strict: bool | None = None, ocr_mode: str = "gundam", no_repeat: bool = True,
-                 rotate: str = DEFAULT_ROTATE) -> tuple[Task, ReadOptions, PageOptions]:
-    """A reading job's task and options from the CLI's words (the server's document endpoint takes the same);
-    every check, the extraction schema's compilation included, happens here, before any model loads."""
-    task = get_task(task_name)
-    schema_json = None
-    if task_name == "extract":
-        if (schema is None) == (fields is None):
-            raise UsageError("extract: give either --schema FILE or --fields SPEC")
-        raw = schema if schema is not None else schema_from_fields(fields or "")
-        schema_json = json.dumps(raw, separators=(",", ":"), ensure_ascii=False)  # the user's field order is kept
-        schema_grammar(schema_json, max_new_tokens)
-    strict = task.strict_by_default if strict is None else strict
-    if strict:
-        task.check_strict(max_new_tokens)  # a budget too short for a strict answer is a usage error, now
-    read = ReadOptions(max_new_tokens=max_new_tokens, temperature=temperature, text=text, prompt_file=prompt_file,
-                       split=split, text_layer=text_layer,  # type: ignore[arg-type]
-                       batch_size=DEFAULT_BATCH_SIZE if batch_size is None else batch_size, schema_json=schema_json,
-                       strict=strict, ocr_mode=ocr_mode, plain=fmt == "text", no_repeat=no_repeat)
-    page_opts = PageOptions(pages=pages, dpi=dpi, password=password, max_pixels=max_pixels,
-                            text_layer=text_layer != "off", rotate=rotate)
-    return task, read, page_opts
 
 
 def plan_inputs(inputs: Inputs, opts: PageOptions, strict: bool) -> tuple[list[Source], list[str]]:

@@ -28,7 +28,7 @@ from vl2cli.engine.processor import EOS_TEXT, Message, Prepared, UserText
 from vl2cli.engine.scheduler import EngineLoop, Failure, LocalBatch, LoopBatch, Request
 from vl2cli.errors import OutOfMemory, PageFailed, UsageError
 from vl2cli.extract import describe_json
-from vl2cli.options import DEFAULT_BATCH_SIZE, LOOP_RETRY_TEMPERATURES, ReadOptions
+from vl2cli.options import DEFAULT_BATCH_SIZE, LOOP_RETRY_TEMPERATURES, SAMPLING_TOP_P, ReadOptions
 from vl2cli.orient import fields_as_given
 from vl2cli.parsers import find_loop, trim_loop
 from vl2cli.results import AskResult, PageResult, Split, failed_page
@@ -297,7 +297,7 @@ class Reader:
             if part.params is None:
                 part.params = request.params
             params, i = part.params, part.retries
-            retry = SamplingParams(params.max_new_tokens, LOOP_RETRY_TEMPERATURES[i], 0.9,
+            retry = SamplingParams(params.max_new_tokens, LOOP_RETRY_TEMPERATURES[i], SAMPLING_TOP_P,
                                    max(params.repetition_penalty, 1.05), (params.seed or 0) + i + 1, params.no_repeat)
             part.retries += 1
             return replace_request(request, retry)

@@ -33,6 +33,7 @@ from starlette.staticfiles import StaticFiles
 from vl2cli.engine.scheduler import Closed, EngineLoop, QueueFull
 from vl2cli.engine.scheduler import Request as EngineRequest
 from vl2cli.errors import UsageError
+from vl2cli.options import FORM_FIELDS
 from vl2cli.reader import AnswerText
 from vl2cli.serve.chat import (
     ApiError,
@@ -76,8 +77,7 @@ FORMAT_MEDIA_TYPES = {"markdown": "text/markdown; charset=utf-8", "text": "text/
                       "jsonl": "application/x-ndjson"}
 DOCUMENT_TASKS = ("ocr", "ask", "table", "chart", "ground", "caption", "extract")
 MAX_TOKENS_POLICIES = ("clamp", "refuse")
-DOCUMENT_FIELDS = {"pages", "dpi", "question", "schema", "fields", "split", "text_layer", "max_tokens",
-                   "temperature", "strict", "password", "ocr_mode", "format", "rotate"}
+DOCUMENT_FIELDS = set(FORM_FIELDS)  # the option table's form fields (vl2cli/options.py)
 
 
 @dataclass
@@ -546,35 +546,39 @@ class _DocumentJob:
 
 
 def _document_options(server: Server, task: str, words: dict[str, str]) -> tuple[Any, Any, Any]:
-    """The form's words as the CLI's options (the same defaults and checks); ApiError(400) says which is wrong."""
-    from vl2cli.pipeline import task_options
+    """The form's words as the CLI's options (the option table's fields, the same defaults and checks, through
+    the same resolver); ApiError(400) says which is wrong."""
+    from vl2cli.resolve import resolve_options
     fmt = _format_and_pages(task, words)
-    given: dict[str, Any] = {"text": words.get("question"), "pages": words.get("pages"),
-                             "password": words.get("password"), "fields": words.get("fields")}
-    for word, option in (("dpi", "dpi"), ("max_tokens", "max_new_tokens")):
-        if word in words:
-            given[option] = _int_word(words, word)
-    for word in ("split", "text_layer", "ocr_mode", "rotate"):
-        if word in words:
-            given[word] = words[word]
-    if "strict" in words:
-        given["strict"] = words["strict"].lower() in ("1", "true", "yes", "on")
+    given: dict[str, Any] = {"fmt": fmt}
     try:
-        if "temperature" in words:
-            given["temperature"] = float(words["temperature"])
-        if "schema" in words:
-            given["schema"] = json.loads(words["schema"])
-        options = task_options(task, fmt, max_pixels=server.settings.limits.max_image_pixels,
-                               batch_size=server.settings.max_batch, **given)
-        server.reader.check_mode(options[1].ocr_mode)
+        for word, value in words.items():
+            option = FORM_FIELDS[word]
+            given[option.name] = _form_value(word, value, option.type)
+        resolved = resolve_options(task, {**given, "max_pixels": server.settings.limits.max_image_pixels,
+                                          "batch_size": server.settings.max_batch})
+        server.reader.check_mode(resolved.read.ocr_mode)
     except RecursionError:
         raise ApiError(400, "the schema or fields are nested too deeply") from None
     except (UsageError, ValueError) as exc:
         raise ApiError(400, str(exc)) from None
-    if task in ("ask", "ground") and not options[1].text:
+    if task in ("ask", "ground") and not resolved.read.text:
         raise ApiError(400, f"{task}: give the {'question' if task == 'ask' else 'object to find'} as 'question'",
                        param="question")
-    return options
+    return resolved.task, resolved.read, resolved.pages
+
+
+def _form_value(word: str, value: str, kind: Any) -> Any:
+    """A form field's text as its option's type (a ValueError says why not)."""
+    if kind is int:
+        if not value.strip().lstrip("-").isdigit():
+            raise ApiError(400, f"{word} {value!r}: expected a whole number", param=word)
+        return int(value)
+    if kind is float:
+        return float(value)
+    if kind == bool | None:
+        return value.lower() in ("1", "true", "yes", "on")
+    return value
 
 
 def _format_and_pages(task: str, words: dict[str, str]) -> str:
@@ -632,13 +636,6 @@ def _plan_document(server: Server, task: str, name: str, data: bytes, words: dic
 def _named(path: str, name: str) -> Any:
     from vl2cli.pages import Inputs
     return Inputs([path], {path: name})
-
-
-def _int_word(words: dict[str, str], key: str) -> int:
-    value = words[key]
-    if not value.strip().lstrip("-").isdigit():
-        raise ApiError(400, f"{key} {value!r}: expected a whole number", param=key)
-    return int(value)
 
 
 class _DocumentRun(_Handover):
