@@ -14,10 +14,10 @@ from typing import Any
 import torch
 from rotation import bench_rotation
 from soak import bench_detokenize, bench_soak
+from testkit import random_model, read_pages, run_to_idle, submit
 
 from vl2cli.engine.cache import KVCache
 from vl2cli.engine.config import preset_config
-from vl2cli.engine.loading import random_model
 
 
 def _decode_step_seconds(model, batch: int, context: int, steps: int) -> float:
@@ -121,11 +121,12 @@ def bench_pages(smoke: bool) -> dict:
     import tempfile
     from pathlib import Path
 
+    from testkit import text_pdf
+
     import vl2cli
     from vl2cli import PageOptions, ReadOptions
     from vl2cli.engine.processor import tile_image
     from vl2cli.pages import Inputs, plan_source, render_pages
-    from vl2cli.pdfwrite import text_pdf
     from vl2cli.pipeline import Job, plan_inputs, read_documents
     from vl2cli.sinks import FolderSink
     from vl2cli.tasks import get_task
@@ -165,7 +166,7 @@ def bench_pages(smoke: bool) -> dict:
             torch.set_num_threads(n_threads)
             start = time.perf_counter()
             for i in range(0, n, opts.batch_size):
-                reader.read(task, pages[i:i + opts.batch_size], opts)
+                read_pages(reader, task, pages[i:i + opts.batch_size], opts)
             model_s = time.perf_counter() - start
             start = time.perf_counter()
             sources, _ = plan_inputs(Inputs([pdf]), page_opts, strict=True)
@@ -432,7 +433,7 @@ def bench_ocr(smoke: bool) -> dict:
     del vl2
     gc.collect()
     ocr_cfg = OCRConfig(language=tiny.language)
-    ocr = random_model(ocr_cfg, dtype=torch.bfloat16)  # type: ignore[arg-type]
+    ocr = random_model(ocr_cfg, dtype=torch.bfloat16)
 
     def page_prefill(model, views: OcrViews, n: int) -> dict:
         ids = [0] + [1] * n + list(range(2, 18))  # bos, the image, a 16-token prompt
@@ -446,7 +447,7 @@ def bench_ocr(smoke: bool) -> dict:
     del ocr
     gc.collect()
     ocr2_cfg = OCR2Config(language=tiny.language)
-    ocr2 = random_model(ocr2_cfg, dtype=torch.bfloat16)  # type: ignore[arg-type]
+    ocr2 = random_model(ocr2_cfg, dtype=torch.bfloat16)
     views = ocr2_views(page, ocr2_cfg)
     tiles = 0 if views.local_pixels is None else len(views.local_pixels)
     rows["ocr2"] = {**page_prefill(ocr2, views, ocr2_token_count(ocr2_cfg, tiles)),
@@ -506,8 +507,8 @@ def bench_continuous(smoke: bool) -> dict:
     def continuous() -> None:
         scheduler = Scheduler(engine, max_batch=batch)
         for p, length in zip(prompts, lengths):
-            scheduler.submit(p, SamplingParams(max_new_tokens=length))
-        scheduler.run()
+            submit(scheduler, p, SamplingParams(max_new_tokens=length))
+        run_to_idle(scheduler)
 
     t = _best_of({name: counted(name, run) for name, run in
                   {"padded": padded, "static": static, "continuous": continuous}.items()}, 1)

@@ -22,10 +22,10 @@ from pathlib import Path
 
 import torch
 from PIL import Image, ImageDraw
+from testkit import random_model
 
 from vl2cli.engine.config import preset_config
 from vl2cli.engine.generation import Engine, SamplingParams
-from vl2cli.engine.loading import random_model
 from vl2cli.engine.processor import Prepared, image_token_count, tile_image
 from vl2cli.engine.scheduler import generate
 from vl2cli.options import DEFAULT_DPI

@@ -160,9 +160,9 @@ def calibration(rows: list[dict]) -> list[dict]:
 def _text_layer_seconds(pages: int = 20) -> dict:
     """The text layer's vote on a dense born-digital page (60 lines drawn sideways), per page, with the render beside it."""
     import pypdfium2 as pdfium
+    from testkit import text_pdf
 
     from vl2cli.orient import text_layer_rotation
-    from vl2cli.pdfwrite import text_pdf
     rng = random.Random(SEED)
     lines = [sentence(rng, 12) for _ in range(40)]
     doc = pdfium.PdfDocument(text_pdf("", pages=pages, lines=lines, size=10, angle=90))
@@ -191,10 +191,10 @@ def _read_seconds() -> dict:
     random bf16 weights): a lower bound of a page's read time on this machine."""
     import torch
     from gpucheck import page_prompt
+    from testkit import random_model
 
     from vl2cli.engine.config import preset_config
     from vl2cli.engine.generation import Engine
-    from vl2cli.engine.loading import random_model
     cfg = preset_config("tiny", num_hidden_layers=2)
     model = random_model(cfg, dtype=torch.bfloat16)
     prompt = page_prompt(cfg)

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import torch
+from testkit import submit
 
 CKPT = Path(__file__).resolve().parent.parent / "tests" / "data" / "parity" / "ckpt" / "tiny"
 
@@ -49,7 +50,7 @@ def bench_soak(smoke: bool) -> dict:
                for i in range(50)]
     scheduler = Scheduler(engine, max_batch=batch, max_queue=n)
     for _ in range(n):
-        scheduler.submit(prompts[rng.randrange(len(prompts))], SamplingParams(max_new_tokens=rng.randrange(1, 80)))
+        submit(scheduler, prompts[rng.randrange(len(prompts))], SamplingParams(max_new_tokens=rng.randrange(1, 80)))
     full_steps: list[float] = []
     capacities: list[int] = []
     ended = 0

@@ -7,11 +7,10 @@ scan.png       the invoice as a slightly rotated, blurred grey scan
 objects.png    shapes to ground: a red circle, a blue square, a green triangle
 """
 
+from datetime import datetime, timezone
 from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
-
-from vl2cli.pdfwrite import text_pdf
 
 HERE = Path(__file__).parent
 W, H = 1224, 1584  # US letter at 144 DPI
@@ -90,6 +89,19 @@ def objects() -> Image.Image:
     return img
 
 
+def letter_pdf(lines: list[str], size: int = 14) -> bytes:
+    """A born-digital letter page (fpdf2, from the test extra): Helvetica lines a margin in from the top left."""
+    from fpdf import FPDF
+
+    pdf = FPDF(unit="pt", format="letter")
+    pdf.set_creation_date(datetime(2026, 1, 1, tzinfo=timezone.utc))  # fpdf2 writes the date: fixed, so is the file
+    pdf.set_font("Helvetica", size=size)
+    pdf.add_page()
+    for n, line in enumerate(lines):
+        pdf.text(72, 52 + n * size * 1.2, line)  # baselines 1.2 font sizes apart
+    return bytes(pdf.output())
+
+
 def scanned() -> Image.Image:
     page = invoice().convert("L").rotate(1.5, fillcolor=255, expand=True).filter(ImageFilter.GaussianBlur(0.8))
     return page.convert("RGB")
@@ -98,8 +110,8 @@ def scanned() -> Image.Image:
 if __name__ == "__main__":
     first, *rest = [text_page(), table_page(), chart_page()]
     first.save(HERE / "report.pdf", save_all=True, append_images=rest, resolution=144)
-    (HERE / "letter.pdf").write_bytes(text_pdf("", lines=["Dear archivist,", "", "the 1932 ledgers are scanned.",
-                                                          "Kind regards, The Records Office"], size=14))
+    (HERE / "letter.pdf").write_bytes(letter_pdf(["Dear archivist,", "", "the 1932 ledgers are scanned.",
+                                                  "Kind regards, The Records Office"]))
     invoice().save(HERE / "invoice.png")
     objects().save(HERE / "objects.png")
     scanned().save(HERE / "scan.png")

@@ -9,11 +9,12 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
+from testkit import random_model
 from typer.testing import CliRunner
 
 from vl2cli.cli import app
 from vl2cli.engine.config import load_config
-from vl2cli.engine.loading import model_to_checkpoint_name, random_model
+from vl2cli.engine.loading import model_to_checkpoint_name
 from vl2cli.errors import InputError
 from vl2cli.options import PageOptions
 from vl2cli.pages import Page, plan_source, render_pages

@@ -6,11 +6,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from testkit import text_pdf
+
 from tests.helpers import assert_valid_record, vl2
 from vl2cli.document import document_text, join_page_breaks, settle_furniture
 from vl2cli.layout import find_furniture, markdown_blocks, normalize_math
 from vl2cli.parsers import parse_tables, table_to_csv, table_to_html
-from vl2cli.pdfwrite import text_pdf
 from vl2cli.results import PageResult
 from vl2cli.tasks import get_task
 

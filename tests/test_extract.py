@@ -71,6 +71,8 @@ def _extract(tmp_path: Path, model: str, name: str, schema: dict, *extra: str, t
 
 def _read_in_room(reader, schema: dict, budget: int, room: int, temperature: float = 0.0) -> dict:
     """One extraction of the small test page with `room` tokens of context left after its prompt."""
+    from testkit import read_pages
+
     from vl2cli.options import ReadOptions
     from vl2cli.pages import Page
     from vl2cli.tasks import get_task
@@ -82,7 +84,7 @@ def _read_in_room(reader, schema: dict, budget: int, room: int, temperature: flo
     saved = language["max_position_embeddings"]
     language["max_position_embeddings"] = len(prompt.input_ids) + room
     try:
-        [result] = reader.read(task, [Page("p.png", 1, image)], opts)
+        [result] = read_pages(reader, task, [Page("p.png", 1, image)], opts)
     finally:
         language["max_position_embeddings"] = saved
     return result.to_json()
@@ -238,7 +240,7 @@ def test_greedy_under_a_grammar_equals_greedy_without_one_when_allowed(loaded_ti
 
 
 def test_per_document_merging_csv_and_batch_resume(tmp_path):
-    from vl2cli.pdfwrite import text_pdf
+    from testkit import text_pdf
     (tmp_path / "in").mkdir()
     (tmp_path / "in" / "two.pdf").write_bytes(text_pdf("Invoice", pages=2))
     Image.open(PAGE_IMG).save(tmp_path / "in" / "one.png")

@@ -7,6 +7,7 @@ import json
 
 import pytest
 from PIL import Image
+from testkit import text_pdf
 from typer.testing import CliRunner
 
 from tests.helpers import CKPT, file_pages
@@ -14,7 +15,6 @@ from vl2cli.cli import app
 from vl2cli.errors import UsageError
 from vl2cli.options import PageOptions
 from vl2cli.pages import expand_inputs, normalise_image, parse_page_ranges
-from vl2cli.pdfwrite import text_pdf
 
 TINY = str(CKPT / "tiny")
 

@@ -178,6 +178,7 @@ def test_two_concurrent_requests_in_different_modes_each_read_as_alone(ocr_ckpt,
     from concurrent.futures import ThreadPoolExecutor
 
     import httpx
+    from testkit import read_pages
 
     from tests.helpers import running_server
     from vl2cli.engine.loading import load_model
@@ -189,7 +190,7 @@ def test_two_concurrent_requests_in_different_modes_each_read_as_alone(ocr_ckpt,
     task, page = get_task("ocr"), Page("p.png", 1, page_image)
 
     def read(mode: str) -> tuple[int, str]:
-        result = reader.read(task, [page], ReadOptions(max_new_tokens=3, split="never", ocr_mode=mode))[0]
+        result = read_pages(reader, task, [page], ReadOptions(max_new_tokens=3, split="never", ocr_mode=mode))[0]
         return result.prompt_tokens, result.answer or ""
     alone = {mode: read(mode) for mode in ("gundam", "tiny")}
     assert alone["gundam"][0] > 800 > 100 > alone["tiny"][0]  # 903 and 83 tokens: the modes really differ

@@ -98,10 +98,10 @@ def test_band_split_covers_page_and_merge_drops_overlap():
 
 def test_density_estimate_tells_dense_print_from_photos_and_forms():
     from PIL import Image
+    from testkit import text_pdf
 
     from tests.helpers import file_pages
     from vl2cli.bands import looks_dense
-    from vl2cli.pdfwrite import text_pdf
     words = "The committee reviewed the quarterly figures and noted that revenue in the north rose".split()
     lines = [" ".join(words[(i * 3) % 10:] + words[:(i * 3) % 10]) for i in range(55)]
     import tempfile

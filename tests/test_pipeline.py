@@ -187,7 +187,7 @@ def test_two_concurrent_batches_lose_nothing_and_read_no_page_twice(tmp_path):
 
 
 def test_stdout_gets_page_separators_and_json_is_one_list(tmp_path):
-    from vl2cli.pdfwrite import text_pdf
+    from testkit import text_pdf
     pdf = tmp_path / "d.pdf"
     pdf.write_bytes(text_pdf("x", pages=2))
     md = vl2("ocr", str(pdf), "--split", "never", tokens=2)
@@ -198,7 +198,7 @@ def test_stdout_gets_page_separators_and_json_is_one_list(tmp_path):
 
 
 def test_pages_past_the_end(tmp_path):
-    from vl2cli.pdfwrite import text_pdf
+    from testkit import text_pdf
     pdf = tmp_path / "d.pdf"
     pdf.write_bytes(text_pdf("x", pages=3))
     past = vl2("ocr", str(pdf), "--pages", "5", model="/nonexistent")

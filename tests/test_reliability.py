@@ -14,13 +14,12 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
+from testkit import encrypted_pdf, read_pages, text_pdf
 from typer.testing import CliRunner
 
 from tests.helpers import CKPT, IMG, PARITY
-from tests.pdf_crypto import encrypted_pdf
 from vl2cli.cli import app
 from vl2cli.pages import display_path
-from vl2cli.pdfwrite import text_pdf
 
 TINY = str(CKPT / "tiny")
 CORPUS_STATS = {"files tried": 0, "handled cleanly": 0, "outputs lost": 0}
@@ -84,7 +83,7 @@ def make_corpus(folder: Path) -> dict[str, str]:
     cases["flat.png"] = "ok"
     Image.new("RGB", (2, 20000), "white").save(folder / "strip.png")  # once a 2.6-gigapixel density estimate
     cases["strip.png"] = "ok"
-    (folder / "flat.pdf").write_bytes(_pdf_with_mediabox(14400, 1))
+    (folder / "flat.pdf").write_bytes(text_pdf("x", page_size=(14400, 1)))
     cases["flat.pdf"] = "ok"  # 28800 x 2 px at 144 DPI: read, never a crash
     from PIL import PngImagePlugin
     info = PngImagePlugin.PngInfo()
@@ -92,11 +91,6 @@ def make_corpus(folder: Path) -> dict[str, str]:
     good.save(folder / "textchunk.png", pnginfo=info)
     cases["textchunk.png"] = "not a readable image"
     return cases
-
-
-def _pdf_with_mediabox(width_pt: int, height_pt: int) -> bytes:
-    pdf = text_pdf("x")
-    return pdf.replace(b"/MediaBox [0 0 612 792]", f"/MediaBox [0 0 {width_pt} {height_pt}]".encode())
 
 
 def test_bad_inputs_never_crash_the_batch(tmp_path):
@@ -138,9 +132,10 @@ def test_bad_inputs_never_crash_the_batch(tmp_path):
     assert lost == 0
 
 
-def test_encrypted_pdf_needs_the_right_password(tmp_path):
+@pytest.mark.parametrize("revision", [2, 6])  # RC4 (older PDFs), AES-256 (what current tools write)
+def test_encrypted_pdf_needs_the_right_password(tmp_path, revision):
     pdf = tmp_path / "locked.pdf"
-    pdf.write_bytes(encrypted_pdf("Secret invoice 99", "s3cret"))
+    pdf.write_bytes(encrypted_pdf("Secret invoice 99", "s3cret", revision=revision))
     base = ["ocr", str(pdf), "--model", TINY, "--text-layer", "only", "--json"]
     missing = CliRunner().invoke(app, base)
     assert missing.exit_code == 1 and "locked.pdf: the PDF is encrypted; pass --password" in missing.stderr
@@ -255,7 +250,7 @@ def test_runaway_loop_is_stopped_retried_and_flagged(reader, page_image, monkeyp
     monkeypatch.setattr(scheduler.LocalBatch, "add", spy)
     import time
     started = time.perf_counter()
-    result = reader.read(get_task("ocr"), [Page("p.png", 1, page_image)], ReadOptions(max_new_tokens=400,
+    result = read_pages(reader, get_task("ocr"), [Page("p.png", 1, page_image)], ReadOptions(max_new_tokens=400,
                                                                                       split="never"))[0]
     wall = time.perf_counter() - started
     assert result.generated_tokens < 120  # stopped early, not at the 400-token budget
@@ -288,11 +283,11 @@ def test_out_of_memory_halves_batch_then_chunks_then_fails_one_page(reader, page
     seen = []
     _oom_in_moe(monkeypatch, lambda x: seen.append((x.shape[0], reader.engine.prefill_chunk)) or x.shape[0] > 1)
     pages = [Page("a.png", i, page_image) for i in range(1, 5)]
-    results = reader.read(get_task("ocr"), pages, ReadOptions(max_new_tokens=2, split="never", batch_size=4))
+    results = read_pages(reader, get_task("ocr"), pages, ReadOptions(max_new_tokens=2, split="never", batch_size=4))
     assert all(r.ok for r in results)
     assert seen[0] == (4, None) and (2, None) in seen and (1, None) in seen
     _oom_in_moe(monkeypatch, lambda x: True)
-    results = reader.read(get_task("ocr"), pages[:2], ReadOptions(max_new_tokens=2, split="never"))
+    results = read_pages(reader, get_task("ocr"), pages[:2], ReadOptions(max_new_tokens=2, split="never"))
     assert [r.status for r in results] == ["failed", "failed"]
     assert "out of memory even at batch 1 with chunked prefill" in (results[0].error or "")
 
@@ -319,7 +314,7 @@ def test_out_of_memory_frees_the_failed_attempt_before_retrying(reader, page_ima
     monkeypatch.setattr(cache_module.KVCache, "__init__", tracking_init)
     _oom_in_moe(monkeypatch, lambda x: x.shape[0] == 4)
     pages = [Page("a.png", i, page_image) for i in range(1, 5)]
-    results = reader.read(get_task("ocr"), pages, ReadOptions(max_new_tokens=2, split="never", batch_size=4))
+    results = read_pages(reader, get_task("ocr"), pages, ReadOptions(max_new_tokens=2, split="never", batch_size=4))
     assert all(r.ok for r in results) and caches and alive_at_retry
     assert alive_at_retry == [0] * len(alive_at_retry)
 
@@ -340,7 +335,7 @@ def test_any_error_while_generating_fails_only_its_page(reader, page_image, monk
     monkeypatch.setattr(vision.VisionTower, "forward", forward)
     pages = [Page("a.png", 1, page_image), Page("b.png", 1, Image.new("RGB", (400, 300), (1, 2, 3))),
              Page("c.png", 1, page_image)]
-    results = reader.read(get_task("ocr"), pages, ReadOptions(max_new_tokens=2, split="never", batch_size=3))
+    results = read_pages(reader, get_task("ocr"), pages, ReadOptions(max_new_tokens=2, split="never", batch_size=3))
     assert [r.status for r in results] == ["ok", "failed", "ok"]
     assert "a bug only this page triggers" in (results[1].error or "")
 

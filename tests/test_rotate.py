@@ -100,7 +100,7 @@ def test_a_page_without_text_is_read_as_given(tesseract, tmp_path):
 
 @pytest.mark.parametrize("angle,page_rotate", [(0, 0), (90, 0), (180, 0), (270, 0), (0, 90), (90, 90), (270, 180)])
 def test_born_digital_text_drawn_turned_is_detected_from_its_text_layer(monkeypatch, tmp_path, angle, page_rotate):
-    from vl2cli.pdfwrite import text_pdf
+    from testkit import text_pdf
     monkeypatch.setattr(orient, "run_osd", lambda *a, **k: pytest.fail("OSD ran on a page with a text layer"))
     pdf = tmp_path / "turned.pdf"
     pdf.write_bytes(text_pdf("", lines=[" ".join(WORDS[i:i + 8]) for i in range(0, 64, 4)], size=14, angle=angle,
@@ -114,7 +114,7 @@ def test_born_digital_text_drawn_turned_is_detected_from_its_text_layer(monkeypa
 
 
 def test_a_thin_text_layer_leaves_the_decision_to_osd(monkeypatch, tmp_path):
-    from vl2cli.pdfwrite import text_pdf
+    from testkit import text_pdf
     asked = []
     monkeypatch.setattr(orient, "run_osd", lambda image, *a: asked.append(image.size))
     pdf = tmp_path / "label.pdf"

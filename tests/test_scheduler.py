@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 from PIL import Image
+from testkit import read_pages, run_to_idle, submit
 
 from tests.helpers import IMG
 
@@ -29,7 +30,7 @@ def test_greedy_tokens_equal_one_at_a_time_while_requests_join_and_leave(engine_
     budgets = [5, 17, 9, 30, 3, 12, 21]
     alone = [generate(engine, [p], SamplingParams(max_new_tokens=b))[0].ids for p, b in zip(prompts, budgets)]
     scheduler = Scheduler(engine, max_batch=3)
-    requests = [scheduler.submit(p, SamplingParams(max_new_tokens=b)) for p, b in zip(prompts, budgets)]
+    requests = [submit(scheduler, p, SamplingParams(max_new_tokens=b)) for p, b in zip(prompts, budgets)]
     sizes = []
     while not scheduler.idle:
         scheduler.step()
@@ -50,13 +51,13 @@ def test_rows_keep_their_own_sampling_grammar_and_budget(engine_and_prompts, loa
                                                                                 "maximum": 99}},
                                        "required": ["n"], "additionalProperties": False})
     alone = Scheduler(engine, max_batch=1)
-    reference = alone.submit(prompts[0], sampled)
-    alone.run()
+    reference = submit(alone, prompts[0], sampled)
+    run_to_idle(alone)
     crowded = Scheduler(engine, max_batch=4)
-    same = crowded.submit(prompts[0], sampled)
-    constrained = crowded.submit(prompts[1], SamplingParams(max_new_tokens=40), grammar=schema)
-    greedy = crowded.submit(prompts[2], SamplingParams(max_new_tokens=6))
-    crowded.run()
+    same = submit(crowded, prompts[0], sampled)
+    constrained = submit(crowded, prompts[1], SamplingParams(max_new_tokens=40), grammar=schema)
+    greedy = submit(crowded, prompts[2], SamplingParams(max_new_tokens=6))
+    run_to_idle(crowded)
     assert same.result.ids == reference.result.ids  # its own generator: batch-mates change nothing
     text = loaded_tiny.processor.tokenizer.decode(constrained.result.ids[:-1])  # the end token closes it
     assert constrained.result.finish_reason == "stop" and json.loads(text)["n"] in range(100)
@@ -68,9 +69,9 @@ def test_cancel_frees_the_row_and_the_queue_is_bounded(engine_and_prompts):
     from vl2cli.engine.scheduler import QueueFull, Scheduler
     engine, prompts = engine_and_prompts
     scheduler = Scheduler(engine, max_batch=2, max_queue=3)
-    first = scheduler.submit(prompts[0], SamplingParams(max_new_tokens=50))
-    second = scheduler.submit(prompts[1], SamplingParams(max_new_tokens=50))
-    third = scheduler.submit(prompts[2], SamplingParams(max_new_tokens=4))
+    first = submit(scheduler, prompts[0], SamplingParams(max_new_tokens=50))
+    second = submit(scheduler, prompts[1], SamplingParams(max_new_tokens=50))
+    third = submit(scheduler, prompts[2], SamplingParams(max_new_tokens=4))
     scheduler.step()
     assert scheduler.running == [first, second]
     scheduler.cancel(first)
@@ -79,10 +80,10 @@ def test_cancel_frees_the_row_and_the_queue_is_bounded(engine_and_prompts):
     scheduler.step()
     assert third in scheduler.running and len(scheduler.running) == 2
     for p in prompts[:3]:
-        scheduler.submit(p, SamplingParams(max_new_tokens=2))
+        submit(scheduler, p, SamplingParams(max_new_tokens=2))
     with pytest.raises(QueueFull):
-        scheduler.submit(prompts[0], SamplingParams(max_new_tokens=2))
-    scheduler.run()
+        submit(scheduler, prompts[0], SamplingParams(max_new_tokens=2))
+    run_to_idle(scheduler)
     assert second.done and third.result.finish_reason == "length"
 
 
@@ -115,15 +116,15 @@ def test_a_long_prefill_is_chunked_between_the_running_rows_decode_steps(engine_
     engine.prefill_chunk = 32
     try:
         scheduler = Scheduler(engine, max_batch=2)
-        running = scheduler.submit(prompts[0], SamplingParams(max_new_tokens=12))
+        running = submit(scheduler, prompts[0], SamplingParams(max_new_tokens=12))
         scheduler.step()  # the short prompt fits one chunk: it is decoding after this step
-        joining = scheduler.submit(long_prompt, SamplingParams(max_new_tokens=12))
+        joining = submit(scheduler, long_prompt, SamplingParams(max_new_tokens=12))
         tokens_during_prefill = []
         while not joining.result.ids:
             before = len(running.result.ids)
             scheduler.step()
             tokens_during_prefill.append(len(running.result.ids) - before)
-        scheduler.run()
+        run_to_idle(scheduler)
     finally:
         engine.prefill_chunk = None
     chunks = -(-len(long_prompt.input_ids) // 32)
@@ -150,7 +151,7 @@ def test_the_slot_cache_never_grows_over_hundreds_of_requests_joining_and_leavin
     requests = []
     for _ in range(240):
         which = rng.randrange(len(prompts))
-        request = scheduler.submit(prompts[which], SamplingParams(max_new_tokens=rng.randrange(1, longest + 1)))
+        request = submit(scheduler, prompts[which], SamplingParams(max_new_tokens=rng.randrange(1, longest + 1)))
         request.prefill_chunk = rng.choice([None, 3, 8])
         requests.append((which, request))
     cache, sizes = None, set()
@@ -322,7 +323,7 @@ def test_a_looping_page_is_re_read_in_the_running_batch_while_the_others_go_on(r
     assert looped_at < other_at <= 40 and max(sizes) == 2 and sizes.count(2) >= 4 * 3
     monkeypatch.setattr(type(reader), "_page_request", real_request)
     sizes.clear()
-    banded = reader.read(get_task("ocr"), [Page("a.png", 1, page_image)], ReadOptions(max_new_tokens=5, split="3",
+    banded = read_pages(reader, get_task("ocr"), [Page("a.png", 1, page_image)], ReadOptions(max_new_tokens=5, split="3",
                                                                                        batch_size=4))[0]
     assert banded.split.bands == 3 and sizes == [3] * 4  # the three bands decoded side by side (5 tokens: 1 + 4 steps)
 

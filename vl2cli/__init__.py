@@ -65,7 +65,7 @@ def read(reader: Reader, paths: list[str], task: str = "ocr", question: str | No
                                pages=page_options)
     the_task, opts, page_opts = resolved.task, resolved.read, resolved.pages
     sources, _ = plan_inputs(expand_inputs(list(paths)), page_opts, strict=True)
-    template = the_task.template(opts.prompt_file, reader.family, opts.plain)  # the prompt Reader.read will use
+    template = the_task.template(opts.prompt_file, reader.family, opts.plain)  # the prompt the reader will use
     job = Job(the_task, opts, page_opts, "json", str(reader.loaded.folder), template)
     sink = ListSink()
     read_documents(reader, job, sources, sink)

@@ -327,15 +327,6 @@ class Reader:
         return self.loaded.processor.prepare_prompt(task.prompt(1, template, opts.text, hint, schema), [image],
                                                     mode=opts.ocr_mode)
 
-    def read(self, task: Task, pages: Sequence[Page], opts: ReadOptions,
-             on_generated: Callable[[int], None] | None = None) -> list[PageResult]:
-        """One result per page, in order. A page that fails gets status 'failed' and its reason; the others go on.
-
-        `on_generated(i)` is called as page i's answer is complete (progress that advances per page).
-        """
-        done = dict(self.read_stream(task, enumerate(pages), opts, on_generated or (lambda _i: None)))
-        return [done[i] for i in range(len(pages))]
-
     def read_stream(self, task: Task, pages: Iterable[tuple[K, Page]], opts: ReadOptions,
                     on_generated: Callable[[K], None] = lambda _key: None,
                     cancelled: Callable[[], bool] = lambda: False) -> Iterator[tuple[K, PageResult]]:

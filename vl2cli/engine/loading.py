@@ -91,7 +91,7 @@ def shard_files(folder: Path) -> list[Path]:
     raise CheckpointError(f"{folder}: no .safetensors weights found")
 
 
-def _place(model: nn.Module, name: str, tensor: torch.Tensor, quantized_modules: set[str], device: torch.device,
+def place_tensor(model: nn.Module, name: str, tensor: torch.Tensor, quantized_modules: set[str], device: torch.device,
            dtype: torch.dtype) -> None:
     """Put one tensor into the model: quantized for a swapped layer's weight, else cast and moved."""
     module_name, _, attr = name.rpartition(".")
@@ -126,7 +126,7 @@ def load_weights(model: nn.Module, folder: Path, device: torch.device, dtype: to
                                           f"config implies {list(expected[name])}")
                 if name in loaded:
                     raise CheckpointError(f"{shard.name}: tensor {ck_name} appears twice")
-                _place(model, name, f.get_tensor(ck_name), quantized_modules, device, dtype)
+                place_tensor(model, name, f.get_tensor(ck_name), quantized_modules, device, dtype)
                 loaded.add(name)
     missing = sorted(set(expected) - loaded)
     if missing:
@@ -238,19 +238,3 @@ def load_model(spec: str | Path = "tiny", device: str | None = None, dtype: str 
         processor = Processor(tokenizer, cfg)
     return LoadedModel(model, processor, cfg, folder, dev, torch_dtype, mode, time.perf_counter() - started)
 
-
-def random_model(cfg: VL2Config, device: str = "cpu", dtype: torch.dtype = torch.float32, quant: str = "none",
-                 seed: int = 0, std: float = 0.02) -> DeepseekVL2:
-    """A model of this config with random weights (benchmarks and tests: same speed and memory as real weights)."""
-    dev = torch.device(device)
-    model, swapped = build_model(cfg, dtype, quant)
-    gen = torch.Generator(device=dev).manual_seed(seed)
-    for name, p in list(model.named_parameters()):
-        if name.endswith(".bias"):
-            t = torch.zeros(p.shape, device=dev)
-        elif p.dim() == 1 and "norm" in name:
-            t = torch.ones(p.shape, device=dev)
-        else:
-            t = torch.randn(p.shape, generator=gen, device=dev) * std
-        _place(model, name, t, swapped, dev, dtype)
-    return model

@@ -115,14 +115,6 @@ class Scheduler:
         self.ids = itertools.count(1)
         self.peak_used = 0  # the most cache positions live at once
 
-    def submit(self, prompt: Prepared, params: SamplingParams, budget: int | None = None,
-               grammar: Grammar | None = None, stop_rule: StopRule | None = None,
-               on_token: Callable[[int], None] | None = None) -> Request:
-        budget = params.max_new_tokens if budget is None else budget
-        request = Request(prompt, params, budget, grammar, stop_rule, on_token)
-        self.add(request)
-        return request
-
     def add(self, request: Request, first: bool = False) -> None:
         """Queue a request (`first`: at the head, bypassing the bound: one that a failed step put back)."""
         if len(self.waiting) >= self.max_queue and not first:
@@ -167,10 +159,6 @@ class Scheduler:
             self.peak_used = max(self.peak_used, self.used)  # before the rows that end free their slots
             ended += self._advance(self.running, logits)
         return ended
-
-    def run(self) -> None:
-        while not self.idle:
-            self.step()
 
     def abandon(self) -> list[Request]:
         """After a failed step: empty the cache's slots, drop the prefill, and hand back the requests in flight."""
