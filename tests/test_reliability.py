@@ -340,6 +340,27 @@ def test_any_error_while_generating_fails_only_its_page(reader, page_image, monk
     assert "a bug only this page triggers" in (results[1].error or "")
 
 
+def test_where_a_page_failed_is_shown_with_v_and_only_then(monkeypatch):
+    """The record says "run with -v for details": -v shows the traceback of the engine step that raised, on
+    stderr; without it the one-line error is all."""
+    from tests.helpers import vl2
+    from vl2cli.engine import vision
+
+    def forward(self, pixels):
+        raise ValueError("a bug in the vision tower")
+    monkeypatch.setattr(vision.VisionTower, "forward", forward)
+    for verbose in (False, True):
+        result = vl2("ocr", IMG, "--split", "never", "--json", *(["-v"] if verbose else []), tokens=2)
+        assert result.exit_code == 1, result.output
+        [record] = json.loads(result.stdout)
+        assert record["status"] == "failed" and "run with -v for details" in record["error"]
+        assert "ValueError: a bug in the vision tower" in result.stderr
+        where = [line for line in result.stderr.splitlines() if line.strip().startswith('File "')]
+        assert ("Traceback (most recent call last)" in result.stderr) is verbose
+        assert any("test_reliability.py" in line and "in forward" in line for line in where) is verbose
+        assert "Traceback" not in json.dumps(record)  # the record keeps its documented one-line error
+
+
 def test_output_names_never_escape_out():
     from vl2cli.sinks import safe_name
     for source in ["../../etc/passwd", "/abs/../x.pdf", "a/../../b.png", "..", "con:\x00.png"]:

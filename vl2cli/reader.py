@@ -256,7 +256,7 @@ class Reader:
                             on_token=None if on_token is None else functools.partial(on_token, row))
                     for row, (p, budget) in enumerate(zip(prompts, budgets))]
         self._run(requests)
-        return [r.result if r.failure is None else _page_failure(r.failure) for r in requests]
+        return [r.result if r.failure is None else _page_failure(r.failure, "the question") for r in requests]
 
     def _budgets(self, prompts: list[Prepared], wanted: int) -> list[int]:
         """Each prompt's answer budget: what the user asked for, or what the context leaves (0: no room)."""
@@ -289,7 +289,8 @@ class Reader:
             part.began = request.admitted_at or request.ended_at
         part.seconds = max(0.0, request.ended_at - part.began)
         if request.failure is not None:
-            return _page_failure(request.failure)
+            page = request.tag[0].page
+            return _page_failure(request.failure, f"{page.source} page {page.number}")
         gen = request.result
         if gen.finish_reason == "cancelled":  # the server is draining: like a signal, the page is read again
             gen.finish_reason = "interrupted"
@@ -523,7 +524,11 @@ class Reader:
                          len(prepared.input_ids), len(gen.ids), time.perf_counter() - start)
 
 
-def _page_failure(failure: Failure) -> PageFailed:
+def _page_failure(failure: Failure, what: str) -> PageFailed:
+    """The failure a request ended with, as its page's (or question's) error; where it was raised goes to the
+    debug log (what -v shows), not into the record."""
+    if failure.traceback:
+        log.debug("%s failed while generating:\n%s", what, failure.traceback.rstrip())
     if failure.oom:
         return OutOfMemory("out of memory even at batch 1 with chunked prefill")
     return PageFailed(f"internal error while generating ({failure.message}); run with -v for details")

@@ -21,6 +21,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from traceback import format_exc
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -55,11 +56,13 @@ class Closed(RuntimeError):
 
 @dataclass(frozen=True)
 class Failure:
-    """Why a request failed: its kind and message, never the exception (whose traceback frames would keep the failed
-    step's KV cache and activations alive through the retry)."""
+    """Why a request failed: its kind, its message and where it was raised (the formatted traceback, for -v), never
+    the exception itself (whose traceback frames would keep the failed step's KV cache and activations alive
+    through the retry)."""
 
     oom: bool
     message: str
+    traceback: str = ""  # empty where nothing was raised (a request refused before it ran)
 
 
 @dataclass(eq=False)
@@ -365,7 +368,7 @@ class Runner:
         try:
             ended = self.scheduler.step()
         except Exception as exc:  # KeyboardInterrupt is not caught: it ends the run
-            failure = Failure(is_oom(exc), f"{type(exc).__name__}: {str(exc)[:200]}")
+            failure = Failure(is_oom(exc), f"{type(exc).__name__}: {str(exc)[:200]}", format_exc())
         if failure is not None:
             return self._after(failure)
         if self.retrying:
@@ -557,7 +560,8 @@ class EngineLoop:
         except BaseException as exc:  # not an Exception (those are handled per step): tell every caller, then end
             self.stopped = f"{type(exc).__name__}: {str(exc)[:200]}"
             log.error("the engine thread stops: %s", self.stopped)
-            self._tell(self._fail_everything(Failure(False, f"the engine thread stopped ({self.stopped})")))
+            self._tell(self._fail_everything(Failure(False, f"the engine thread stopped ({self.stopped})",
+                                                     format_exc())))
 
     def _loop(self) -> None:
         while True:
@@ -583,7 +587,8 @@ class EngineLoop:
                 ended = self.runner.step()
             except Exception as exc:  # the ladder itself failed: fail what it holds, never the thread
                 log.exception("an engine step failed outside the failure ladder")
-                ended = self._fail_everything(Failure(is_oom(exc), f"{type(exc).__name__}: {str(exc)[:200]}"))
+                ended = self._fail_everything(Failure(is_oom(exc), f"{type(exc).__name__}: {str(exc)[:200]}",
+                                                      format_exc()))
             self.last_step = time.monotonic()
             if decoding:
                 self.stats.step_seconds += time.perf_counter() - started
