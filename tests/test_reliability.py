@@ -340,15 +340,19 @@ def test_any_error_while_generating_fails_only_its_page(reader, page_image, monk
     assert "a bug only this page triggers" in (results[1].error or "")
 
 
-def test_where_a_page_failed_is_shown_with_v_and_only_then(monkeypatch):
-    """The record says "run with -v for details": -v shows the traceback of the engine step that raised, on
-    stderr; without it the one-line error is all."""
+@pytest.mark.parametrize("where", ["engine step", "prompt"])
+def test_where_a_page_failed_is_shown_with_v_and_only_then(monkeypatch, where):
+    """The record says "run with -v for details": -v shows the traceback of what raised (the engine step, or the
+    page's prompt before any step), on stderr; without it the one-line error is all."""
     from tests.helpers import vl2
-    from vl2cli.engine import vision
+    from vl2cli.engine import processor, vision
 
-    def forward(self, pixels):
+    def forward(self, *args, **kwargs):
         raise ValueError("a bug in the vision tower")
-    monkeypatch.setattr(vision.VisionTower, "forward", forward)
+    if where == "engine step":
+        monkeypatch.setattr(vision.VisionTower, "forward", forward)
+    else:
+        monkeypatch.setattr(processor.Processor, "prepare_prompt", forward)
     for verbose in (False, True):
         result = vl2("ocr", IMG, "--split", "never", "--json", *(["-v"] if verbose else []), tokens=2)
         assert result.exit_code == 1, result.output

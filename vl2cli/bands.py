@@ -9,6 +9,9 @@ from __future__ import annotations
 from PIL import Image
 
 DENSE_TEXT_CHARS = 2500  # a text layer this long will not fit the answer budget in one pass
+# The bands --split auto reads a page in (a dense page, or one whose answer the context cut): each band's answer is
+# about a third of the page's, so a page holding up to three answers' worth of text (the ~2,000 tokens the 4,096-token
+# context leaves after a tiled image) is read whole.
 AUTO_BANDS = 3
 MIN_BAND_HEIGHT = 64  # px: a thinner band holds no line of text worth a model call
 BAND_OVERLAP = 0.08  # of the page height, shared by neighbouring bands

@@ -13,12 +13,13 @@ import logging
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
+from traceback import format_exception
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 from tokenizers.decoders import DecodeStream
 
-from vl2cli.bands import merge_band_texts, planned_bands, split_bands
+from vl2cli.bands import AUTO_BANDS, merge_band_texts, planned_bands, split_bands
 from vl2cli.engine.generation import Engine, Generation, NoRepeatNgram, SamplingParams
 from vl2cli.engine.grammar import Grammar, grammar_tokenizer
 from vl2cli.engine.memory import batch_for_free
@@ -43,6 +44,12 @@ if TYPE_CHECKING:
     from vl2cli.tasks import Task
 
 NGRAM_SIZE, NGRAM_WINDOW = 30, 90  # DeepSeek-OCR's own scripts (vLLM example, run_dpsk_ocr_image.py)
+# A loop's re-read penalises repeated tokens at least this much: enough, with the higher temperature, to leave the
+# loop; mild enough that a page's own repeats (table rows, figures, headings) are still written.
+LOOP_RETRY_REPETITION_PENALTY = 1.05
+# An unexpected exception's text in a page's one-line error (the record's "error", a line on stderr); the whole
+# traceback goes to the debug log, which -v shows.
+ERROR_DETAIL_CHARS = 160
 log = logging.getLogger("vl2cli")
 K = TypeVar("K")
 
@@ -299,7 +306,8 @@ class Reader:
                 part.params = request.params
             params, i = part.params, part.retries
             retry = SamplingParams(params.max_new_tokens, LOOP_RETRY_TEMPERATURES[i], SAMPLING_TOP_P,
-                                   max(params.repetition_penalty, 1.05), (params.seed or 0) + i + 1, params.no_repeat)
+                                   max(params.repetition_penalty, LOOP_RETRY_REPETITION_PENALTY),
+                                   (params.seed or 0) + i + 1, params.no_repeat)
             part.retries += 1
             return replace_request(request, retry)
         temperature = LOOP_RETRY_TEMPERATURES[part.retries - 1] if part.retries else None
@@ -388,7 +396,7 @@ class Reader:
             requests = [self._request(task, self._prompt(task, template, band, opts, None), opts, params)
                         for band in bands]
         except Exception as exc:
-            return failed_page(page.source, page.number, task.name, _describe(exc), opts.text)
+            return failed_page(page.source, page.number, task.name, _describe(exc, page), opts.text)
         failed = next((r for r in requests if isinstance(r, PageFailed)), None)
         if failed is not None:
             return failed_page(page.source, page.number, task.name, str(failed), opts.text)
@@ -417,7 +425,7 @@ class Reader:
         part.answer = outcome
         if plan.split is None and isinstance(outcome, _Answer) and outcome.finish_reason == "context" \
                 and task.splittable and opts.split == "auto":  # the context cut it: read it in bands
-            unreadable = self._start_bands(batch, task, template, plan, opts, params, 3, "budget")
+            unreadable = self._start_bands(batch, task, template, plan, opts, params, AUTO_BANDS, "budget")
             plan.started -= outcome.seconds  # the whole-page read the context cut counts in the page's seconds
             return None if unreadable is None else (plan.key, unreadable)
         if any(p.answer is None for p in plan.parts):
@@ -454,7 +462,7 @@ class Reader:
             request = self._request(task, self._prompt(task, template, page.tiling or page.image, opts, hint), opts,
                                     params)
         except Exception as exc:  # a page that cannot even be prompted fails alone
-            return failed_page(page.source, page.number, task.name, _describe(exc), opts.text)
+            return failed_page(page.source, page.number, task.name, _describe(exc, page), opts.text)
         if isinstance(request, PageFailed):
             return failed_page(page.source, page.number, task.name, str(request), opts.text)
         return request
@@ -534,7 +542,11 @@ def _page_failure(failure: Failure, what: str) -> PageFailed:
     return PageFailed(f"internal error while generating ({failure.message}); run with -v for details")
 
 
-def _describe(exc: BaseException) -> str:
+def _describe(exc: BaseException, page: Page) -> str:
+    """A page's error from an exception raised before its request ran; an unexpected one's traceback goes to the
+    debug log (what -v shows), not into the record."""
     if isinstance(exc, PageFailed | UsageError):
         return str(exc)
-    return f"internal error ({type(exc).__name__}: {str(exc)[:160]}); run with -v for details"
+    log.debug("%s page %d failed before generating:\n%s", page.source, page.number,
+              "".join(format_exception(exc)).rstrip())
+    return f"internal error ({type(exc).__name__}: {str(exc)[:ERROR_DETAIL_CHARS]}); run with -v for details"

@@ -33,6 +33,10 @@ from vl2cli.parsers import (
 from vl2cli.results import PageResult
 
 MAX_PROMPT_FILE_BYTES = 64 * 1024
+# The most of a page's text layer a --text-layer hint puts in the prompt: 4,000 characters are on the order of 1,000
+# tokens, so beside a tiled page's image (up to ~2,100 tokens) the answer keeps about a quarter of the 4,096-token
+# context. A longer text layer marks a dense page, which --split auto reads in bands, with no hint.
+TEXT_LAYER_HINT_CHARS = 4000
 IMAGE_MARK = "<image>"
 FORMAT_EXTENSIONS = {"markdown": ".md", "text": ".txt", "json": ".json", "jsonl": ".jsonl", "csv": ".csv",
                      "html": ".html", "docling": ".docling.json"}
@@ -128,7 +132,7 @@ class Task:
         parts = [image_marks(n_images), *fill(template, text, schema)]
         if hint:
             from vl2cli.engine.processor import UserText
-            parts += ["\nThe page's embedded text layer, for reference:\n", UserText(hint[:4000])]
+            parts += ["\nThe page's embedded text layer, for reference:\n", UserText(hint[:TEXT_LAYER_HINT_CHARS])]
         return parts
 
     def parse(self, answer: str, size: tuple[int, int], text: str | None) -> tuple[dict[str, Any], tuple[str, ...]]:

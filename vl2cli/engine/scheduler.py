@@ -37,6 +37,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("vl2cli")
 OOM_PREFILL_CHUNK = 256  # tokens per prefill step once a batch of one no longer fits
+FAILURE_MESSAGE_CHARS = 200  # an exception's text kept in a Failure's message: one line; its traceback keeps the rest
 OOM_MESSAGES = ("out of memory", "CUBLAS_STATUS_ALLOC_FAILED", "CUDNN_STATUS_ALLOC_FAILED",
                 "CUDNN_STATUS_NOT_ENOUGH_WORKSPACE")
 
@@ -368,7 +369,7 @@ class Runner:
         try:
             ended = self.scheduler.step()
         except Exception as exc:  # KeyboardInterrupt is not caught: it ends the run
-            failure = Failure(is_oom(exc), f"{type(exc).__name__}: {str(exc)[:200]}", format_exc())
+            failure = Failure(is_oom(exc), f"{type(exc).__name__}: {str(exc)[:FAILURE_MESSAGE_CHARS]}", format_exc())
         if failure is not None:
             return self._after(failure)
         if self.retrying:
@@ -558,7 +559,7 @@ class EngineLoop:
         try:
             self._loop()
         except BaseException as exc:  # not an Exception (those are handled per step): tell every caller, then end
-            self.stopped = f"{type(exc).__name__}: {str(exc)[:200]}"
+            self.stopped = f"{type(exc).__name__}: {str(exc)[:FAILURE_MESSAGE_CHARS]}"
             log.error("the engine thread stops: %s", self.stopped)
             self._tell(self._fail_everything(Failure(False, f"the engine thread stopped ({self.stopped})",
                                                      format_exc())))
@@ -587,8 +588,8 @@ class EngineLoop:
                 ended = self.runner.step()
             except Exception as exc:  # the ladder itself failed: fail what it holds, never the thread
                 log.exception("an engine step failed outside the failure ladder")
-                ended = self._fail_everything(Failure(is_oom(exc), f"{type(exc).__name__}: {str(exc)[:200]}",
-                                                      format_exc()))
+                message = f"{type(exc).__name__}: {str(exc)[:FAILURE_MESSAGE_CHARS]}"
+                ended = self._fail_everything(Failure(is_oom(exc), message, format_exc()))
             self.last_step = time.monotonic()
             if decoding:
                 self.stats.step_seconds += time.perf_counter() - started

@@ -45,6 +45,10 @@ from vl2cli.serve.protocol import (
 )
 
 _SPECIAL = re.compile("(" + "|".join(re.escape(t) for t in GROUNDING_TOKENS) + ")")
+# The budget a json_schema is first compiled at when the request sets no max_tokens, so a schema that cannot compile
+# is refused before any work: the models' 4,096-token context, the most any answer could have. The request's own
+# grammar is compiled again at its real budget (the room its prompt leaves) once the prompt is tokenized.
+SCHEMA_CHECK_BUDGET = 4096
 
 
 @dataclass(frozen=True)
@@ -176,7 +180,7 @@ def _constraint(request: ChatRequest, call: ChatCall) -> None:
             if not isinstance(schema, dict):
                 raise ApiError(400, f"{name}: expected a JSON Schema object", param=name)
             call.schema_json = json.dumps(schema, separators=(",", ":"), ensure_ascii=False)
-            call.grammar_for(call.max_tokens or 4096)  # a schema that cannot compile is refused now, not per token
+            call.grammar_for(call.max_tokens or SCHEMA_CHECK_BUDGET)  # a schema that cannot compile is refused now
         elif kind == "regex":
             call.grammar = Grammar.from_regex(value)
         elif kind == "choice":
