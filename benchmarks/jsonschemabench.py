@@ -66,7 +66,9 @@ def valid(schema: dict, data: object) -> bool:
 
 
 def run(smoke: bool = False) -> list[dict]:
-    from vl2cli.engine.grammar import GrammarError, grammar_tokenizer, random_walk
+    from testkit import random_walk
+
+    from vl2cli.engine.grammar import GrammarError, grammar_tokenizer
     from vl2cli.extract import schema_grammar, settle
     rows = [json.loads(line) for line in gzip.decompress(SAMPLE.read_bytes()).decode().splitlines()]
     if smoke:

@@ -1,7 +1,7 @@
 """What the tests and the benchmarks both build on, kept out of the package because production never calls it:
-models with random weights at any config's real shapes, PDFs with a real text layer (fpdf2), and the synchronous
-ways of driving the scheduler and the reader (production runs the engine loop, or streams pages through
-`Reader.read_stream`).
+models with random weights at any config's real shapes, random answers a grammar admits (no model needed), PDFs with
+a real text layer (fpdf2) or a password (pikepdf), and the synchronous ways of driving the scheduler and the reader
+(production runs the engine loop, or streams pages through `Reader.read_stream`).
 
 It lives here rather than in tests/ because the benchmarks run as scripts from this folder (`python
 benchmarks/run.py`, `benchmarks/gpu_check.sh` on a bare GPU machine) and must not import the test suite; pytest puts
@@ -18,13 +18,17 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
+from vl2cli.engine.grammar import Grammar, GrammarError
 from vl2cli.engine.loading import build_model, place_tensor
 from vl2cli.engine.scheduler import Request
 
 if TYPE_CHECKING:
+    import random
+
+    import llguidance
+
     from vl2cli.engine.config import OCR2Config, OCRConfig, VL2Config
     from vl2cli.engine.generation import SamplingParams
-    from vl2cli.engine.grammar import Grammar
     from vl2cli.engine.processor import Prepared
     from vl2cli.engine.scheduler import Scheduler
     from vl2cli.options import ReadOptions
@@ -75,6 +79,51 @@ def read_pages(reader: Reader, task: Task, pages: Sequence[Page], opts: ReadOpti
     """One result per page, in the pages' order (the reader hands them out as each ends)."""
     done = dict(reader.read_stream(task, enumerate(pages), opts))
     return [done[i] for i in range(len(pages))]
+
+
+# ------------------------------------------------------------------ grammars without a model
+
+
+def random_walk(grammar: Grammar, tokenizer: llguidance.LLTokenizer, rng: random.Random, max_tokens: int,
+                terse: float = 0.0) -> tuple[list[int], bool]:
+    """A random answer the grammar admits, without a model: each step takes a token the grammar allows, uniformly
+    (what random weights amount to); with probability `terse`, the end token or a token that closes a value when
+    one is allowed (a model that answers briefly). The ids, and whether the answer ended within `max_tokens`."""
+    import llguidance
+    import numpy as np
+    matcher = llguidance.LLMatcher(tokenizer, grammar.compiled, log_level=0)
+    eos = tokenizer.eos_token
+    closing = _closing_tokens(tokenizer)
+    ids: list[int] = []
+    while len(ids) < max_tokens:
+        bits = np.unpackbits(np.frombuffer(matcher.compute_bitmask(), dtype=np.uint8), bitorder="little")
+        allowed = np.flatnonzero(bits[: tokenizer.vocab_size])
+        if not len(allowed):
+            raise GrammarError(f"the grammar allows no token after {len(ids)}: {matcher.get_error()[:200]}")
+        pick = allowed
+        if terse and rng.random() < terse:
+            ending = allowed[np.isin(allowed, [eos])] if eos in allowed else allowed[closing[allowed]]
+            pick = ending if len(ending) else allowed
+        token = int(pick[rng.randrange(len(pick))])
+        if token == eos:
+            return ids, True
+        if not matcher.consume_token(token):
+            raise GrammarError(f"the grammar rejected token {token} it allowed: {matcher.get_error()[:200]}")
+        ids.append(token)
+    return ids, False
+
+
+_CLOSING: dict[int, Any] = {}
+
+
+def _closing_tokens(tokenizer: llguidance.LLTokenizer) -> Any:
+    """Per token id: whether its bytes end a JSON value (a quote, a closing bracket or brace)."""
+    import numpy as np
+    key = id(tokenizer)
+    if key not in _CLOSING:
+        _CLOSING[key] = np.array([any(c in tokenizer.decode_bytes([i]) for c in b'"]}')
+                                  for i in range(tokenizer.vocab_size)])
+    return _CLOSING[key]
 
 
 # ------------------------------------------------------------------ PDFs

@@ -560,8 +560,9 @@ def test_everything_the_grammar_admits_validates_against_the_original_schema(tin
     import random
 
     from hypothesis import HealthCheck, given, settings
+    from testkit import random_walk
 
-    from vl2cli.engine.grammar import GrammarError, random_walk
+    from vl2cli.engine.grammar import GrammarError
     from vl2cli.extract import schema_grammar
 
     @settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)

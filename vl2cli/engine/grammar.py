@@ -9,7 +9,6 @@ would pick unconstrained whenever that choice is allowed.
 from __future__ import annotations
 
 import json
-import random
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 
@@ -137,45 +136,3 @@ def grammar_tokenizer(tokenizer_json: str, vocab_size: int, eos_id: int) -> llgu
     """llguidance's view of the checkpoint's tokenizer (built once per model: ~1 s for a 129k vocabulary)."""
     import llguidance
     return llguidance.LLTokenizer(tokenizer_json, n_vocab=vocab_size, eos_token=eos_id)
-
-
-def random_walk(grammar: Grammar, tokenizer: llguidance.LLTokenizer, rng: random.Random, max_tokens: int,
-                terse: float = 0.0) -> tuple[list[int], bool]:
-    """A random answer the grammar admits, without a model: each step takes a token the grammar allows, uniformly
-    (what random weights amount to); with probability `terse`, the end token or a token that closes a value when
-    one is allowed (a model that answers briefly). The ids, and whether the answer ended within `max_tokens`."""
-    import llguidance
-    import numpy as np
-    matcher = llguidance.LLMatcher(tokenizer, grammar.compiled, log_level=0)
-    eos = tokenizer.eos_token
-    closing = _closing_tokens(tokenizer)
-    ids: list[int] = []
-    while len(ids) < max_tokens:
-        bits = np.unpackbits(np.frombuffer(matcher.compute_bitmask(), dtype=np.uint8), bitorder="little")
-        allowed = np.flatnonzero(bits[: tokenizer.vocab_size])
-        if not len(allowed):
-            raise GrammarError(f"the grammar allows no token after {len(ids)}: {matcher.get_error()[:200]}")
-        pick = allowed
-        if terse and rng.random() < terse:
-            ending = allowed[np.isin(allowed, [eos])] if eos in allowed else allowed[closing[allowed]]
-            pick = ending if len(ending) else allowed
-        token = int(pick[rng.randrange(len(pick))])
-        if token == eos:
-            return ids, True
-        if not matcher.consume_token(token):
-            raise GrammarError(f"the grammar rejected token {token} it allowed: {matcher.get_error()[:200]}")
-        ids.append(token)
-    return ids, False
-
-
-_CLOSING: dict[int, Any] = {}
-
-
-def _closing_tokens(tokenizer: llguidance.LLTokenizer) -> Any:
-    """Per token id: whether its bytes end a JSON value (a quote, a closing bracket or brace)."""
-    import numpy as np
-    key = id(tokenizer)
-    if key not in _CLOSING:
-        _CLOSING[key] = np.array([any(c in tokenizer.decode_bytes([i]) for c in b'"]}')
-                                  for i in range(tokenizer.vocab_size)])
-    return _CLOSING[key]
