@@ -1,4 +1,8 @@
-"""Regenerate the sample documents: `python samples/make_samples.py` (deterministic).
+"""Regenerate the sample documents: `python samples/make_samples.py` (Pillow, and fpdf2 from the test extra).
+
+Deterministic in what a reader sees: the same images, pages and text layer each run. The PDFs' bytes may differ from
+the committed ones (Pillow stamps the date into report.pdf; letter.pdf was first written by hand, and fpdf2's file
+renders the same pixels with the same text layer).
 
 report.pdf     three scanned-style pages: text, a table, a bar chart (no text layer)
 letter.pdf     a born-digital page with a text layer (try --text-layer hint|only)
