@@ -54,10 +54,44 @@ def test_ground_record_says_what_was_asked_and_validates():
         assert "no_boxes" in record["flags"] and "no boxes" in result.stderr
 
 
+# A table as the model writes it (random weights never do): a comma, an ampersand, an escaped pipe and a "<" in
+# its cells, so each format's quoting and escaping shows.
+TABLE_ANSWER = ("Sales by region:\n\n| Region | Sales, 2024 | Note |\n|---|:--:|---|\n"
+                "| North & East | 10 | a \\| b |\n| South | 7 | x < y |\n")
+TABLE = {"columns": ["Region", "Sales, 2024", "Note"], "rows": [["North & East", "10", "a | b"], ["South", "7", "x < y"]]}
+TABLE_OUTPUTS = {
+    "csv": 'Region,"Sales, 2024",Note\nNorth & East,10,a | b\nSouth,7,x < y\n',
+    "markdown": "| Region | Sales, 2024 | Note |\n| --- | --- | --- |\n| North & East | 10 | a \\| b |\n| South | 7 | x < y |\n",
+    "html": "<table><thead><tr><th>Region</th><th>Sales, 2024</th><th>Note</th></tr></thead><tbody><tr><td>North &amp; "
+            "East</td><td>10</td><td>a | b</td></tr><tr><td>South</td><td>7</td><td>x &lt; y</td></tr></tbody></table>\n",
+}
+
+
+@pytest.fixture
+def model_writes_a_table(monkeypatch):
+    """Every answer the reader finishes reads TABLE_ANSWER (the model still runs: tokens, flags and the record are
+    its own)."""
+    from vl2cli.reader import Reader
+    finish = Reader._finish
+
+    def with_table(self, *args, **kwargs):
+        answer = finish(self, *args, **kwargs)
+        answer.text = TABLE_ANSWER
+        return answer
+    monkeypatch.setattr(Reader, "_finish", with_table)
+
+
 @pytest.mark.parametrize("fmt", ["json", "csv", "markdown", "html"])
-def test_table_formats(fmt):
+def test_table_formats(fmt, model_writes_a_table):
     result = vl2("table", IMG, "--format", fmt)
     assert result.exit_code == 0, result.output
+    if fmt == "json":
+        [record] = json.loads(result.stdout)
+        assert_valid_record(record)
+        assert record["tables"] == [TABLE]
+        assert record["answer"] == TABLE_ANSWER and "no_table" not in record["flags"]
+    else:  # (stdout's csv ends with a blank line, the served document's does not: the comparison leaves it out)
+        assert result.stdout.rstrip("\n") == TABLE_OUTPUTS[fmt].rstrip("\n")
 
 
 def test_table_csv_with_no_table_writes_no_empty_csv(tmp_path):
