@@ -203,12 +203,48 @@ def test_documents_give_the_same_records_as_the_cli(served):
     _error_shape(_post(url, "/v1/documents/translate", files={"file": ("n.png", open(IMG, "rb"))}), 404)
 
 
-def test_metrics_are_prometheus_text(served):
-    text = httpx.get(served[0] + "/metrics").text
-    for name in ("vl2_requests_total", "vl2_prompt_tokens_total", "vl2_generated_tokens_total", "vl2_queue_depth",
-                 "vl2_running_batch_size", "vl2_time_per_output_token_seconds"):
-        assert f"# TYPE {name} " in text and any(line.startswith(name + " ") for line in text.splitlines())
-    assert httpx.get(served[0] + "/health").json()["status"] == "ok"
+METRIC_TYPES = {"vl2_requests": "counter", "vl2_requests_failed": "counter", "vl2_requests_cancelled": "counter",
+                "vl2_documents": "counter", "vl2_prompt_tokens": "counter", "vl2_generated_tokens": "counter",
+                "vl2_queue_depth": "gauge", "vl2_running_batch_size": "gauge",
+                "vl2_time_per_output_token_seconds": "gauge", "vl2_decode_steps": "counter", "vl2_engine_up": "gauge",
+                "vl2_kv_cache_capacity_tokens": "gauge", "vl2_kv_cache_used_tokens": "gauge",
+                "vl2_http_requests": "counter"}  # a counter's family is named without its samples' _total
+
+
+def _scrape(url: str) -> dict[tuple[str, tuple], float]:
+    """/metrics parsed by Prometheus' own client library (a line it cannot read raises): {(sample, labels): value},
+    after checking the families and their types."""
+    from prometheus_client.parser import text_string_to_metric_families
+    response = httpx.get(url + "/metrics")
+    assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain; version=0.0.4")
+    families = list(text_string_to_metric_families(response.text))
+    assert {f.name: f.type for f in families} == METRIC_TYPES
+    assert all(f.documentation for f in families)
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value for f in families for s in f.samples}
+    unlabelled = {name for name, labels in samples if not labels}
+    assert unlabelled == {n + "_total" if t == "counter" else n for n, t in METRIC_TYPES.items()} - {
+        "vl2_http_requests_total"}, unlabelled  # one sample a family; the HTTP counter's are by path
+    return samples
+
+
+def test_metrics_are_prometheus_text(served, client):
+    pytest.importorskip("prometheus_client", reason="the test extra installs prometheus-client to parse /metrics")
+    url = served[0]
+    before = _scrape(url)
+    reply = client.chat.completions.create(model=MODEL, messages=image_message("Read it."), max_tokens=5)
+    after = _scrape(url)
+
+    def moved(name: str, labels: tuple = ()) -> float:
+        return after[(name, labels)] - before.get((name, labels), 0.0)
+    assert moved("vl2_requests_total") == 1 and moved("vl2_requests_failed_total") == 0
+    assert moved("vl2_prompt_tokens_total") == reply.usage.prompt_tokens
+    assert moved("vl2_generated_tokens_total") == reply.usage.completion_tokens == 5
+    assert 1 <= moved("vl2_decode_steps_total") < 5  # the first token comes from the prefill
+    assert moved("vl2_http_requests_total", (("path", "/v1/chat/completions"),)) == 1
+    assert after[("vl2_engine_up", ())] == 1 and after[("vl2_kv_cache_capacity_tokens", ())] > 0
+    assert after[("vl2_queue_depth", ())] == after[("vl2_running_batch_size", ())] == 0
+    assert after[("vl2_kv_cache_used_tokens", ())] == 0 and after[("vl2_time_per_output_token_seconds", ())] > 0
+    assert httpx.get(url + "/health").json()["status"] == "ok"
 
 
 def test_auth_limits_and_a_full_queue(module_reader, slow_decoding):
