@@ -366,7 +366,7 @@ class ExtractTask(Task):
         del size, text
         try:
             return {"data": json.loads(answer)}, ()
-        except ValueError:
+        except (ValueError, RecursionError):  # nested deeper than Python's parser goes: not JSON it can read
             return {"data": None}, ("incomplete_json",)
 
     @override
