@@ -4,6 +4,7 @@ the library face in vl2cli/__init__.py; the README's Python example runs as writ
 from __future__ import annotations
 
 import ast
+import json
 import re
 from pathlib import Path
 
@@ -86,12 +87,26 @@ def test_the_package_has_at_most_seven_floors_and_no_circles():
 
 
 def test_the_library_face_has_what_the_readme_promises():
+    """Each name the face exports is the object its home module defines (a lazy name resolving elsewhere would not
+    be what the README's example and the type hints promise)."""
     import vl2cli
-    for name in ("load", "read", "Reader", "PageResult", "ReadOptions", "PageOptions", "get_task", "__version__"):
-        assert hasattr(vl2cli, name), name
+    from vl2cli.errors import Vl2Error
+    from vl2cli.options import PageOptions, ReadOptions
+    from vl2cli.reader import Reader
+    from vl2cli.results import AskResult, PageResult
+    from vl2cli.tasks import get_task
+    homes = {"Reader": Reader, "PageResult": PageResult, "AskResult": AskResult, "ReadOptions": ReadOptions,
+             "PageOptions": PageOptions, "get_task": get_task, "Vl2Error": Vl2Error}
+    assert set(vl2cli.__all__) == {*homes, "load", "read", "__version__"}
+    for name, thing in homes.items():
+        assert getattr(vl2cli, name) is thing, name
+    assert callable(vl2cli.load) and callable(vl2cli.read) and isinstance(vl2cli.__version__, str)
+    with pytest.raises(AttributeError, match="no attribute 'Engine'"):
+        vl2cli.Engine  # noqa: B018 - only the face's names resolve
 
 
 def test_the_readme_python_example_runs_as_written(monkeypatch):
+    import vl2cli
     text = README.read_text()
     example = re.search(r"## Python API\n.*?```python\n(.*?)```", text, re.S)
     assert example, "README has no Python API example"
@@ -99,8 +114,48 @@ def test_the_readme_python_example_runs_as_written(monkeypatch):
     code = code.replace('pages="2"', "pages=None")
     printed: list = []
     monkeypatch.setattr("builtins.print", lambda *args, **kwargs: printed.append(args))
+    returned: list = []
+    read = vl2cli.read
+
+    def recorded(*args, **kwargs):
+        returned.extend(read(*args, **kwargs))
+        return returned
+    monkeypatch.setattr(vl2cli, "read", recorded)
     exec(compile(code, "README.md", "exec"), {})  # the README's own example, on the tiny checkpoint
-    assert printed
+    [result] = returned
+    assert (result.source, result.page, result.task, result.status) == (IMG, 1, "table", "ok")
+    assert isinstance(result.fields["tables"], list) and result.generated_tokens > 0
+    assert printed == [(result.status, result.fields["tables"])]
+
+
+def _timeless(record: dict) -> dict:
+    return {k: v for k, v in record.items() if k != "seconds"}
+
+
+def test_read_gives_the_records_the_cli_prints_with_the_options_it_was_given(reader):
+    """`vl2cli.read` on the tiny checkpoint: the pages, task, question and options asked for, and records equal to
+    what `vl2 TASK ... --json` prints for the same request (one pipeline, the same defaults)."""
+    import vl2cli
+    from tests.helpers import SAMPLES, vl2
+    report = str(SAMPLES / "report.pdf")
+    [page] = vl2cli.read(reader, [report], task="ocr", pages="2",
+                         options=vl2cli.ReadOptions(max_new_tokens=6, split="never"))
+    assert (page.source, page.page, page.task, page.status) == (report, 2, "ocr", "ok")
+    assert page.generated_tokens == 6 and page.finish_reason == "length" and (page.width, page.height) == (1224, 1584)
+    cli = vl2("ocr", report, "--pages", "2", "--split", "never", "--json", tokens=6)
+    assert cli.exit_code == 0, cli.output
+    assert [_timeless(page.to_json())] == [_timeless(r) for r in json.loads(cli.stdout)]
+
+    [found] = vl2cli.read(reader, [IMG], task="ground", question="the total", options=vl2cli.ReadOptions(max_new_tokens=60))
+    assert found.question == "the total" and found.grammar is not None  # vl2 ground's grammar
+    cli = vl2("ground", IMG, "the total", "--json", tokens=60)
+    assert [_timeless(found.to_json())] == [_timeless(r) for r in json.loads(cli.stdout)]
+
+    letter = str(SAMPLES / "letter.pdf")  # born-digital: its text layer is the answer, at the DPI asked for
+    [text] = vl2cli.read(reader, [letter], options=vl2cli.ReadOptions(text_layer="only"),
+                         page_options=vl2cli.PageOptions(dpi=36))
+    assert (text.width, text.height) == (306, 396) and text.finish_reason == "text_layer"
+    assert text.answer.splitlines() == ["Dear archivist,", "the 1932 ledgers are scanned.", "Kind regards, The Records Office"]
 
 
 @pytest.mark.parametrize("path", ["vl2cli/prompts/ocr.txt", "vl2cli/schemas/page-record.schema.json"])
