@@ -50,8 +50,8 @@ def test_ground_record_says_what_was_asked_and_validates():
     [record] = json.loads(result.stdout)
     assert record["question"] == "the total" and record["task"] == "ground"
     assert_valid_record(record)
-    if not record["objects"]:  # random weights rarely write a box: the record and stderr say so
-        assert "no_boxes" in record["flags"] and "no boxes" in result.stderr
+    assert record["objects"] == []  # 4 tokens of random weights hold no box: the record and stderr say so
+    assert "no_boxes" in record["flags"] and "no boxes" in result.stderr
 
 
 # A table as the model writes it (random weights never do): a comma, an ampersand, an escaped pipe and a "<" in
@@ -68,21 +68,24 @@ TABLE_OUTPUTS = {
 
 
 @pytest.fixture
-def model_writes_a_table(monkeypatch):
-    """Every answer the reader finishes reads TABLE_ANSWER (the model still runs: tokens, flags and the record are
-    its own)."""
+def model_writes(monkeypatch):
+    """`model_writes(text)`: every answer the reader finishes reads `text` from then on (the model still runs: tokens,
+    flags and the record are its own)."""
     from vl2cli.reader import Reader
     finish = Reader._finish
 
-    def with_table(self, *args, **kwargs):
-        answer = finish(self, *args, **kwargs)
-        answer.text = TABLE_ANSWER
-        return answer
-    monkeypatch.setattr(Reader, "_finish", with_table)
+    def writes(text: str) -> None:
+        def finished(self, *args, **kwargs):
+            answer = finish(self, *args, **kwargs)
+            answer.text = text
+            return answer
+        monkeypatch.setattr(Reader, "_finish", finished)
+    return writes
 
 
 @pytest.mark.parametrize("fmt", ["json", "csv", "markdown", "html"])
-def test_table_formats(fmt, model_writes_a_table):
+def test_table_formats(fmt, model_writes):
+    model_writes(TABLE_ANSWER)
     result = vl2("table", IMG, "--format", fmt)
     assert result.exit_code == 0, result.output
     if fmt == "json":
@@ -102,14 +105,46 @@ def test_table_csv_with_no_table_writes_no_empty_csv(tmp_path):
     assert [Path(o).suffix for o in entry["outputs"]] == [".json"]
 
 
-def test_chart_and_ask_and_caption():
-    assert vl2("chart", IMG, "--json").exit_code == 0
+def test_chart_record_holds_the_data_table_and_the_description(model_writes):
+    model_writes(TABLE_ANSWER)
+    result = vl2("chart", IMG, "--json")
+    assert result.exit_code == 0, result.output
+    [record] = json.loads(result.stdout)
+    assert_valid_record(record)
+    assert record["data"] == TABLE
+    assert record["description"] == "Sales by region:"  # what is not the table
+
+
+# Two objects as DeepSeek-VL2 grounds them (coordinates 0-999 of the page), the second without its label.
+GROUNDED = ("A note <|ref|>the total<|/ref|><|det|>[[0, 0, 999, 999], [100, 500, 200, 999]]<|/det|> and "
+            "<|det|>[[10, 20, 30, 40]]<|/det|>")
+
+
+@pytest.mark.parametrize("task", ["ground", "caption"])
+def test_grounded_answers_become_boxes_on_the_page(task, model_writes):
+    """The 300x200 test page: 0-999 coordinates scale to its pixels, a box without a label takes the query's."""
+    model_writes(GROUNDED)
+    result = vl2(task, IMG, *(["the sum"] if task == "ground" else []), "--json", "--no-strict", tokens=4)
+    assert result.exit_code == 0, result.output
+    [record] = json.loads(result.stdout)
+    assert_valid_record(record)
+    boxes = [(o["label"], o["box"], o["box_norm"]) for o in record["objects"]]
+    assert boxes == [("the total", [0, 0, 300, 200], [0, 0, 999, 999]),
+                     ("the total", [30, 100, 60, 200], [100, 500, 200, 999]),
+                     ("the sum" if task == "ground" else "", [3, 4, 9, 8], [10, 20, 30, 40])], boxes
+    assert "no_boxes" not in record["flags"] and record["caption"] == "A note the total and"
+
+
+def test_ask_and_caption():
     result = vl2("ask", IMG, PAGE_IMG, "What differs?", "--json")
     assert result.exit_code == 0, result.output
     record = json.loads(result.stdout)
     assert record["question"] == "What differs?" and record["pages"] == 2
     assert_valid_record(record, "ask")
-    assert vl2("caption", IMG).exit_code == 0
+    caption = vl2("caption", IMG, "--json", tokens=4)  # 4 tokens of random weights: no box
+    assert caption.exit_code == 0, caption.output
+    [record] = json.loads(caption.stdout)
+    assert record["task"] == "caption" and record["objects"] == [] and "no_boxes" in record["flags"]
 
 
 def test_ground_writes_boxes_json(tmp_path):
