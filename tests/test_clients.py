@@ -19,6 +19,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+import regex  # partial matches (a prefix the pattern admits); installed with transformers
 
 from tests.helpers import DATA, IMG, SAMPLES, running_server, vl2
 
@@ -160,8 +161,10 @@ def test_guided_regex_constrains_the_answer(client):
     fields = front_matter(text if text.count("---") >= 2 else text + "\n---")  # cut by the budget: still parses
     assert set(fields) == {"primary_language", "is_rotation_valid", "rotation_correction", "is_table", "is_diagram"}
     assert fields["rotation_correction"] in ("0", "90", "180", "270")
-    if reply.choices[0].finish_reason == "stop":
-        assert re.fullmatch(OLMOCR_REGEX, text)
+    finish = reply.choices[0].finish_reason
+    assert finish in ("stop", "length"), finish
+    # whole when it stopped; when the budget cut it (as it does here), a beginning the regex admits
+    assert regex.fullmatch(OLMOCR_REGEX, text, partial=finish == "length"), text
 
 
 @pytest.mark.parametrize("field", ["guided_choice", "structured_outputs"])
