@@ -11,17 +11,24 @@ from PIL import Image
 from tests.helpers import IMG, PAGE_IMG, SAMPLES, TINY, assert_valid_record, index_entries, vl2
 from vl2cli.cli import app
 
+OCR_ANSWER = "# Report\n\nThe **total** is 10.\n\n- one\n- two"
+
 
 @pytest.mark.parametrize("fmt", ["markdown", "text", "json", "jsonl"])
-def test_ocr_formats(fmt):
+def test_ocr_formats(fmt, model_writes):
+    """A known answer in each format: the record keeps it as written, markdown as blocks give it back, text without
+    heading marks and bold."""
+    model_writes(OCR_ANSWER)
     result = vl2("ocr", IMG, "--format", fmt, "--split", "never")
     assert result.exit_code == 0, result.output
-    if fmt == "json":
-        [record] = json.loads(result.stdout)  # always one JSON list, valid as a whole
-        assert record["page"] == 1 and record["task"] == "ocr" and record["generated_tokens"] == 12
+    if fmt in ("json", "jsonl"):
+        [record] = json.loads(result.stdout) if fmt == "json" else [json.loads(result.stdout)]  # json: one list
         assert_valid_record(record)
-    elif fmt == "jsonl":
-        assert_valid_record(json.loads(result.stdout))
+        assert record["page"] == 1 and record["task"] == "ocr" and record["generated_tokens"] == 12
+        assert record["answer"] == OCR_ANSWER and [b["label"] for b in record["blocks"]] == [
+            "title", "text", "list_item", "list_item"], record["blocks"]
+    else:
+        assert result.stdout == {"markdown": OCR_ANSWER, "text": "Report\n\nThe total is 10.\n\n- one\n- two"}[fmt] + "\n"
 
 
 @pytest.mark.parametrize("task", ["ocr", "table", "chart", "caption"])
