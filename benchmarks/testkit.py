@@ -39,9 +39,13 @@ if TYPE_CHECKING:
 
 # ------------------------------------------------------------------ models
 
+# The spread of random weights: the usual transformer initialisation (`initializer_range` in the checkpoints'
+# configs), so activations stay near the range real weights keep them in.
+INIT_STD = 0.02
+
 
 def random_model(cfg: VL2Config | OCRConfig | OCR2Config, device: str = "cpu", dtype: torch.dtype = torch.float32,
-                 quant: str = "none", seed: int = 0, std: float = 0.02) -> Any:
+                 quant: str = "none", seed: int = 0, std: float = INIT_STD) -> Any:
     """A model of this config with random weights, placed exactly as the loader places a checkpoint's (quantized
     where `quant` says): the same speed and memory as real weights, without a download."""
     dev = torch.device(device)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
-from testkit import random_model
+from testkit import INIT_STD, random_model
 from typer.testing import CliRunner
 
 from vl2cli.cli import app
@@ -29,7 +29,7 @@ SAMPLES = Path(__file__).parent.parent / "samples"
 
 
 def make_checkpoint(folder: Path, base: str = "tiny", seed: int = 0, language: dict | None = None,
-                    extra_tensors: dict | None = None, drop: tuple[str, ...] = (), std: float = 0.02) -> Path:
+                    extra_tensors: dict | None = None, drop: tuple[str, ...] = (), std: float = INIT_STD) -> Path:
     """A random-weight checkpoint in the official layout, from a parity checkpoint's config plus overrides."""
     folder.mkdir(parents=True, exist_ok=True)
     for f in (CKPT / base).iterdir():
