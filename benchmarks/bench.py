@@ -589,10 +589,11 @@ def bench_ray(smoke: bool) -> dict:
     from PIL import Image
 
     import vl2cli
+    from vl2cli.models import ModelChoice
     from vl2cli.options import PageOptions, ReadOptions
     from vl2cli.pages import expand_inputs
     from vl2cli.pipeline import Job, Summary, plan_inputs, plan_work, run_work
-    from vl2cli.scale import ModelSpec, connect, run_on_ray
+    from vl2cli.scale import connect, run_on_ray
     from vl2cli.sinks import FolderSink
     from vl2cli.tasks import get_task
 
@@ -624,7 +625,7 @@ def bench_ray(smoke: bool) -> dict:
     import ray
     try:
         start = time.perf_counter()
-        run_on_ray(job, work, sink, summary, ModelSpec(ckpt, "cpu", "float32", "none"), 2, None)
+        run_on_ray(job, work, sink, summary, ModelChoice(ckpt, quant="none", device="cpu", dtype="float32"), 2, None)
         on_ray = time.perf_counter() - start
     finally:
         sink.close([])

@@ -311,15 +311,15 @@ def test_ask_chat_keeps_stdout_for_answers_and_prompts_only_a_terminal(monkeypat
     assert ">" not in result.stderr  # piped questions: no prompt anywhere
     import io
 
-    from vl2cli.cli import _follow_up
+    from vl2cli.terminal import follow_up
 
     class Terminal(io.StringIO):
         def isatty(self) -> bool:
             return True
 
     monkeypatch.setattr("sys.stdin", Terminal("next?\n"))
-    assert _follow_up() == "next?"
-    assert _follow_up() is None  # end of input ends the chat
+    assert follow_up() == "next?"
+    assert follow_up() is None  # end of input ends the chat
     shown = capsys.readouterr()
     assert shown.err == "> > " and shown.out == ""
 
@@ -356,7 +356,7 @@ def test_whole_document_files_separate_pages_as_stdout_does(tmp_path):
 
 
 def test_progress_rates_are_honest(capsys):
-    from vl2cli.cli import ProgressReporter
+    from vl2cli.terminal import ProgressReporter
     quick = ProgressReporter(quiet=False)
     quick(1, 1, 0)  # a page that failed in milliseconds: no rate from it
     assert "1/1 pages, -- pages/s, -- tok/s" in capsys.readouterr().err

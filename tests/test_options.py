@@ -176,3 +176,12 @@ def test_sampling_uses_one_top_p():
     assert ReadOptions(temperature=0.5).sampling_top_p == SAMPLING_TOP_P and ReadOptions().sampling_top_p == 1.0
     reader_source = (Path(__file__).parent.parent / "vl2cli" / "reader.py").read_text()
     assert "0.9" not in reader_source  # the loop retries sample with the same constant
+
+
+def test_the_cli_reaches_the_engine_only_through_the_library_face():
+    """The CLI parses, calls the library and prints: model choice, loading, traces and the variants table are behind
+    `vl2cli` (vl2cli/__init__.py), and no CLI-side module imports the engine."""
+    from tests.test_layout import import_graph
+    graph = import_graph()
+    for module in ("vl2cli.cli", "vl2cli.run", "vl2cli.terminal", "vl2cli.signals", "vl2cli.flags"):
+        assert not [t for t in graph[module] if t.startswith("vl2cli.engine")], module

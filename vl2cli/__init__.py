@@ -15,18 +15,23 @@ from __future__ import annotations
 from importlib.metadata import PackageNotFoundError, version
 from typing import TYPE_CHECKING, Any
 
-from vl2cli.errors import Vl2Error
+from vl2cli.errors import UsageError, Vl2Error
 from vl2cli.options import PageOptions, ReadOptions
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
+    from vl2cli.models import ModelChoice, download, variants
     from vl2cli.reader import Reader
+    from vl2cli.resolve import resolve_options
     from vl2cli.results import AskResult, PageResult
     from vl2cli.tasks import get_task
 
 # Imported on first use (PEP 562), not with the package: `import vl2cli.cli` (every `vl2 --help`) must not pay
 # for torch, which the reader pulls in.
 _LAZY = {"Reader": "vl2cli.reader", "AskResult": "vl2cli.results", "PageResult": "vl2cli.results",
-         "get_task": "vl2cli.tasks"}
+         "get_task": "vl2cli.tasks", "ModelChoice": "vl2cli.models", "variants": "vl2cli.models",
+         "download": "vl2cli.models", "resolve_options": "vl2cli.resolve"}
 
 
 def __getattr__(name: str) -> Any:
@@ -41,16 +46,15 @@ try:
 except PackageNotFoundError:  # pragma: no cover - a source tree that was never installed
     __version__ = "0+unknown"
 
-__all__ = ["AskResult", "PageOptions", "PageResult", "ReadOptions", "Reader", "Vl2Error", "__version__", "get_task",
-           "load", "read"]
+__all__ = ["AskResult", "ModelChoice", "PageOptions", "PageResult", "ReadOptions", "Reader", "Vl2Error", "__version__",
+           "download", "get_task", "load", "read", "resolve_options", "trace", "variants"]
 
 
 def load(model: str = "tiny", *, device: str | None = None, dtype: str | None = None, quant: str = "auto",
          revision: str | None = None, offline: bool | None = None) -> Reader:
     """Load a model once; read with it as often as you like."""
-    from vl2cli.engine.loading import load_model
-    from vl2cli.reader import Reader
-    return Reader(load_model(model, device=device, dtype=dtype, quant=quant, revision=revision, offline=offline))
+    from vl2cli.models import ModelChoice
+    return ModelChoice(model, quant, device or "auto", dtype or "auto", revision, bool(offline)).load()
 
 
 def read(reader: Reader, paths: list[str], task: str = "ocr", question: str | None = None, pages: str | None = None,
@@ -74,3 +78,28 @@ def read(reader: Reader, paths: list[str], task: str = "ocr", question: str | No
     from vl2cli.document import settle_furniture  # ocr: each document's furniture, found across its pages
     return [r for s in sources for r in settle_furniture(sorted((r for r in sink.results if r.source == s.label),
                                                                 key=lambda r: r.page))]
+
+
+def trace(model: str, prompt: str, out: str, images: list[Path] | None = None, *, max_new_tokens: int = 16,
+          dtype: str = "float32", device: str = "cpu", ocr_mode: str | None = None,
+          all_positions: bool = False) -> dict[str, Any]:
+    """Write the parity trace of one prompt (OUT.json + OUT.npz: tokens, tiles, logits, greedy ids); its metadata.
+    DeepSeek-OCR and DeepSeek-OCR 2 take exactly one image (their own trace formats)."""
+    from vl2cli.engine.loading import load_model
+    from vl2cli.models import ModelChoice
+    kind = ModelChoice(str(ModelChoice(model).resolve())).kind()
+    images = list(images or [])
+    if kind != "vl2" and len(images) != 1:
+        raise UsageError(f"a DeepSeek-OCR{' 2' if kind == 'ocr2' else ''} trace takes exactly one --image")
+    if kind == "ocr2":
+        ModelChoice("ocr2").check_mode(ocr_mode or "gundam")
+    loaded = load_model(model, device=device, dtype=dtype, quant="none")
+    if kind == "ocr":
+        from vl2cli.engine.ocr_trace import run_ocr_trace
+        return run_ocr_trace(loaded, str(images[0]), prompt, ocr_mode or "gundam", max_new_tokens, out)
+    if kind == "ocr2":
+        from vl2cli.engine.ocr2_trace import run_ocr2_trace
+        return run_ocr2_trace(loaded, str(images[0]), prompt, max_new_tokens, out)
+    from vl2cli.engine.trace import load_reference_image, run_trace
+    prepared = loaded.processor.prepare_prompt(prompt, [load_reference_image(p) for p in images])
+    return run_trace(loaded, prepared, max_new_tokens, out, all_positions)

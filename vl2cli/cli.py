@@ -1,38 +1,33 @@
 """The `vl2` command line: parse arguments, call the library, print. Results to stdout, the rest to stderr.
 
-One error boundary (`Vl2Group.invoke`) turns a known error into its one line and exit code, Ctrl-C into
-130, and anything else into one line plus a pointer to -v.
+The commands' options come from the one option table (vl2cli/options.py, made Typer parameters by vl2cli/flags.py)
+and are resolved by the library's resolver (vl2cli/resolve.py); what a run shows is vl2cli/terminal.py's, its
+signal handling vl2cli/signals.py's. One error boundary (`Vl2Group.invoke`) turns a known error into its one line
+and exit code, Ctrl-C into 130, and anything else into one line plus a pointer to -v.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
-import signal
 import sys
-import time
-import warnings
-from dataclasses import dataclass, replace
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from typer.core import TyperGroup
 
+import vl2cli
 from vl2cli.errors import UsageError, Vl2Error
 from vl2cli.flags import plain_help_types, with_options
+from vl2cli.run import ReadRequest, load_reader, not_a_file, run_read
+from vl2cli.signals import StartingUp
+from vl2cli.terminal import err, follow_up, print_variants, setup_logging
 
 if TYPE_CHECKING:
-    from vl2cli.options import PageOptions, ReadOptions
-    from vl2cli.pages import Page, Source
-    from vl2cli.pipeline import Job, PageItem, StopFlag, Summary
+    from vl2cli.options import ReadOptions
     from vl2cli.reader import Reader
-    from vl2cli.results import PageResult
-    from vl2cli.tasks import Task
 
-DRAIN_SECONDS = float(os.environ.get("VL2_DRAIN_SECONDS", "60"))  # how long a signal lets pages in flight finish
 log = logging.getLogger("vl2cli")
 
 
@@ -44,10 +39,6 @@ def _typer_error() -> type[Exception]:
 
 
 TyperError = _typer_error()
-
-
-def err(message: str) -> None:
-    typer.echo(message, err=True)
 
 
 class Vl2Group(TyperGroup):
@@ -87,13 +78,6 @@ def _traceback_if(verbose: bool) -> None:
         traceback.print_exc()
 
 
-def _package_version() -> str:
-    try:
-        return version("vl2cli")
-    except PackageNotFoundError:  # pragma: no cover - running from a source tree without install
-        return "unknown"
-
-
 app = typer.Typer(cls=Vl2Group, add_completion=True, no_args_is_help=True, pretty_exceptions_enable=False,
                   context_settings={"help_option_names": ["-h", "--help"]},
                   help="Read documents locally with DeepSeek-VL2: OCR, questions, tables, charts, grounding.")
@@ -104,7 +88,7 @@ app.add_typer(models_app, name="models")
 
 def _show_version(value: bool) -> None:
     if value:
-        typer.echo(f"vl2 {_package_version()}")
+        typer.echo(f"vl2 {vl2cli.__version__}")
         raise typer.Exit()
 
 
@@ -114,439 +98,7 @@ def _root(version_flag: Annotated[bool, typer.Option("--version", callback=_show
     """Read documents locally with DeepSeek-VL2: OCR, questions, tables, charts, grounding."""
 
 
-@dataclass(frozen=True)
-class ModelChoice:
-    model: str
-    quant: str
-    device: str
-    dtype: str
-    revision: str | None
-    offline: bool
-
-    def resolve(self) -> Path:
-        from vl2cli.engine.hub import resolve_model
-        return resolve_model(self.model, revision=self.revision, offline=self.offline or None)
-
-    def kind(self) -> str:
-        """"ocr" for DeepSeek-OCR, "ocr2" for DeepSeek-OCR 2 (told by alias, hub id or a local folder's config),
-        else "vl2"."""
-        for kind, hub_id in (("ocr", "deepseek-ai/DeepSeek-OCR"), ("ocr2", "deepseek-ai/DeepSeek-OCR-2")):
-            if self.model in (kind, hub_id, "hf:" + hub_id):
-                return kind
-        folder = Path(self.model).expanduser()
-        if (folder / "config.json").is_file():
-            from vl2cli.engine.config import OCR2Config, OCRConfig, load_any_config
-            cfg = load_any_config(folder)
-            return "ocr" if isinstance(cfg, OCRConfig) else "ocr2" if isinstance(cfg, OCR2Config) else "vl2"
-        return "vl2"
-
-    def family(self) -> str:
-        """The prompt family: "ocr" for DeepSeek-OCR and DeepSeek-OCR 2 (the same prompt forms), else "vl2"."""
-        return "vl2" if self.kind() == "vl2" else "ocr"
-
-    def load(self, folder: Path, verbose: bool) -> Reader:
-        from vl2cli.engine.loading import load_model
-        from vl2cli.reader import Reader
-        loaded = load_model(folder, device=self.device, dtype=self.dtype, quant=self.quant)
-        if verbose:
-            err(f"vl2: model {loaded.folder} on {loaded.device}, {str(loaded.dtype).removeprefix('torch.')}, "
-                f"quantization {loaded.quant}, loaded in {loaded.seconds:.1f} s")
-        return Reader(loaded)
-
-
-class _StderrHandler(logging.StreamHandler):
-    """Writes to whatever sys.stderr is when a record is logged, not the stream it was when the command began: a
-    command run in-process (a test's CliRunner) swaps stderr for its own and closes it afterwards, and a server
-    still running in that process must not log to the closed stream."""
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.stream = sys.stderr  # under the handler's lock (Handler.handle holds it)
-        super().emit(record)
-
-
-def _setup_logging(verbose: bool, quiet: bool) -> None:
-    """The library logs; here we decide what reaches stderr."""
-    logger = logging.getLogger("vl2cli")
-    logger.handlers.clear()
-    handler = _StderrHandler()
-    handler.setFormatter(logging.Formatter("vl2: %(message)s"))
-    logger.addHandler(handler)
-    logger.setLevel(logging.DEBUG if verbose else logging.ERROR if quiet else logging.WARNING)
-    warnings.showwarning = lambda message, *_args, **_kwargs: log.warning("warning: %s", message)
-
-
 # ---------------------------------------------------------------------- the reading commands
-
-
-@dataclass(frozen=True)
-class ReadRequest:
-    task: Task
-    inputs: list[str]
-    text: str | None
-    fmt: str
-    out: Path | None
-    choice: ModelChoice
-    read: ReadOptions
-    pages: PageOptions
-    glob: str | None = None
-    redo: str = "none"
-    named_files: bool = True  # commands on named files: a missing file is a usage error
-    verbose: bool = False
-    quiet: bool = False
-    summary_json: bool = False
-    auto_batch: bool = False  # no --batch-size given: choose from the device's free memory
-    per_document: bool = False  # extract: one merged record per document
-    keep_furniture: bool = False  # ocr: page headers, footers and numbers stay in the text outputs
-    ray: str | None = None  # batch --ray: local, auto or a cluster address
-    workers: int = 2
-    gpus_per_worker: float | None = None
-
-
-def _validated(req: ReadRequest) -> tuple[str, list[Source], list[str]]:
-    """Everything checked before the model loads: options, prompt, query, inputs, pages, output folder."""
-    from vl2cli.pages import expand_inputs
-    from vl2cli.pipeline import plan_inputs
-    if req.fmt not in req.task.formats:
-        raise UsageError(f"--format {req.fmt!r}: {req.task.name} writes {', '.join(req.task.formats)}")
-    if req.fmt == "docling":
-        from vl2cli.docling import check_docling
-        check_docling()
-    if req.redo not in ("none", "failed", "all"):
-        raise UsageError(f"--redo {req.redo!r}: expected none, failed or all")
-    template = req.task.template(req.read.prompt_file, req.choice.family(), req.read.plain)
-    if req.read.ocr_mode != "gundam" and req.choice.kind() == "ocr2":
-        from vl2cli.engine.ocr2 import ocr2_mode_refused
-        raise UsageError(ocr2_mode_refused(req.read.ocr_mode))
-    req.task.check_text(req.text)
-    if req.task.needs_text:
-        _not_a_file(req.task.needs_text, req.text)
-    if req.out is not None:
-        from vl2cli.sinks import check_output_folder
-        check_output_folder(req.out)
-    inputs = expand_inputs(req.inputs, req.glob, exclude=req.out)
-    if not inputs.files:
-        raise UsageError("no input files")
-    sources, notes = plan_inputs(inputs, req.pages, strict=req.named_files)
-    return template, sources, notes
-
-
-def _not_a_file(kind: str, text: str | None) -> None:
-    """The user's words come last on the command line; a file name there means the order went wrong."""
-    if text and os.path.exists(text.strip()):
-        raise UsageError(f"the {kind} {text!r} names an existing file: give the files first and the {kind} last, "
-                         "in quotes")
-
-
-def _read(req: ReadRequest) -> None:
-    """The body of ocr, table, chart, ground, caption and batch: one pipeline, a stdout or a folder sink."""
-    from vl2cli.pipeline import Job, Summary, plan_work, run_work
-    _setup_logging(req.verbose, req.quiet)
-    with StartingUp() as starting:
-        template, sources, notes = _validated(req)
-        starting.check()
-        folder = req.choice.resolve()
-    for note in notes:
-        log.warning("%s", note)
-    job = Job(req.task, req.read, req.pages, req.fmt, str(folder.resolve()), template, req.keep_furniture)
-    sink: Any = (_folder_sink(req, job) if req.out is not None
-                 else StdoutSink(job, req.quiet, sources, req.per_document))
-    summary = Summary()
-    try:
-        work = plan_work(job, sources, sink, summary)
-        if work and req.ray:
-            _read_on_ray(req, job, work, sink, summary, folder)
-        elif work:
-            with StartingUp():
-                reader = req.choice.load(folder, req.verbose)
-            reader.check_mode(req.read.ocr_mode)  # refused before any page is read
-            if req.auto_batch:
-                job = replace(job, read=replace(job.read, batch_size=reader.auto_batch_size()))
-                log.info("batch size %d", job.read.batch_size)
-            with Interrupts(reader) as stop, ProgressReporter(req.quiet or req.out is None) as progress:
-                run_work(reader, job, work, sink, summary, progress, stop)
-    finally:
-        written = sink.close(sources)
-    _report(req, summary, written)
-
-
-def _read_on_ray(req: ReadRequest, job: Job, work: list[PageItem], sink: Any, summary: Summary, folder: Path) -> None:
-    from vl2cli.scale import ModelSpec, run_work_on_ray
-    spec = ModelSpec(str(folder.resolve()), req.choice.device, req.choice.dtype, req.choice.quant)
-    with RayInterrupts() as stop, ProgressReporter(req.quiet) as progress:
-        run_work_on_ray(req.ray or "local", job, work, sink, summary, spec, req.workers, req.gpus_per_worker,
-                        progress, stop, req.verbose)
-
-
-def _folder_sink(req: ReadRequest, job: Job) -> Any:
-    from vl2cli.sinks import FolderSink
-    assert req.out is not None
-    return Reported(FolderSink(req.out, job, redo=req.redo, per_document=req.per_document),  # type: ignore[arg-type]
-                    req.quiet)
-
-
-class Reported:
-    """A folder sink whose failures and flags also reach stderr, one line each."""
-
-    def __init__(self, inner: Any, quiet: bool):
-        self.inner, self.quiet = inner, quiet
-
-    def done(self, item: PageItem) -> bool:
-        return bool(self.inner.done(item))
-
-    def emit(self, item: PageItem, result: PageResult, page: Page | None) -> PageResult:
-        kept: PageResult = self.inner.emit(item, result, page)
-        _say(kept, self.quiet)
-        return kept
-
-    def close(self, sources: list[Source]) -> list[str]:
-        return list(self.inner.close(sources))
-
-
-def _say(result: PageResult, quiet: bool) -> None:
-    if not result.ok:
-        err(f"vl2: {result.error or result.label}")
-    elif not quiet:
-        for flag in result.flags:
-            err(f"vl2: warning: {result.label}: {flag.replace('_', ' ')}")
-        for warning in result.fields.get("warnings") or ():  # extract: where an answer stopped, which bound bit
-            err(f"vl2: warning: {result.label}: {warning}")
-
-
-def _report(req: ReadRequest, summary: Summary, written: list[str]) -> None:
-    if summary.interrupted_by:
-        resume = "; rerun the same command to resume" if req.out is not None else ""
-        err(f"vl2: interrupted: {summary.pages_done} pages finished, {summary.pages_left} left{resume}")
-    if req.out is not None:
-        if req.summary_json:
-            typer.echo(json.dumps(summary.to_json(str(req.out)), ensure_ascii=False, indent=1))
-        elif not req.quiet:
-            _print_summary(summary, req.out, written)
-    raise typer.Exit(summary.exit_code)
-
-
-class StdoutSink:
-    """Results to stdout as they are final: text with page separators, JSON as one list, JSON Lines per line;
-    extraction CSV as one table; with --per document, one merged record per document at the end."""
-
-    def __init__(self, job: Job, quiet: bool, sources: list[Source], per_document: bool = False):
-        self.job, self.quiet, self.per_document = job, quiet, per_document
-        self.several = len(sources) > 1
-        self.order = {s.label: i for i, s in enumerate(sources)}  # collected output follows the inputs' order
-        self.collected: list[PageResult] = []
-        self.collect = job.fmt == "json" or per_document or (job.fmt == "csv" and job.task.structured)
-        self.printed = 0
-        # ocr: a document's pages wait for each other (furniture is found across them), then print in page order
-        self.pending: dict[int, tuple[Source, list[tuple[PageItem, PageResult]]]] = {}
-
-    def done(self, _item: PageItem) -> bool:
-        return False  # stdout holds nothing from earlier runs
-
-    def emit(self, item: PageItem, result: PageResult, _page: Page | None) -> PageResult:
-        _say(result, self.quiet)
-        if self.collect:
-            self.collected.append(result)
-        elif self.job.task.whole_document:
-            source, held = self.pending.setdefault(id(item.source), (item.source, []))
-            held.append((item, result))
-            if len(held) >= len(source.numbers):
-                self._print_document(self.pending.pop(id(item.source))[1])
-        else:
-            self._print(item, result)
-        return result
-
-    def _print(self, item: PageItem, result: PageResult) -> None:
-        if self.job.fmt == "jsonl":
-            typer.echo(self.job.task.render(result, "jsonl"))
-        elif result.ok:
-            self._print_text(item, result)
-
-    def _print_document(self, held: list[tuple[PageItem, PageResult]]) -> None:
-        from vl2cli.document import settle_furniture
-        held.sort(key=lambda pair: pair[1].page)
-        settled = settle_furniture([r for _, r in held])
-        if self.job.fmt == "docling":
-            from vl2cli.docling import docling_json
-            typer.echo(docling_json(settled, indent=None))
-            return
-        for (item, _), result in zip(held, settled):
-            self._print(item, result)
-
-    def _print_text(self, item: PageItem, result: PageResult) -> None:
-        several = self.several or len(item.source.numbers) > 1
-        if several and self.job.fmt in ("markdown", "text", "html"):  # separators belong to the document
-            if self.printed:
-                typer.echo("")
-            typer.echo(f"<!-- page {result.page}: {result.source} -->" if self.job.fmt != "text"
-                       else f"--- page {result.page}: {result.source} ---")
-        typer.echo(self.job.task.render(result, self.job.fmt, self.job.keep_furniture))
-        self.printed += 1
-
-    def close(self, sources: list[Source]) -> list[str]:
-        for _, held in list(self.pending.values()):  # documents cut short (interrupted): what was read
-            self._print_document(held)
-        self.pending.clear()
-        if not self.collect:
-            return []
-        from vl2cli.extract import merged_result
-        results = sorted(self.collected, key=lambda r: (self.order.get(r.source, len(self.order)), r.page))
-        if self.job.task.whole_document:
-            from vl2cli.document import settle_furniture
-            results = [r for s in sources for r in settle_furniture([r for r in results if r.source == s.label])]
-        if self.per_document:
-            results = [merged_result([r for r in results if r.source == s.label]) for s in sources
-                       if any(r.source == s.label for r in results)]
-        if self.job.fmt == "json":
-            typer.echo(json.dumps([r.to_json() for r in results], ensure_ascii=False, indent=1))
-        elif self.job.fmt == "csv":
-            typer.echo(self.job.task.csv_lines(results, self.job.read.schema_json), nl=False)  # type: ignore[attr-defined]
-        else:
-            for r in results:
-                typer.echo(self.job.task.render(r, self.job.fmt))
-        return []
-
-
-class StartingUp:
-    """Ctrl-C while a command starts: imports, resolving and loading the model. Python's own handler raises
-    KeyboardInterrupt wherever the main thread is, and in the middle of a library's import or a C++ call that goes
-    wrong: numpy's import swallows it (so a server went on serving), pydantic turns it into a SchemaError, torch's
-    pybind11 aborts the process. Here the first Ctrl-C is only noted and acted on when the step in progress ends
-    (KeyboardInterrupt, exit 130); a second one leaves at once (nothing is written yet)."""
-
-    def __init__(self) -> None:
-        self.received = False
-        self.previous: Any = None
-
-    def __enter__(self) -> StartingUp:
-        if _in_main_thread():
-            self.previous = signal.signal(signal.SIGINT, self._on_sigint)
-        return self
-
-    def _on_sigint(self, _signum: int, _frame: object) -> None:
-        if self.received:
-            os.write(2, b"vl2: interrupted\n")  # os.write: safe whatever the main thread was writing
-            os._exit(130)
-        self.received = True
-        os.write(2, b"vl2: interrupted: stopping once the start-up step in progress ends (again to stop now)\n")
-
-    def check(self) -> None:
-        """A step boundary: stop here if Ctrl-C came during the step."""
-        if self.received:
-            raise KeyboardInterrupt
-
-    def __exit__(self, exc_type: object, *_rest: object) -> None:
-        if self.previous is not None:
-            signal.signal(signal.SIGINT, self.previous)
-        if exc_type is None:
-            self.check()
-
-
-class Interrupts:
-    """SIGINT/SIGTERM: the first lets the pages in flight finish (at most DRAIN_SECONDS), the second stops now."""
-
-    def __init__(self, reader: Reader):
-        from vl2cli.pipeline import StopFlag
-        self.reader = reader
-        self.flag: StopFlag = StopFlag()
-        self.previous: dict[int, Any] = {}
-
-    def __enter__(self) -> StopFlag:
-        if _in_main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self.previous[sig] = signal.signal(sig, self._on_signal)
-        return self.flag
-
-    def _on_signal(self, signum: int, _frame: object) -> None:
-        if self.flag.signal:
-            self.reader.stop_within(0)
-            err("vl2: second signal: stopping now")
-            return
-        self.flag.signal = signum
-        self.reader.stop_within(DRAIN_SECONDS)
-        err(f"vl2: {signal.Signals(signum).name} received: finishing the pages in flight (at most "
-            f"{DRAIN_SECONDS:.0f} s; again to stop now), then stopping")
-
-    def __exit__(self, *exc: object) -> None:
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
-
-
-class RayInterrupts(Interrupts):
-    """--ray: the first signal stops taking results (pages in flight on the workers are dropped, not recorded: a rerun
-    reads them); the second leaves at once."""
-
-    def __init__(self) -> None:
-        from vl2cli.pipeline import StopFlag
-        self.flag, self.previous = StopFlag(), {}
-
-    def _on_signal(self, signum: int, _frame: object) -> None:
-        if self.flag.signal:
-            raise KeyboardInterrupt
-        self.flag.signal = signum
-        err(f"vl2: {signal.Signals(signum).name} received: stopping after the page being written (again to stop now)")
-
-
-def _in_main_thread() -> bool:
-    import threading
-    return threading.current_thread() is threading.main_thread()
-
-
-class ProgressReporter:
-    """A Rich progress bar on a terminal; plain stderr lines (every 10 s) when piped or logged."""
-
-    def __init__(self, quiet: bool):
-        self.quiet = quiet
-        self.start = self.last = time.monotonic()
-        self.shown = -1  # pages done at the last plain line
-        self.bar: Any = None
-        self.task: Any = None
-        if not quiet and sys.stderr.isatty():
-            from rich.console import Console
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-            self.bar = Progress(TextColumn("pages"), BarColumn(), MofNCompleteColumn(),
-                                TextColumn("{task.fields[rate]}"), TimeRemainingColumn(), console=Console(stderr=True))
-            self.task = self.bar.add_task("pages", total=None, rate="")
-
-    def __enter__(self) -> ProgressReporter:
-        if self.bar:
-            self.bar.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.bar:
-            self.bar.stop()
-
-    def __call__(self, done: int, total: int, tokens: int) -> None:
-        if self.quiet:
-            return
-        elapsed = max(time.monotonic() - self.start, 1e-9)
-        # no rate from the first second (a page failed in milliseconds is not "65 pages/s"); small rates keep
-        # their digits (0.08 tok/s, not 0.0)
-        rate = (f"{done / elapsed:.3g} pages/s, {tokens / elapsed:.3g} tok/s" if elapsed >= 1
-                else "-- pages/s, -- tok/s")
-        if self.bar:
-            self.bar.update(self.task, completed=done, total=total or None, rate=rate)
-        elif done != self.shown and (time.monotonic() - self.last >= 10 or (total and done >= total)):
-            self.last, self.shown = time.monotonic(), done
-            eta = (total - done) * elapsed / done if done and total else 0
-            err(f"vl2: {done}/{total} pages, {rate}, ETA {int(eta // 60)}:{int(eta % 60):02d}")
-
-
-def _print_summary(summary: Summary, out: Path, written: list[str]) -> None:
-    from rich.console import Console
-    from rich.table import Table
-    data = summary.to_json(str(out))
-    table = Table(title="vl2 summary", show_header=False)
-    for k in ("pages_done", "pages_skipped", "pages_failed", "files_failed", "pages_left", "loops_flagged",
-              "generated_tokens", "seconds"):
-        table.add_row(k.replace("_", " "), str(data[k]))
-    for source, pages in sorted(summary.turned.items()):
-        table.add_row(f"pages turned ({source.replace('_', ' ')})", str(pages))
-    for worker, pages in sorted(summary.workers.items()):
-        table.add_row(f"worker {worker}", f"{pages} pages")
-    table.add_row("output", str(out))
-    for rel in written:
-        table.add_row("", rel)
-    Console(stderr=True).print(table)
 
 
 def _request(task_name: str, inputs: list[str], words: dict[str, Any], text: str | None = None,
@@ -554,17 +106,16 @@ def _request(task_name: str, inputs: list[str], words: dict[str, Any], text: str
     """A reading command's words (the option table's, by name) as one request, resolved as the server and the
     library resolve them."""
     from vl2cli.extract import load_schema_file
-    from vl2cli.resolve import resolve_options
     if words["per"] not in ("page", "document"):
         raise UsageError(f"--per {words['per']!r}: expected page or document")
     fmt = "json" if words["json_out"] and words["out"] is None else words["fmt"]
     schema = load_schema_file(words["schema"]) if words["schema"] is not None else None
-    resolved = resolve_options(task_name, {**words, "question": text, "fmt": fmt, "schema": schema})
-    choice = ModelChoice(**{name: words[name] for name in ModelChoice.__dataclass_fields__})
-    return ReadRequest(resolved.task, inputs, text, resolved.fmt, words["out"], choice, resolved.read, resolved.pages,
-                       auto_batch=words["batch_size"] is None, per_document=words["per"] == "document",
-                       redo=words["redo"], verbose=words["verbose"], quiet=words["quiet"],
-                       summary_json=words["json_out"], keep_furniture=words["keep_furniture"], **rest)
+    resolved = vl2cli.resolve_options(task_name, {**words, "question": text, "fmt": fmt, "schema": schema})
+    return ReadRequest(resolved.task, inputs, text, resolved.fmt, words["out"], vl2cli.ModelChoice.from_words(words),
+                       resolved.read, resolved.pages, auto_batch=words["batch_size"] is None,
+                       per_document=words["per"] == "document", redo=words["redo"], verbose=words["verbose"],
+                       quiet=words["quiet"], summary_json=words["json_out"], keep_furniture=words["keep_furniture"],
+                       **rest)
 
 
 def _task_command(name: str, help_text: str, needs: str | None = None) -> None:
@@ -576,7 +127,7 @@ def _task_command(name: str, help_text: str, needs: str | None = None) -> None:
             if len(inputs) < 2:
                 raise UsageError(f"{name}: give the input file(s) and then the {needs}")
             *inputs, text = inputs
-        _read(_request(name, inputs, words, text))
+        run_read(_request(name, inputs, words, text))
 
     command.__doc__ = help_text
     command.__annotations__["inputs"] = Annotated[list[str], typer.Argument(help=inputs_help)]
@@ -617,8 +168,8 @@ def batch(
     needs = get_task(task).needs_text
     if needs and not (words["question"] or "").strip():
         raise UsageError(f"batch --task {task}: give the {needs} with --question \"...\"")
-    _read(_request(task, inputs, {**words, "out": out}, words["question"], glob=glob, named_files=False, ray=ray,
-                   workers=workers, gpus_per_worker=gpus_per_worker))
+    run_read(_request(task, inputs, {**words, "out": out}, words["question"], glob=glob, named_files=False, ray=ray,
+                      workers=workers, gpus_per_worker=gpus_per_worker))
 
 
 # ---------------------------------------------------------------------- ask
@@ -637,16 +188,15 @@ def ask(
     """
     from vl2cli.pages import expand_inputs, render_pages
     from vl2cli.pipeline import plan_inputs
-    from vl2cli.resolve import resolve_options
     from vl2cli.tasks import get_task
     verbose, quiet, json_out, out = words["verbose"], words["quiet"], words["json_out"], words["out"]
-    _setup_logging(verbose, quiet)
+    setup_logging(verbose, quiet)
     if len(inputs) < 2:
         raise UsageError("ask: give the input file(s) and then the question")
     *files, question = inputs
     get_task("ask").check_text(question)
-    _not_a_file("question", question)
-    resolved = resolve_options("ask", {**words, "question": question}, asking=True)
+    not_a_file("question", question)
+    resolved = vl2cli.resolve_options("ask", {**words, "question": question}, asking=True)
     opts, page_opts = resolved.read, resolved.pages
     if out is not None:
         from vl2cli.sinks import check_output_folder
@@ -658,31 +208,23 @@ def ask(
     for note in notes:
         log.warning("%s", note)
     images = [page.image for source in sources for page in render_pages(source, page_opts)]
-    choice = ModelChoice(**{name: words[name] for name in ModelChoice.__dataclass_fields__})
-    with StartingUp():
-        reader = choice.load(choice.resolve(), verbose)
+    choice = vl2cli.ModelChoice.from_words(words)
+    reader = load_reader(choice, choice.resolve(), verbose)
     reader.check_mode(opts.ocr_mode)
     labels = [s.label for s in sources]
     result = _answer(reader, images, question, opts, [], labels, json_out)
     if out is not None:
-        _write_answer(out, sources, result.to_json(), quiet)
+        from vl2cli.sinks import write_answer
+        written = write_answer(out, sources, result.to_json())
+        if not quiet:
+            err(f"vl2: wrote {written}")
     history = [(question, result.answer)]
     while chat:
-        follow = _follow_up()
+        follow = follow_up()
         if follow in (None, "", "exit", "quit"):
             break
         result = _answer(reader, images, follow, opts, history, labels, json_out)
         history.append((follow, result.answer))
-
-
-def _follow_up() -> str | None:
-    """The next question of `ask --chat` (None at the end of input). Stdout holds answers only: the `> ` prompt
-    goes to stderr, and only when a person types at a terminal (not for piped questions)."""
-    if sys.stdin.isatty():
-        sys.stderr.write("> ")
-        sys.stderr.flush()
-    line = sys.stdin.readline()
-    return line.strip() if line else None
 
 
 def _answer(reader: Reader, images: list, question: str, opts: ReadOptions, history: list[tuple[str, str]],
@@ -699,21 +241,6 @@ def _answer(reader: Reader, images: list, question: str, opts: ReadOptions, hist
         err(f"vl2: warning: {flag.replace('_', ' ')}")
     return result
 
-
-def _write_answer(out: Path, sources: list[Source], record: dict, quiet: bool) -> None:
-    """`<first input>.ask-<digest of inputs and question>.json`: another question never overwrites this one."""
-    import hashlib
-
-    from vl2cli.sinks import safe_name
-    from vl2cli.writers import atomic_write_text
-    what = json.dumps([[s.digest for s in sources], record["question"]])
-    name = f"{safe_name(sources[0].name or 'input')}.ask-{hashlib.sha256(what.encode()).hexdigest()[:8]}.json"
-    atomic_write_text(out / name, json.dumps(record, ensure_ascii=False, indent=1) + "\n")
-    if not quiet:
-        err(f"vl2: wrote {out / name}")
-
-
-# ---------------------------------------------------------------------- server
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
@@ -749,7 +276,7 @@ def serve(
     Example: vl2 serve --model tiny --port 8000, then open http://127.0.0.1:8000/
     """
     verbose, max_pixels = words["verbose"], words["max_pixels"]
-    _setup_logging(verbose, False)
+    setup_logging(verbose, False)
     levels = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
     if log_level not in levels:
         raise UsageError(f"--log-level {log_level!r}: expected {', '.join(levels)}")
@@ -780,10 +307,10 @@ def serve(
         except ValueError as exc:
             raise UsageError(str(exc)) from None
         starting.check()
-        choice = ModelChoice(**{name: words[name] for name in ModelChoice.__dataclass_fields__})
+        choice = vl2cli.ModelChoice.from_words(words)
         folder = choice.resolve()
         starting.check()
-        reader = choice.load(folder, verbose)
+        reader = load_reader(choice, folder, verbose)
     model_id, aliases = model_names(choice.model, folder)
     limits = Limits(max_body_bytes=max_upload_mb * 1024 * 1024, max_image_pixels=max_pixels, max_images=max_images,
                     max_pages=max_pages, max_queue=max_queue, allow_remote_images=allow_remote_images)
@@ -814,43 +341,15 @@ def trace(
 
     Example: vl2 trace --model ckpt/ --image page.png --prompt "<image>\\nConvert the document to markdown." --out t
     """
-    from vl2cli.engine.config import OCR2Config, OCRConfig, load_any_config
-    from vl2cli.engine.hub import resolve_model
-    max_new_tokens, dtype, device = words["max_new_tokens"], words["dtype"], words["device"]
-    _setup_logging(words["verbose"], False)
-    text = prompt.replace("\\n", "\n")
-    cfg = load_any_config(resolve_model(model))
-    if isinstance(cfg, OCRConfig | OCR2Config):
-        _trace_ocr(model, text, out, image or [], max_new_tokens, dtype, device, ocr_mode,
-                   isinstance(cfg, OCR2Config))
-        return
-    from vl2cli.engine.loading import load_model
-    from vl2cli.engine.trace import load_reference_image, run_trace
-    loaded = load_model(model, device=device, dtype=dtype, quant="none")
-    images = [load_reference_image(p) for p in image or []]
-    prepared = loaded.processor.prepare_prompt(text, images)
-    meta = run_trace(loaded, prepared, max_new_tokens, out, all_positions)
-    err(f"prompt tokens {len(meta['input_ids'])}, image spans {meta['image_spans']}, "
-        f"tiles {meta['images_spatial_crop']}, generated {len(meta['generated_ids'])}")
-    typer.echo(f"{out}.json")
-
-
-def _trace_ocr(model: str, prompt: str, out: str, images: list[Path], max_new_tokens: int, dtype: str, device: str,
-               mode: str | None, second: bool) -> None:
-    """DeepSeek-OCR's trace (`ocr-vision-oracle-trace/1`), or DeepSeek-OCR 2's (`ocr2-vision-oracle-trace/1`)."""
-    from vl2cli.engine.loading import load_model
-    from vl2cli.engine.ocr2 import OCR2_MODE, ocr2_mode_refused
-    from vl2cli.engine.ocr2_trace import run_ocr2_trace
-    from vl2cli.engine.ocr_trace import run_ocr_trace
-    if len(images) != 1:
-        raise UsageError(f"a DeepSeek-OCR{' 2' if second else ''} trace takes exactly one --image")
-    if second and mode not in (None, OCR2_MODE):
-        raise UsageError(ocr2_mode_refused(mode))
-    loaded = load_model(model, device=device, dtype=dtype, quant="none")
-    meta = (run_ocr2_trace(loaded, str(images[0]), prompt, max_new_tokens, out) if second
-            else run_ocr_trace(loaded, str(images[0]), prompt, mode or "gundam", max_new_tokens, out))
-    err(f"prompt tokens {meta['num_tokens']}, image tokens {meta['num_image_positions']}, "
-        f"tiles {meta['images_spatial_crop']}, generated {len(meta['generated_ids'])}")
+    setup_logging(words["verbose"], False)
+    meta = vl2cli.trace(model, prompt.replace("\\n", "\n"), out, image, max_new_tokens=words["max_new_tokens"],
+                        dtype=words["dtype"], device=words["device"], ocr_mode=ocr_mode, all_positions=all_positions)
+    if "num_tokens" in meta:  # DeepSeek-OCR's and DeepSeek-OCR 2's traces
+        err(f"prompt tokens {meta['num_tokens']}, image tokens {meta['num_image_positions']}, "
+            f"tiles {meta['images_spatial_crop']}, generated {len(meta['generated_ids'])}")
+    else:
+        err(f"prompt tokens {len(meta['input_ids'])}, image spans {meta['image_spans']}, "
+            f"tiles {meta['images_spatial_crop']}, generated {len(meta['generated_ids'])}")
     typer.echo(f"{out}.json")
 
 
@@ -860,28 +359,11 @@ def models(ctx: typer.Context,
     """The three variants: parameters, download size, estimated VRAM, and whether each is downloaded."""
     if ctx.invoked_subcommand:
         return
-    from vl2cli.engine.hub import cached_model_path
-    from vl2cli.engine.memory import variant_table
-    rows = variant_table()
-    for row in rows:
-        path = cached_model_path(row["name"])
-        row["cached"] = str(path) if path else None
+    rows = vl2cli.variants()
     if json_out:
         typer.echo(json.dumps(rows, indent=1))
-        return
-    from rich.console import Console
-    from rich.table import Table
-    table = Table(title="DeepSeek-VL2 variants (parameters: every weight, vision encoder and embeddings included; "
-                        "activated: those one token uses; VRAM: weights and one page at peak, estimated; cards: "
-                        "largest NF4 batch, - = does not fit)")
-    for col in ("name", "hub id", "total", "activated", "download", "nf4", "bf16", "12 GB", "16 GB", "24 GB", "local"):
-        table.add_column(col)
-    for r in rows:
-        cards = [f"batch {b}" if b else "-" for b in r["nf4_batch_on"].values()]
-        table.add_row(r["name"], r["hub_id"], f"{r['total_params_b']:.1f}B", f"{r['active_params_b']:.1f}B",
-                      f"{r['download_gb']:.1f} GB", f"{r['vram_nf4_gib']:.1f} GiB", f"{r['vram_bf16_gib']:.1f} GiB",
-                      *cards, "yes" if r["cached"] else "no")
-    Console().print(table)
+    else:
+        print_variants(rows)
 
 
 @models_app.command("download")
@@ -893,8 +375,7 @@ def models_download(name: Annotated[str, typer.Argument(help="tiny, small, base,
 
     Example: vl2 models download small
     """
-    from vl2cli.engine.hub import resolve_model
-    typer.echo(str(resolve_model(name, revision=words["revision"], offline=False, explicit=True)))
+    typer.echo(str(vl2cli.download(name, words["revision"])))
 
 
 def main() -> None:

@@ -55,6 +55,8 @@ def resolve_options(task_name: str, words: Mapping[str, Any] | None = None, *, r
     if unknown:
         raise TypeError(f"unknown option(s): {', '.join(unknown)}")
     fmt = given.get("fmt") or task_default("fmt", task)
+    if fmt not in task.formats:
+        raise UsageError(f"--format {fmt!r}: {task.name} writes {', '.join(task.formats)}")
     base = read or ReadOptions(max_new_tokens=task_default("max_new_tokens", task, asking=asking))
     changes = {k: v for k, v in given.items() if k in READ_FIELDS}
     if "question" in given:

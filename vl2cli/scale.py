@@ -17,7 +17,7 @@ import logging
 import os
 import pickle
 import time
-from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from vl2cli.errors import ConfigError, UsageError
@@ -26,21 +26,12 @@ from vl2cli.pipeline import StopFlag, record_result
 from vl2cli.results import failed_page
 
 if TYPE_CHECKING:
+    from vl2cli.models import ModelChoice
     from vl2cli.options import PageOptions
     from vl2cli.pipeline import Job, PageItem, Progress, Sink, Summary
 
 log = logging.getLogger("vl2cli")
 IMAGE_TASKS = ("ground", "caption")  # the sink draws their boxes on the page: its image comes back to the driver
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """How each actor loads the model (the folder must exist on every node: a shared path or the same cache)."""
-
-    folder: str
-    device: str
-    dtype: str
-    quant: str
 
 
 def connect(address: str, verbose: bool = False) -> bool:
@@ -88,19 +79,17 @@ def render_row(row: dict[str, Any], page_opts: PageOptions) -> dict[str, Any]:
 class PageReader:
     """A Ray Data actor: loads the model once, then reads batches of rendered pages."""
 
-    def __init__(self, spec: ModelSpec, job: Job, threads: int):
+    def __init__(self, spec: ModelChoice, job: Job, threads: int):
         import socket
 
         import torch
 
-        from vl2cli.engine.loading import load_model
-        from vl2cli.reader import Reader
         if spec.device in ("auto", "cpu") and threads:
             torch.set_num_threads(threads)  # actors on one machine share its cores
-        if not os.path.isdir(spec.folder):
-            raise ConfigError(f"{spec.folder}: the model folder is not on node {socket.gethostname()} (every node "
+        if not os.path.isdir(spec.model):
+            raise ConfigError(f"{spec.model}: the model folder is not on node {socket.gethostname()} (every node "
                               "needs the model at the same path: a shared folder, or `vl2 models download` on each)")
-        self.reader = Reader(load_model(spec.folder, device=spec.device, dtype=spec.dtype, quant=spec.quant))
+        self.reader = spec.load(Path(spec.model))  # the library's one way to load (vl2cli.load)
         self.reader.check_mode(job.read.ocr_mode)
         self.job = job
         self.name = f"{socket.gethostname()}:{os.getpid()}"
@@ -128,10 +117,11 @@ class PageReader:
                 "png": [by_index[i] if self.keep_image else b"" for i in order], "worker": [self.name] * len(order)}
 
 
-def run_on_ray(job: Job, work: list[PageItem], sink: Sink, summary: Summary, spec: ModelSpec, workers: int,
+def run_on_ray(job: Job, work: list[PageItem], sink: Sink, summary: Summary, spec: ModelChoice, workers: int,
                gpus_per_worker: float | None, progress: Progress | None = None, stop: StopFlag | None = None,
                verbose: bool = False) -> None:
-    """Read `work` on the connected Ray cluster; each result goes to `sink` on this process as it arrives."""
+    """Read `work` on the connected Ray cluster; each result goes to `sink` on this process as it arrives. `spec`:
+    the model's words, its `model` the resolved folder (on every node: a shared path or the same cache)."""
     import ray
     from PIL import Image
     stop = stop or StopFlag()
@@ -179,7 +169,7 @@ def run_on_ray(job: Job, work: list[PageItem], sink: Sink, summary: Summary, spe
     summary.interrupted_by = stop.signal
 
 
-def run_work_on_ray(address: str, job: Job, work: list[PageItem], sink: Sink, summary: Summary, spec: ModelSpec,
+def run_work_on_ray(address: str, job: Job, work: list[PageItem], sink: Sink, summary: Summary, spec: ModelChoice,
                     workers: int, gpus_per_worker: float | None, progress: Progress | None = None,
                     stop: StopFlag | None = None, verbose: bool = False) -> None:
     """Connect (or start a local instance), read, and shut down what we started."""

@@ -328,3 +328,12 @@ def _result_fields(record: dict[str, Any]) -> dict[str, Any]:
     return {**common, "flags": tuple(record.get("flags", ())), "split": Split(**split) if split else None,
             "rotation": record.get("rotation", 0), "rotation_source": record.get("rotation_source"),
             "fields": {k: record.get(k, default) for k, default in TASK_FIELDS.get(record["task"], {}).items()}}
+
+
+def write_answer(out: Path, sources: list[Source], record: dict) -> Path:
+    """`ask --out`: `<first input>.ask-<digest of inputs and question>.json`, so another question never overwrites
+    this one; the file written."""
+    what = json.dumps([[s.digest for s in sources], record["question"]])
+    path = out / f"{safe_name(sources[0].name or 'input')}.ask-{hashlib.sha256(what.encode()).hexdigest()[:8]}.json"
+    atomic_write_text(path, json.dumps(record, ensure_ascii=False, indent=1) + "\n")
+    return path
