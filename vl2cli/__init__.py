@@ -21,9 +21,11 @@ from vl2cli.options import PageOptions, ReadOptions
 if TYPE_CHECKING:
     from pathlib import Path
 
-    from vl2cli.models import ModelChoice, download, variants
+    from vl2cli.models import ModelChoice as ModelChoice  # the CLI's names: re-exported, outside __all__
+    from vl2cli.models import download as download
+    from vl2cli.models import variants as variants
     from vl2cli.reader import Reader
-    from vl2cli.resolve import resolve_options
+    from vl2cli.resolve import resolve_options as resolve_options
     from vl2cli.results import AskResult, PageResult
     from vl2cli.tasks import get_task
 
@@ -46,8 +48,10 @@ try:
 except PackageNotFoundError:  # pragma: no cover - a source tree that was never installed
     __version__ = "0+unknown"
 
-__all__ = ["AskResult", "ModelChoice", "PageOptions", "PageResult", "ReadOptions", "Reader", "Vl2Error", "__version__",
-           "download", "get_task", "load", "read", "resolve_options", "trace", "variants"]
+__all__ = ["AskResult", "PageOptions", "PageResult", "ReadOptions", "Reader", "Vl2Error", "__version__", "get_task",
+           "load", "read"]
+# Also here, for the command line (which reaches the engine only through this face), outside the documented API:
+# ModelChoice, resolve_options, trace, variants, download.
 
 
 def load(model: str = "tiny", *, device: str | None = None, dtype: str | None = None, quant: str = "auto",
