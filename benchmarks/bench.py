@@ -17,7 +17,7 @@ from soak import bench_detokenize, bench_soak
 from testkit import random_model, read_pages, run_to_idle, submit
 
 from vl2cli.engine.cache import KVCache
-from vl2cli.engine.config import preset_config
+from vl2cli.engine.vl2.config import preset_config
 
 
 def _decode_step_seconds(model, batch: int, context: int, steps: int) -> float:
@@ -125,7 +125,7 @@ def bench_pages(smoke: bool) -> dict:
 
     import vl2cli
     from vl2cli import PageOptions, ReadOptions
-    from vl2cli.engine.processor import tile_image
+    from vl2cli.engine.vl2.processor import tile_image
     from vl2cli.pages import Inputs, plan_source, render_pages
     from vl2cli.pipeline import Job, plan_inputs, read_documents
     from vl2cli.sinks import FolderSink
@@ -188,7 +188,7 @@ def write_random_checkpoint(folder, cfg, shards: int = 1, dtype: torch.dtype = t
 
     from safetensors.torch import save_file
 
-    from vl2cli.engine.loading import model_to_checkpoint_name
+    from vl2cli.engine.names import model_to_checkpoint_name
     copy_configs(folder, cfg)
     model = random_model(cfg, dtype=dtype)
     state = {model_to_checkpoint_name(k): v for k, v in model.state_dict().items()}
@@ -411,10 +411,11 @@ def bench_ocr(smoke: bool) -> dict:
 
     from gpucheck import letter_page, page_prompt
 
-    from vl2cli.engine.config import OCR2Config, OCRConfig
     from vl2cli.engine.generation import Engine
-    from vl2cli.engine.ocr import ocr_token_count, ocr_views
-    from vl2cli.engine.ocr2 import ocr2_token_count, ocr2_views
+    from vl2cli.engine.ocr.config import OCRConfig
+    from vl2cli.engine.ocr.processor import ocr_token_count, ocr_views
+    from vl2cli.engine.ocr2.config import OCR2Config
+    from vl2cli.engine.ocr2.processor import ocr2_token_count, ocr2_views
     from vl2cli.engine.processor import OcrViews, Prepared
     over = {"num_hidden_layers": 2} if smoke else {}
     tiny = preset_config("tiny", **over)
@@ -631,8 +632,8 @@ def bench_ray(smoke: bool) -> dict:
         sink.close([])
         if ours:
             ray.shutdown()
-    from vl2cli.engine.config import load_config
-    from vl2cli.engine.processor import tile_image
+    from vl2cli.engine.vl2.config import load_config
+    from vl2cli.engine.vl2.processor import tile_image
     png = io.BytesIO()
     page.save(png, format="PNG", compress_level=1)
     tiles = tile_image(page.convert("RGB"), load_config(ckpt)).pixels.nbytes

@@ -16,10 +16,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from vl2cli.engine import moe
 from vl2cli.engine.cache import KVCache
-from vl2cli.engine.config import preset_config
 from vl2cli.engine.generation import Engine, SamplingParams, choose_tokens
 from vl2cli.engine.loading import build_model
 from vl2cli.engine.quant import is_quantizable
+from vl2cli.engine.vl2.config import preset_config
 
 
 class _OpCounter(TorchDispatchMode):

@@ -24,10 +24,11 @@ import torch
 from PIL import Image, ImageDraw
 from testkit import random_model
 
-from vl2cli.engine.config import preset_config
 from vl2cli.engine.generation import Engine, SamplingParams
-from vl2cli.engine.processor import Prepared, image_token_count, tile_image
+from vl2cli.engine.processor import Prepared
 from vl2cli.engine.scheduler import generate
+from vl2cli.engine.vl2.config import preset_config
+from vl2cli.engine.vl2.processor import image_token_count, tile_image
 from vl2cli.options import DEFAULT_DPI
 
 GIB = 1024**3
@@ -84,7 +85,7 @@ def toy_or_real(name: str, dry_run: bool):
                                                       if cfg.language.use_mla else {}))
         from dataclasses import replace
 
-        from vl2cli.engine.config import ProjectorConfig, VisionConfig
+        from vl2cli.engine.vl2.config import ProjectorConfig, VisionConfig
         cfg = replace(cfg, vision=VisionConfig(width=64, layers=2, heads=4),
                       projector=ProjectorConfig(input_dim=64, n_embed=256))
     return cfg

@@ -193,8 +193,8 @@ def _read_seconds() -> dict:
     from gpucheck import page_prompt
     from testkit import random_model
 
-    from vl2cli.engine.config import preset_config
     from vl2cli.engine.generation import Engine
+    from vl2cli.engine.vl2.config import preset_config
     cfg = preset_config("tiny", num_hidden_layers=2)
     model = random_model(cfg, dtype=torch.bfloat16)
     prompt = page_prompt(cfg)

@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 
     import llguidance
 
-    from vl2cli.engine.config import OCR2Config, OCRConfig, VL2Config
+    from vl2cli.engine.config import FamilyConfig
     from vl2cli.engine.generation import SamplingParams
     from vl2cli.engine.processor import Prepared
     from vl2cli.engine.scheduler import Scheduler
@@ -44,7 +44,7 @@ if TYPE_CHECKING:
 INIT_STD = 0.02
 
 
-def random_model(cfg: VL2Config | OCRConfig | OCR2Config, device: str = "cpu", dtype: torch.dtype = torch.float32,
+def random_model(cfg: FamilyConfig, device: str = "cpu", dtype: torch.dtype = torch.float32,
                  quant: str = "none", seed: int = 0, std: float = INIT_STD) -> Any:
     """A model of this config with random weights, placed exactly as the loader places a checkpoint's (quantized
     where `quant` says): the same speed and memory as real weights, without a download."""

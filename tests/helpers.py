@@ -13,8 +13,8 @@ from testkit import INIT_STD, random_model
 from typer.testing import CliRunner
 
 from vl2cli.cli import app
-from vl2cli.engine.config import load_config
-from vl2cli.engine.loading import model_to_checkpoint_name
+from vl2cli.engine.names import model_to_checkpoint_name
+from vl2cli.engine.vl2.config import load_config
 from vl2cli.errors import InputError
 from vl2cli.options import PageOptions
 from vl2cli.pages import Page, plan_source, render_pages

@@ -215,9 +215,9 @@ def test_param_arithmetic_equals_the_built_model():
     import torch
 
     from tests.helpers import CKPT
-    from vl2cli.engine.config import load_config, preset_config
     from vl2cli.engine.memory import param_counts
-    from vl2cli.engine.model import DeepseekVL2
+    from vl2cli.engine.vl2.config import load_config, preset_config
+    from vl2cli.engine.vl2.model import DeepseekVL2
     for cfg in (preset_config("tiny"), load_config(CKPT / "small"), load_config(CKPT / "base")):
         with torch.device("meta"):
             model = DeepseekVL2(cfg)

@@ -10,10 +10,10 @@ import torch
 from safetensors.torch import save_file
 
 from tests.helpers import CKPT, make_checkpoint
-from vl2cli.engine.config import config_from_dict, load_config
 from vl2cli.engine.generation import Engine, SamplingParams
 from vl2cli.engine.loading import load_model
 from vl2cli.engine.scheduler import generate
+from vl2cli.engine.vl2.config import config_from_dict, load_config
 from vl2cli.errors import CheckpointError, ConfigError
 
 VARIANTS = {
@@ -292,7 +292,7 @@ def test_hostile_configs_fail_at_once_naming_file_and_field(tmp_path, case):
 def test_unknown_config_keys_are_warned_about_known_ones_are_not(tmp_path):
     import warnings
 
-    from vl2cli.engine.config import load_config
+    from vl2cli.engine.vl2.config import load_config
     folder = _config_dir(tmp_path, _lang("mystery_switch", 1))
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")

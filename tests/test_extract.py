@@ -145,8 +145,8 @@ def test_schema_valid_json_on_the_real_vocabulary(real_vocab_reader, name):
 def test_vl2_tokenizer_matches_the_official_llama_tokenizer_on_the_real_vocabulary(real_vocab_ckpt):
     """The official processor wraps LlamaTokenizerFast and adds its tokens; vl2 reads tokenizer.json itself."""
     transformers = pytest.importorskip("transformers")
-    from vl2cli.engine.config import load_config
     from vl2cli.engine.processor import VL2Tokenizer
+    from vl2cli.engine.vl2.config import load_config
     # From the tokenizer.json itself, as transformers 4.x's from_pretrained did: transformers 5's from_pretrained
     # rebuilds a SentencePiece (Metaspace) pre-tokenizer for LlamaTokenizerFast and breaks this byte-level BPE.
     official = transformers.LlamaTokenizerFast(  # the special tokens as tokenizer_config.json names them

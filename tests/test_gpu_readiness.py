@@ -63,8 +63,8 @@ def _fake_card(monkeypatch, free_gib: float, total_gib: float | None = None) -> 
 
 
 def test_preflight_says_what_fits_before_reading_any_weight(monkeypatch):
-    from vl2cli.engine.config import preset_config
     from vl2cli.engine.loading import preflight
+    from vl2cli.engine.vl2.config import preset_config
     from vl2cli.errors import DeviceError
     cuda = torch.device("cuda")
     _fake_card(monkeypatch, 11.5, 12)  # a 12 GB card with the desktop on it
@@ -91,8 +91,8 @@ def test_load_model_runs_the_preflight_before_reading_weights(monkeypatch):
 @pytest.mark.parametrize("card,variant,batch", [(12, "small", (1, 2, 3)), (16, "small", (4, 8)),
                                                 (24, "base", (4, 8)), (12, "tiny", (8,))])
 def test_batch_size_follows_free_memory(card, variant, batch):
-    from vl2cli.engine.config import preset_config
     from vl2cli.engine.memory import GIB, largest_batch
+    from vl2cli.engine.vl2.config import preset_config
     assert largest_batch(preset_config(variant), "nf4", card * GIB) in batch
 
 

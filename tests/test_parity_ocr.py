@@ -50,8 +50,8 @@ def test_modes_tiles_and_token_counts(mode, size, tiles, tokens):
     from 2 to 6 tiles nearest the page's aspect."""
     from PIL import Image
 
-    from vl2cli.engine.config import OCRConfig
-    from vl2cli.engine.ocr import ocr_token_count, ocr_views
+    from vl2cli.engine.ocr.config import OCRConfig
+    from vl2cli.engine.ocr.processor import ocr_token_count, ocr_views
     views = ocr_views(Image.new("RGB", size, "white"), mode, OCRConfig())
     assert [views.tiles_wide, views.tiles_high] == tiles
     tiled = views.local_pixels is not None
@@ -61,7 +61,7 @@ def test_modes_tiles_and_token_counts(mode, size, tiles, tokens):
 
 
 def test_closest_ratio_tie_rule():
-    from vl2cli.engine.ocr import closest_ratio
+    from vl2cli.engine.ocr.processor import closest_ratio
     # 2:1 images: (2, 1) and (4, 2) tie on aspect; the larger grid wins only above half its pixel area
     assert closest_ratio(1280, 640, 2, 6) == (2, 1)
     assert closest_ratio(2000, 1000, 2, 6) == (2, 1)  # 2.0 Mpx > 0.5 * 640 * 640 * 2 but (4, 2) has 8 tiles > 6

@@ -76,8 +76,8 @@ def test_tiles_and_token_counts(size, tiles, tokens):
     the new candidate's area), 256 global queries + 1 separator + 144 per tile."""
     from PIL import Image
 
-    from vl2cli.engine.config import OCR2Config
-    from vl2cli.engine.ocr2 import ocr2_token_count, ocr2_views
+    from vl2cli.engine.ocr2.config import OCR2Config
+    from vl2cli.engine.ocr2.processor import ocr2_token_count, ocr2_views
     views = ocr2_views(Image.new("RGB", size, "white"), OCR2Config())
     assert [views.tiles_wide, views.tiles_high] == tiles
     n_tiles = 0 if views.local_pixels is None else len(views.local_pixels)
@@ -92,7 +92,7 @@ def test_global_view_is_pillows_pad_on_grey_127(size):
     import numpy as np
     from PIL import Image, ImageOps
 
-    from vl2cli.engine.ocr2 import padded_view
+    from vl2cli.engine.ocr2.processor import padded_view
     rng = np.random.default_rng(size[0] * size[1])
     image = Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
     view, resize, paste = padded_view(image, 1024, (127, 127, 127))
@@ -104,7 +104,7 @@ def test_global_view_is_pillows_pad_on_grey_127(size):
 
 def test_the_encoder_mask_is_causal_flow():
     """Image tokens see each other and no query; query i sees every image token and queries 0..i."""
-    from vl2cli.engine.qwen2_encoder import flow_mask
+    from vl2cli.engine.ocr2.qwen2_encoder import flow_mask
     m = flow_mask(3).int().tolist()
     assert m == [[1, 1, 1, 0, 0, 0], [1, 1, 1, 0, 0, 0], [1, 1, 1, 0, 0, 0],
                  [1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 1, 1]]
@@ -115,7 +115,7 @@ def test_the_queries_attend_to_the_image_and_not_the_other_way():
     and no earlier query's; changing an image token changes every query's."""
     import torch
 
-    from vl2cli.engine.qwen2_encoder import ENCODER_WIDTH, QueryEncoder
+    from vl2cli.engine.ocr2.qwen2_encoder import ENCODER_WIDTH, QueryEncoder
     torch.manual_seed(0)
     encoder = QueryEncoder()
     del encoder.layers[2:]  # two layers show the mask's effect as well as 24
@@ -136,9 +136,10 @@ def test_the_queries_attend_to_the_image_and_not_the_other_way():
 def test_param_arithmetic_equals_the_built_model():
     import torch
 
-    from vl2cli.engine.config import OCR2Config, preset_config
     from vl2cli.engine.memory import ocr2_vision_params
-    from vl2cli.engine.ocr2 import DeepseekOCR2
+    from vl2cli.engine.ocr2.config import OCR2Config
+    from vl2cli.engine.ocr2.model import DeepseekOCR2
+    from vl2cli.engine.vl2.config import preset_config
     cfg = OCR2Config(language=preset_config("tiny").language)
     with torch.device("meta"):
         model = DeepseekOCR2(cfg)
@@ -151,9 +152,10 @@ def test_the_official_layout_loads_strictly_name_for_name():
     same shape, and every vision parameter is one of them."""
     import torch
 
-    from vl2cli.engine.config import OCR2Config, preset_config
-    from vl2cli.engine.loading import ocr2_checkpoint_to_model_name
-    from vl2cli.engine.ocr2 import DeepseekOCR2
+    from vl2cli.engine.names import ocr2_checkpoint_to_model_name
+    from vl2cli.engine.ocr2.config import OCR2Config
+    from vl2cli.engine.ocr2.model import DeepseekOCR2
+    from vl2cli.engine.vl2.config import preset_config
     if not (SHARED / "vision_shapes.json").exists():
         pytest.skip(ABSENT)
     shapes = json.loads((SHARED / "vision_shapes.json").read_text())
@@ -165,17 +167,18 @@ def test_the_official_layout_loads_strictly_name_for_name():
 
 
 def test_a_checkpoint_is_told_apart_by_its_architecture(tmp_path):
-    from vl2cli.engine.config import OCR2Config, load_any_config
+    from vl2cli.engine.family import read_config
+    from vl2cli.engine.ocr2.config import OCR2Config
     from vl2cli.errors import ConfigError
     raw = json.loads((Path(__file__).parent / "data" / "parity" / "ckpt" / "tiny" / "config.json").read_text())
     raw["architectures"] = ["DeepseekOCR2ForCausalLM"]
     raw["projector_config"] = {"projector_type": "linear", "input_dim": 896, "n_embed": raw["language_config"]["hidden_size"]}
     (tmp_path / "config.json").write_text(json.dumps(raw))
-    assert isinstance(load_any_config(tmp_path), OCR2Config)
+    assert isinstance(read_config(tmp_path), OCR2Config)
     raw["projector_config"]["input_dim"] = 2048
     (tmp_path / "config.json").write_text(json.dumps(raw))
     with pytest.raises(ConfigError, match="DeepSeek-OCR 2 projects 896 channels"):
-        load_any_config(tmp_path)
+        read_config(tmp_path)
 
 
 def test_prompts_are_the_raw_official_forms(loaded_ocr2):
@@ -252,9 +255,9 @@ def test_every_reading_path_runs_on_deepseek_ocr2(ocr2_ckpt, tmp_path):
 
 
 def ocr2_tokenizer(folder: Path):
-    from vl2cli.engine.config import load_any_config
+    from vl2cli.engine.family import read_config
     from vl2cli.engine.processor import VL2Tokenizer
-    return VL2Tokenizer(folder, load_any_config(folder))  # type: ignore[arg-type]
+    return VL2Tokenizer(folder, read_config(folder))
 
 
 @pytest.mark.slow

@@ -6,8 +6,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from vl2cli.bands import merge_band_texts, split_bands
-from vl2cli.engine.config import _all_candidates
-from vl2cli.engine.processor import select_best_resolution
+from vl2cli.engine.vl2.config import _all_candidates
+from vl2cli.engine.vl2.processor import select_best_resolution
 from vl2cli.parsers import find_loop, parse_grounding, parse_tables, scale_box, strip_grounding_tags, trim_loop
 
 

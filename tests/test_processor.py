@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from PIL import Image
 
-from vl2cli.engine.processor import Message, UserText, image_token_count
+from vl2cli.engine.processor import Message, UserText
+from vl2cli.engine.vl2.processor import image_token_count
 
 
 def test_multi_turn_tokens_follow_the_official_processor(loaded_tiny):

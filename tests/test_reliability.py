@@ -320,7 +320,7 @@ def test_out_of_memory_frees_the_failed_attempt_before_retrying(reader, page_ima
 
 
 def test_any_error_while_generating_fails_only_its_page(reader, page_image, monkeypatch):
-    from vl2cli.engine import vision
+    from vl2cli.engine.vl2 import vision
     from vl2cli.options import ReadOptions
     from vl2cli.pages import Page
     from vl2cli.tasks import get_task
@@ -345,7 +345,7 @@ def test_where_a_page_failed_is_shown_with_v_and_only_then(monkeypatch, where):
     """The record says "run with -v for details": -v shows the traceback of what raised (the engine step, or the
     page's prompt before any step), on stderr; without it the one-line error is all."""
     from tests.helpers import vl2
-    from vl2cli.engine import processor, vision
+    from vl2cli.engine.vl2 import processor, vision
 
     def forward(self, *args, **kwargs):
         raise ValueError("a bug in the vision tower")

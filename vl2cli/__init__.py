@@ -89,21 +89,12 @@ def trace(model: str, prompt: str, out: str, images: list[Path] | None = None, *
           all_positions: bool = False) -> dict[str, Any]:
     """Write the parity trace of one prompt (OUT.json + OUT.npz: tokens, tiles, logits, greedy ids); its metadata.
     DeepSeek-OCR and DeepSeek-OCR 2 take exactly one image (their own trace formats)."""
+    from vl2cli.engine.family import get_family
+    from vl2cli.engine.hub import model_kind
     from vl2cli.engine.loading import load_model
     from vl2cli.models import ModelChoice
-    kind = ModelChoice(str(ModelChoice(model).resolve())).kind()
+    family = get_family(model_kind(str(ModelChoice(model).resolve())))
     images = list(images or [])
-    if kind != "vl2" and len(images) != 1:
-        raise UsageError(f"a DeepSeek-OCR{' 2' if kind == 'ocr2' else ''} trace takes exactly one --image")
-    if kind == "ocr2":
-        ModelChoice("ocr2").check_mode(ocr_mode or "gundam")
+    family.check_trace(len(images), ocr_mode)  # before any weight loads
     loaded = load_model(model, device=device, dtype=dtype, quant="none")
-    if kind == "ocr":
-        from vl2cli.engine.ocr_trace import run_ocr_trace
-        return run_ocr_trace(loaded, str(images[0]), prompt, ocr_mode or "gundam", max_new_tokens, out)
-    if kind == "ocr2":
-        from vl2cli.engine.ocr2_trace import run_ocr2_trace
-        return run_ocr2_trace(loaded, str(images[0]), prompt, max_new_tokens, out)
-    from vl2cli.engine.trace import load_reference_image, run_trace
-    prepared = loaded.processor.prepare_prompt(prompt, [load_reference_image(p) for p in images])
-    return run_trace(loaded, prepared, max_new_tokens, out, all_positions)
+    return family.trace(loaded, images, prompt, max_new_tokens, out, ocr_mode, all_positions)

@@ -16,9 +16,6 @@ from vl2cli.errors import UsageError
 if TYPE_CHECKING:
     from vl2cli.reader import Reader
 
-HUB_KINDS = (("ocr", "deepseek-ai/DeepSeek-OCR"), ("ocr2", "deepseek-ai/DeepSeek-OCR-2"))  # alias, hub id
-
-
 @dataclass(frozen=True)
 class ModelChoice:
     """The option table's model words (vl2cli/options.py), by the same names."""
@@ -40,27 +37,20 @@ class ModelChoice:
         return resolve_model(self.model, revision=self.revision, offline=self.offline or None)
 
     def kind(self) -> str:
-        """"ocr" for DeepSeek-OCR, "ocr2" for DeepSeek-OCR 2 (told by alias, hub id or a local folder's config),
-        else "vl2"."""
-        for kind, hub_id in HUB_KINDS:
-            if self.model in (kind, hub_id, "hf:" + hub_id):
-                return kind
-        folder = Path(self.model).expanduser()
-        if (folder / "config.json").is_file():
-            from vl2cli.engine.config import OCR2Config, OCRConfig, load_any_config
-            cfg = load_any_config(folder)
-            return "ocr" if isinstance(cfg, OCRConfig) else "ocr2" if isinstance(cfg, OCR2Config) else "vl2"
-        return "vl2"
+        """"vl2", "ocr" (DeepSeek-OCR) or "ocr2" (DeepSeek-OCR 2), told by alias, hub id or a local folder's config
+        (engine.hub.model_kind: no weights, no torch)."""
+        from vl2cli.engine.hub import model_kind
+        return model_kind(self.model)
 
     def family(self) -> str:
         """The prompt family: "ocr" for DeepSeek-OCR and DeepSeek-OCR 2 (the same prompt forms), else "vl2"."""
-        return "vl2" if self.kind() == "vl2" else "ocr"
+        from vl2cli.engine.family import get_family
+        return get_family(self.kind()).prompts
 
     def check_mode(self, ocr_mode: str) -> None:
-        """Refused before the model loads: DeepSeek-OCR 2 reads in one mode only."""
-        if ocr_mode != "gundam" and self.kind() == "ocr2":
-            from vl2cli.engine.ocr2 import ocr2_mode_refused
-            raise UsageError(ocr2_mode_refused(ocr_mode))
+        """Refused before the model loads: what the family cannot read in (DeepSeek-OCR 2 reads in one mode only)."""
+        from vl2cli.engine.family import get_family
+        get_family(self.kind()).check_mode(ocr_mode)
 
     def load(self, folder: Path | None = None) -> Reader:
         """The model, loaded once (from `folder` when it is already resolved)."""

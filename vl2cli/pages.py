@@ -32,7 +32,7 @@ from vl2cli.orient import orientation, text_layer_rotation, turn
 if TYPE_CHECKING:
     import pypdfium2 as pdfium
 
-    from vl2cli.engine.processor import Tiling
+    from vl2cli.engine.processor import PageViews
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff", ".bmp", ".gif"}
 PDF_SUFFIXES = {".pdf"}
@@ -47,7 +47,7 @@ class Page:
     number: int  # 1-based page (or frame) number
     image: Image.Image
     text_layer: str | None = None
-    tiling: Tiling | None = None  # cut ahead in the rendering thread
+    tiling: PageViews | None = None  # cut ahead in the rendering thread, for the model's family
     rotation: int = 0  # clockwise degrees `image` was turned from the page as given (vl2cli.orient)
     rotation_source: str | None = None  # "text_layer", "osd", "user", or None
 

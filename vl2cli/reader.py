@@ -23,8 +23,6 @@ from vl2cli.bands import AUTO_BANDS, merge_band_texts, planned_bands, split_band
 from vl2cli.engine.generation import Engine, Generation, NoRepeatNgram, SamplingParams
 from vl2cli.engine.grammar import Grammar, grammar_tokenizer
 from vl2cli.engine.memory import batch_for_free
-from vl2cli.engine.ocr import OCRProcessor
-from vl2cli.engine.ocr2 import OCR2_MODE, OCR2Processor, ocr2_mode_refused
 from vl2cli.engine.processor import EOS_TEXT, Message, Prepared, UserText
 from vl2cli.engine.scheduler import EngineLoop, Failure, LocalBatch, LoopBatch, Request
 from vl2cli.errors import OutOfMemory, PageFailed, UsageError
@@ -39,7 +37,7 @@ if TYPE_CHECKING:
     from PIL import Image
 
     from vl2cli.engine.loading import LoadedModel
-    from vl2cli.engine.processor import Tiling
+    from vl2cli.engine.processor import PageViews
     from vl2cli.pages import Page
     from vl2cli.tasks import Task
 
@@ -194,12 +192,13 @@ class Reader:
 
     @property
     def family(self) -> str:
-        """"ocr" for DeepSeek-OCR and DeepSeek-OCR 2 (their own prompts and no-repeat rule), "vl2" otherwise."""
-        return "ocr" if isinstance(self.loaded.processor, OCRProcessor | OCR2Processor) else "vl2"
+        """The prompt family the tasks' templates are written for: "ocr" for DeepSeek-OCR and DeepSeek-OCR 2, "vl2"
+        for DeepSeek-VL2."""
+        return self.loaded.family.prompts
 
     def _sampling(self, opts: ReadOptions) -> SamplingParams:
         no_repeat = None
-        if self.family == "ocr" and opts.no_repeat:
+        if self.loaded.family.ngram_rule and opts.no_repeat:
             tok = self.loaded.processor.tokenizer
             cells = frozenset(i for i in (tok.tok.token_to_id("<td>"), tok.tok.token_to_id("</td>")) if i is not None)
             no_repeat = NoRepeatNgram(NGRAM_SIZE, NGRAM_WINDOW, cells)
@@ -211,10 +210,9 @@ class Reader:
         return self.loaded.cfg.language.max_position_embeddings
 
     def check_mode(self, mode: str) -> None:
-        """DeepSeek-OCR 2 has one setting (its official one, DeepSeek-OCR's gundam with 768-pixel tiles): any other
-        mode is refused, never quietly read another way."""
-        if isinstance(self.loaded.processor, OCR2Processor) and mode != OCR2_MODE:
-            raise UsageError(ocr2_mode_refused(mode))
+        """UsageError where the model's family cannot read in this --ocr-mode (DeepSeek-OCR 2 has one setting, its
+        official one: any other mode is refused, never quietly read another way)."""
+        self.loaded.family.check_mode(mode)
 
     def stop_within(self, seconds: float) -> None:
         """Let generation in flight run at most `seconds` more (a signal's bounded drain)."""
@@ -330,7 +328,7 @@ class Reader:
 
     # ------------------------------------------------------------------ pages
 
-    def _prompt(self, task: Task, template: str, image: Image.Image | Tiling, opts: ReadOptions,
+    def _prompt(self, task: Task, template: str, image: Image.Image | PageViews, opts: ReadOptions,
                 hint: str | None) -> Prepared:
         schema = describe_json(opts.schema_json) if opts.schema_json else None
         return self.loaded.processor.prepare_prompt(task.prompt(1, template, opts.text, hint, schema), [image],

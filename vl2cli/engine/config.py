@@ -1,10 +1,11 @@
-"""DeepSeek-VL2 configuration: read the official config.json, validate it, and the real-size presets.
+"""What every family's configuration shares: the DeepSeek-V2 decoder's config (read, bounded, validated), the MLA
+and MoE shapes decided once from it, and the reading of config.json's sections.
 
-Follows deepseek-ai/DeepSeek-VL2 `deepseek_vl2/models/configuration_deepseek.py` (commit 1d57bba) and the
-VisionConfig/MlpProjectorConfig of `modeling_deepseek_vl_v2.py`. Missing language fields take the defaults
-of the official DeepseekV2Config; values the model cannot honour raise ConfigError naming the field,
-never a silent fallback. A config is input like any other file: every number is bounded before anything
-is built from it (a hostile `n_routed_experts: 50000000` must not build 10^8 modules).
+Follows deepseek-ai/DeepSeek-VL2 `deepseek_vl2/models/configuration_deepseek.py` (commit 1d57bba). Missing language
+fields take the defaults of the official DeepseekV2Config; values the model cannot honour raise ConfigError naming the
+field, never a silent fallback. A config is input like any other file: every number is bounded before anything is
+built from it (a hostile `n_routed_experts: 50000000` must not build 10^8 modules). Each family's own config
+(vision side, tiling, presets) lives in its package: engine/vl2/config.py, engine/ocr/config.py, engine/ocr2/config.py.
 """
 
 from __future__ import annotations
@@ -12,42 +13,18 @@ from __future__ import annotations
 import json
 import math
 import warnings
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, TypeVar
 
 from vl2cli.errors import ConfigError
 
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
 TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
 SCORING_FUNCS = ("softmax", "sigmoid")
-
-
-@dataclass(frozen=True)
-class VisionConfig:
-    image_size: int = 384
-    patch_size: int = 14
-    width: int = 1152
-    layers: int = 27
-    heads: int = 16
-    mlp_ratio: float = 3.7362
-
-    @property
-    def grid(self) -> int:  # patches per side: 384 // 14 = 27
-        return self.image_size // self.patch_size
-
-    @property
-    def mlp_dim(self) -> int:  # timm truncates: int(1152 * 3.7362) = 4304
-        return int(self.width * self.mlp_ratio)
-
-
-@dataclass(frozen=True)
-class ProjectorConfig:
-    input_dim: int = 1152
-    n_embed: int = 1280
-    depth: int = 2
-    mlp_ratio: int = 1
-    downsample_ratio: int = 2
-
+T = TypeVar("T", bound="DataclassInstance")
 
 @dataclass(frozen=True)
 class LanguageConfig:
@@ -152,22 +129,26 @@ def moe_shape(lc: LanguageConfig) -> MoeShape:
                     lc.scoring_func, lc.n_group or 1, lc.topk_group or 1, lc.norm_topk_prob, lc.routed_scaling_factor)
 
 
-@dataclass(frozen=True)
-class VL2Config:
-    vision: VisionConfig = field(default_factory=VisionConfig)
-    projector: ProjectorConfig = field(default_factory=ProjectorConfig)
-    language: LanguageConfig = field(default_factory=LanguageConfig)
-    candidate_resolutions: tuple[tuple[int, int], ...] = ()
-    tile_tag: str = "2D"
-    global_view_pos: str = "head"
-    image_mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
-    image_std: tuple[float, float, float] = (0.5, 0.5, 0.5)
-    image_token: str = "<image>"
-    pad_token: str = "<｜▁pad▁｜>"
+class FamilyConfig(Protocol):
+    """What the loader, the tokenizer, the engine and the memory arithmetic read of any family's config (each family's
+    config is a frozen dataclass with these fields; `kind` names its family, see engine/family.py)."""
+
+    kind: ClassVar[str]
 
     @property
-    def tokens_per_tile_side(self) -> int:  # ceil(27 / 2) = 14 merged tokens per side
-        return math.ceil(self.vision.grid / self.projector.downsample_ratio)
+    def language(self) -> LanguageConfig: ...
+
+    @property
+    def image_token(self) -> str: ...
+
+    @property
+    def pad_token(self) -> str: ...
+
+    @property
+    def image_mean(self) -> tuple[float, float, float]: ...
+
+    @property
+    def image_std(self) -> tuple[float, float, float]: ...
 
 
 # Sane bounds for every number a config may set: far above any published model, far below what would
@@ -184,8 +165,6 @@ _BOUNDS: dict[str, tuple[float, float]] = {
     "qk_nope_head_dim": (0, 4096), "v_head_dim": (0, 4096), "max_position_embeddings": (1, 1_048_576),
     "rms_norm_eps": (0, 1), "rope_theta": (1, 1e12), "bos_token_id": (0, 1_048_576), "eos_token_id": (0, 1_048_576),
 }
-MAX_CANVAS_SIDE = 6144  # px: 16 tiles of 384 (the published grids stop at 9 tiles, 3456 px)
-MAX_CANVAS_TILES = 36
 
 # Config keys vl2 reads past on purpose (training switches, bookkeeping); any other unknown key is warned about.
 KNOWN_IGNORED = {
@@ -202,7 +181,7 @@ KNOWN_IGNORED = {
 }
 
 
-def _warn_unknown(section: str, raw: dict[str, Any], known: set[str]) -> None:
+def warn_unknown(section: str, raw: dict[str, Any], known: set[str]) -> None:
     unknown = sorted(set(raw) - known - KNOWN_IGNORED.get(section, set()))
     if unknown:
         where = f"{section}." if section else ""
@@ -221,13 +200,13 @@ def _checked_number(where: str, name: str, value: Any, kind: str) -> Any:
     return int(value) if wants_int else float(value)
 
 
-def _pick(cls, raw: Any, where: str):
+def pick(cls: type[T], raw: object, where: str) -> T:
     if not isinstance(raw, dict):
         raise ConfigError(f"{where} = {raw!r}: expected an object")
     nullable = _NULLABLE.get(cls, ())
     known = {f.name for f in fields(cls)}
-    _warn_unknown(where, raw, known)
-    values = {}
+    warn_unknown(where, raw, known)
+    values: dict[str, Any] = {}
     for f in fields(cls):
         if f.name not in raw or (raw[f.name] is None and f.name not in nullable):
             continue
@@ -242,7 +221,7 @@ def _pick(cls, raw: Any, where: str):
     return cls(**values)
 
 
-_NULLABLE = {
+_NULLABLE: dict[type, tuple[str, ...]] = {
     LanguageConfig: ("q_lora_rank", "kv_lora_rank", "n_shared_experts", "n_routed_experts",
                      "num_experts_per_tok", "n_group", "topk_group", "rope_scaling"),
 }
@@ -252,7 +231,7 @@ def _fail(lc: LanguageConfig, name: str, why: str) -> ConfigError:
     return ConfigError(f"language_config.{name} = {getattr(lc, name)!r}: {why}")
 
 
-def _validate_language(lc: LanguageConfig) -> None:
+def validate_language(lc: LanguageConfig) -> None:
     if lc.hidden_act != "silu":
         raise _fail(lc, "hidden_act", "only 'silu' is supported")
     if lc.tie_word_embeddings:
@@ -316,166 +295,13 @@ def _validate_moe(lc: LanguageConfig, n_routed: int) -> None:
         raise _fail(lc, "n_group", "noaux_tc scores groups by their two best experts: need >= 2 experts per group")
 
 
-def _candidates(raw: Any, tile: int) -> tuple[tuple[int, int], ...]:
-    """candidate_resolutions: a non-empty list of [w, h] pairs on the tile grid, each a bounded canvas."""
-    if not isinstance(raw, list) or not raw or len(raw) > 1024:
-        raise ConfigError(f"candidate_resolutions = {str(raw)[:80]}: expected a list of [width, height] pairs")
-    out = []
-    for entry in raw:
-        ok = (isinstance(entry, (list, tuple)) and len(entry) == 2
-              and all(isinstance(v, int) and not isinstance(v, bool) for v in entry))
-        if not ok:
-            raise ConfigError(f"candidate_resolutions entry {entry!r}: expected [width, height] in pixels")
-        w, h = entry
-        if w <= 0 or h <= 0 or w % tile or h % tile:
-            raise ConfigError(f"candidate_resolutions entry {[w, h]} is not a positive multiple of {tile}")
-        if max(w, h) > MAX_CANVAS_SIDE or (w // tile) * (h // tile) > MAX_CANVAS_TILES:
-            raise ConfigError(f"candidate_resolutions entry {[w, h]} is over the {MAX_CANVAS_SIDE}-pixel, "
-                              f"{MAX_CANVAS_TILES}-tile bound (each tile costs ~200 image tokens)")
-        out.append((w, h))
-    return tuple(out)
-
-
-def _triple(processor: dict[str, Any], key: str, default: tuple[float, float, float], positive: bool):
-    value = processor.get(key, default)
-    ok = (isinstance(value, (list, tuple)) and len(value) == 3
-          and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value))
-    if not ok or (positive and min(value) <= 0):
-        need = "three positive numbers" if positive else "three numbers"
-        raise ConfigError(f"processor_config.{key} = {value!r}: expected {need}")
-    return tuple(float(v) for v in value)
-
-
-def _validate_vision_side(vision_raw: dict[str, Any], proj_raw: dict[str, Any], vision: VisionConfig,
-                          projector: ProjectorConfig, language: LanguageConfig) -> None:
-    if vision_raw.get("class_token"):
-        raise ConfigError("vision_config.class_token = true: the SigLIP tower without class token is supported")
-    ptype = proj_raw.get("projector_type", "downsample_mlp_gelu")
-    if ptype != "downsample_mlp_gelu":
-        raise ConfigError(f"projector_config.projector_type = {ptype!r}: only 'downsample_mlp_gelu' is supported")
-    if proj_raw.get("token_pooling"):
-        raise ConfigError("projector_config.token_pooling = true is not supported")
-    if projector.input_dim != vision.width:
-        raise ConfigError(f"projector_config.input_dim = {projector.input_dim} does not match vision width {vision.width}")
-    if projector.n_embed != language.hidden_size:
-        raise ConfigError(f"projector_config.n_embed = {projector.n_embed} does not match hidden_size {language.hidden_size}")
-    if vision.grid < 1 or vision.width % vision.heads:
-        raise ConfigError(f"vision_config: image_size {vision.image_size}, patch_size {vision.patch_size}, width "
-                          f"{vision.width}, heads {vision.heads} do not make a vision tower")
-
-
-def config_from_dict(raw: dict[str, Any], processor: dict[str, Any] | None = None) -> VL2Config:
-    """Build a VL2Config from the official config.json (and optional processor_config.json) dicts."""
-    if raw.get("model_type") not in (None, "deepseek_vl_v2"):
-        raise ConfigError(f"model_type = {raw.get('model_type')!r}: not a DeepSeek-VL2 checkpoint")
-    vision_raw = raw.get("vision_config") or {}
-    proj_raw = raw.get("projector_config") or {}
-    lang_raw = raw.get("language_config")
-    if not isinstance(lang_raw, dict):
-        raise ConfigError("config.json has no language_config section")
-    vision = _pick(VisionConfig, vision_raw, "vision_config")
-    projector = _pick(ProjectorConfig, proj_raw, "projector_config")
-    language = _pick(LanguageConfig, lang_raw, "language_config")
-    _validate_vision_side(vision_raw, proj_raw, vision, projector, language)
-    _validate_language(language)
-    tile_tag = raw.get("tile_tag", "2D")
-    if tile_tag != "2D":
-        raise ConfigError(f"tile_tag = {tile_tag!r}: only '2D' tiling is supported")
-    view_pos = raw.get("global_view_pos", "head")
-    if view_pos not in ("head", "tail"):
-        raise ConfigError(f"global_view_pos = {view_pos!r}: expected 'head' or 'tail'")
-    processor = processor or {}
-    if not isinstance(processor, dict):
-        raise ConfigError("processor_config.json: expected an object")
-    _warn_unknown("", raw, set())
-    cands = _candidates(processor.get("candidate_resolutions") or raw.get("candidate_resolutions")
-                        or [[vision.image_size] * 2], vision.image_size)
-    for key, size in (("patch_size", vision.patch_size), ("downsample_ratio", projector.downsample_ratio)):
-        if key in processor and processor[key] != size:
-            raise ConfigError(f"processor_config.{key} = {processor[key]} disagrees with config.json ({size})")
-    return VL2Config(
-        vision=vision,
-        projector=projector,
-        language=language,
-        candidate_resolutions=cands,
-        tile_tag=tile_tag,
-        global_view_pos=view_pos,
-        image_mean=_triple(processor, "image_mean", (0.5, 0.5, 0.5), positive=False),
-        image_std=_triple(processor, "image_std", (0.5, 0.5, 0.5), positive=True),
-        image_token=_token(processor, "image_token", "<image>"),
-        pad_token=_token(processor, "pad_token", "<｜▁pad▁｜>"),
-    )
-
-
-def _token(processor: dict[str, Any], key: str, default: str) -> str:
-    value = processor.get(key, default)
-    if not isinstance(value, str) or not value or len(value) > 64:
-        raise ConfigError(f"processor_config.{key} = {value!r}: expected a short token string")
-    return value
-
-
-OCR_ARCHITECTURE = "DeepseekOCRForCausalLM"
-OCR_MODES: dict[str, tuple[int, int, bool]] = {  # name -> (global view, tile size, cropping): the official modes
-    "tiny": (512, 512, False), "small": (640, 640, False), "base": (1024, 1024, False),
-    "large": (1280, 1280, False), "gundam": (1024, 640, True),
-}
-
-
-@dataclass(frozen=True)
-class OCRConfig:
-    """DeepSeek-OCR: DeepSeek-VL2-tiny's decoder behind DeepEncoder (SAM ViT-B -> CLIP-L -> linear projector).
-
-    The encoder's sizes are fixed by the official code (they are not read from config.json, which describes them
-    only by name); the decoder is read and validated like DeepSeek-VL2's."""
-
-    language: LanguageConfig = field(default_factory=LanguageConfig)
-    projector_input: int = 2048  # CLIP-L 1024 + SAM 1024 channels, concatenated
-    image_token: str = "<image>"
-    pad_token: str = "<｜▁pad▁｜>"
-    image_mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
-    image_std: tuple[float, float, float] = (0.5, 0.5, 0.5)
-    min_crops: int = 2
-    max_crops: int = 6
-
-
-def is_ocr_config(raw: dict[str, Any]) -> bool:
-    return OCR_ARCHITECTURE in (raw.get("architectures") or [])
-
-
-OCR2_ARCHITECTURE = "DeepseekOCR2ForCausalLM"
-
-
-@dataclass(frozen=True)
-class OCR2Config:
-    """DeepSeek-OCR 2: DeepSeek-VL2-tiny's decoder behind DeepEncoder V2 (SAM ViT-B -> a Qwen2-0.5B-shaped encoder
-    with learnable queries -> linear projector), one resolution setting: 2-6 tiles of 768 px and a 1024 global view.
-
-    As for DeepSeek-OCR, the encoder's sizes are the official code's (config.json names them only); the decoder is
-    read and validated like DeepSeek-VL2's."""
-
-    language: LanguageConfig = field(default_factory=LanguageConfig)
-    projector_input: int = 896  # the Qwen2 encoder's width
-    image_token: str = "<image>"
-    pad_token: str = "<｜▁pad▁｜>"
-    image_mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
-    image_std: tuple[float, float, float] = (0.5, 0.5, 0.5)
-    global_size: int = 1024  # BASE_SIZE
-    tile_size: int = 768  # IMAGE_SIZE
-    min_crops: int = 2
-    max_crops: int = 6
-
-
-def is_ocr2_config(raw: dict[str, Any]) -> bool:
-    return OCR2_ARCHITECTURE in (raw.get("architectures") or [])
-
-
-def _ocr_language(raw: dict[str, Any], model: str, projector_input: int) -> LanguageConfig:
-    """The decoder of a DeepSeek-OCR family checkpoint, once its linear projector is known to map the encoder's
-    `projector_input` channels to the decoder's width."""
+def linear_projector_language(raw: dict[str, Any], model: str, projector_input: int) -> LanguageConfig:
+    """The decoder of a checkpoint whose encoder sits behind a linear projector (DeepSeek-OCR and DeepSeek-OCR 2),
+    once that projector is known to map the encoder's `projector_input` channels to the decoder's width."""
     if raw.get("model_type") not in (None, "deepseek_vl_v2"):
         raise ConfigError(f"model_type = {raw.get('model_type')!r}: not a {model} checkpoint")
-    language = _pick(LanguageConfig, raw.get("language_config"), "language_config")
-    _validate_language(language)
+    language = pick(LanguageConfig, raw.get("language_config"), "language_config")
+    validate_language(language)
     projector = raw.get("projector_config") or {}
     if not isinstance(projector, dict) or projector.get("projector_type", "linear") != "linear":
         raise ConfigError(f"projector_config.projector_type = {projector.get('projector_type')!r}: {model}'s "
@@ -488,109 +314,15 @@ def _ocr_language(raw: dict[str, Any], model: str, projector_input: int) -> Lang
     return language
 
 
-def ocr2_config_from_dict(raw: dict[str, Any]) -> OCR2Config:
-    return OCR2Config(language=_ocr_language(raw, "DeepSeek-OCR 2", OCR2Config.projector_input))
-
-
-def ocr_config_from_dict(raw: dict[str, Any]) -> OCRConfig:
-    return OCRConfig(language=_ocr_language(raw, "DeepSeek-OCR", OCRConfig.projector_input))
-
-
-def load_config(folder: str | Path) -> VL2Config:
-    folder = Path(folder)
-    path = folder / "config.json"
+def read_json_object(path: Path, what: str = "") -> dict[str, Any]:
+    """A JSON object from a checkpoint file, or ConfigError naming the file and what is wrong."""
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise ConfigError(f"{path}: no config.json in the checkpoint folder") from None
+        raise ConfigError(f"{path}: no {what or path.name} in the checkpoint folder") from None
     except (OSError, ValueError) as exc:
         raise ConfigError(f"{path}: cannot read ({exc})") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a JSON object")
-    if is_ocr_config(raw) or is_ocr2_config(raw):
-        raise ConfigError(f"{path}: a DeepSeek-OCR checkpoint (load it with load_any_config)")
-    proc_path = folder / "processor_config.json"
-    processor = None
-    if proc_path.exists():
-        try:
-            processor = json.loads(proc_path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
-            raise ConfigError(f"{proc_path}: cannot read ({exc})") from None
-    try:
-        return config_from_dict(raw, processor)
-    except ConfigError as exc:
-        raise ConfigError(f"{path}: {exc}") from None
+    return raw
 
-
-def _all_candidates(max_tiles: int = 9, tile: int = 384) -> tuple[tuple[int, int], ...]:
-    # The published order: by tile count, then (w, h) pairs as the official configs list them.
-    out: list[tuple[int, int]] = []
-    for n in range(1, max_tiles + 1):
-        for a in range(1, math.isqrt(n) + 1):
-            if n % a == 0:
-                out.append((a * tile, n // a * tile))
-                if a != n // a:
-                    out.append((n // a * tile, a * tile))
-    return tuple(out)
-
-
-_VISION = VisionConfig()
-_LANG_COMMON: dict[str, Any] = {
-    "first_k_dense_replace": 1, "n_shared_experts": 2, "num_experts_per_tok": 6, "max_position_embeddings": 4096,
-    "bos_token_id": 0, "eos_token_id": 1,
-}
-PRESETS: dict[str, dict[str, Any]] = {
-    "tiny": {
-        "hub_id": "deepseek-ai/deepseek-vl2-tiny", "total_params": 3.37e9, "active_params": 1.0e9,
-        "language": LanguageConfig(
-            vocab_size=129280, hidden_size=1280, intermediate_size=6848, moe_intermediate_size=896,
-            num_hidden_layers=12, num_attention_heads=10, num_key_value_heads=10, n_routed_experts=64,
-            use_mla=False, kv_lora_rank=None, q_lora_rank=None, qk_rope_head_dim=0, qk_nope_head_dim=0,
-            v_head_dim=0, **_LANG_COMMON),
-    },
-    "small": {
-        "hub_id": "deepseek-ai/deepseek-vl2-small", "total_params": 16.1e9, "active_params": 2.8e9,
-        "language": LanguageConfig(
-            vocab_size=102400, hidden_size=2048, intermediate_size=10944, moe_intermediate_size=1408,
-            num_hidden_layers=27, num_attention_heads=16, num_key_value_heads=16, n_routed_experts=64,
-            use_mla=True, kv_lora_rank=512, q_lora_rank=None, **_LANG_COMMON),
-    },
-    "base": {
-        "hub_id": "deepseek-ai/deepseek-vl2", "total_params": 27.5e9, "active_params": 4.5e9,
-        "language": LanguageConfig(
-            vocab_size=129280, hidden_size=2560, intermediate_size=12288, moe_intermediate_size=1536,
-            num_hidden_layers=30, num_attention_heads=32, num_key_value_heads=32, n_routed_experts=72,
-            use_mla=True, kv_lora_rank=512, q_lora_rank=None, topk_method="noaux_tc", scoring_func="sigmoid",
-            n_group=1, topk_group=1, norm_topk_prob=True, routed_scaling_factor=2.0, **_LANG_COMMON),
-    },
-}
-
-
-def preset_config(name: str, **language_overrides: Any) -> VL2Config:
-    """A real-size config of a published variant (random weights measure speed and memory exactly)."""
-    if name not in PRESETS:
-        raise ConfigError(f"unknown variant {name!r}: expected one of {', '.join(PRESETS)}")
-    lang = replace(PRESETS[name]["language"], **language_overrides)
-    _validate_language(lang)
-    return VL2Config(
-        vision=_VISION,
-        projector=ProjectorConfig(input_dim=_VISION.width, n_embed=lang.hidden_size),
-        language=lang,
-        candidate_resolutions=_all_candidates(),
-    )
-
-
-def load_any_config(folder: str | Path) -> VL2Config | OCRConfig | OCR2Config:
-    """A checkpoint folder's config: DeepSeek-VL2, DeepSeek-OCR or DeepSeek-OCR 2 (told apart by `architectures`)."""
-    path = Path(folder) / "config.json"
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return load_config(folder)  # the same error, said once
-    for is_family, from_dict in ((is_ocr_config, ocr_config_from_dict), (is_ocr2_config, ocr2_config_from_dict)):
-        if isinstance(raw, dict) and is_family(raw):
-            try:
-                return from_dict(raw)
-            except ConfigError as exc:
-                raise ConfigError(f"{path}: {exc}") from None
-    return load_config(folder)

@@ -15,7 +15,7 @@ import torch
 from vl2cli.engine.cache import KVCache
 
 if TYPE_CHECKING:
-    from vl2cli.engine.model import DeepseekVL2
+    from vl2cli.engine.language import WithDecoder
     from vl2cli.engine.processor import Prepared
 
 
@@ -84,7 +84,7 @@ def choose_tokens(logits: torch.Tensor, params: SamplingParams, generator: torch
 
 
 class Engine:
-    def __init__(self, model: DeepseekVL2, eos_id: int, pad_id: int, prefill_chunk: int | None = None,
+    def __init__(self, model: WithDecoder, eos_id: int, pad_id: int, prefill_chunk: int | None = None,
                  grammar_tokenizer: Callable[[], Any] | None = None):
         self.model = model
         self.eos_id = eos_id
@@ -95,12 +95,12 @@ class Engine:
     @property
     def context(self) -> int:
         """Positions one sequence may hold (prompt and answer): each cache slot's length."""
-        return self.model.cfg.language.max_position_embeddings
+        return self.model.language.cfg.max_position_embeddings
 
     def new_cache(self, slots: int, context: int | None = None) -> KVCache:
-        return KVCache(self.model.cfg.language, slots, context or self.context, self.model.device, self.model.dtype)
+        return KVCache(self.model.language.cfg, slots, context or self.context, self.model.device, self.model.dtype)
 
-    def _batch(self, prompts: list[Prepared]):
+    def _batch(self, prompts: list[Prepared]) -> tuple[torch.Tensor, torch.Tensor]:
         """Right-pad the prompts into one batch: ids and image mask [b, T] (each model reads its own image inputs
         from the prompts). Each row's tokens start at position 0; what follows a row's end is never attended to."""
         length = max(len(p.input_ids) for p in prompts)
@@ -114,7 +114,8 @@ class Engine:
         return ids, image_mask
 
     @torch.inference_mode()
-    def prefill(self, prompts: list[Prepared], extra_positions: int, all_logits: bool = False):
+    def prefill(self, prompts: list[Prepared], extra_positions: int,
+                all_logits: bool = False) -> tuple[torch.Tensor, KVCache]:
         """Run the prompts in a cache of their own; returns (logits [b, V] at each row's last position or [b, T, V]
         at all (right-padded), cache)."""
         cache = self.new_cache(len(prompts), max(len(p.input_ids) for p in prompts) + extra_positions)

@@ -1,4 +1,5 @@
-"""Which checkpoint a --model value names, and getting it from the Hugging Face hub (or its local cache).
+"""Which checkpoint a --model value names (and which model family: model_kind), and getting it from the Hugging Face
+hub (or its local cache).
 
 No torch here: `vl2 models` and every usage error stay fast. A failed download says what happened in words
 (no network, not in the cache, no such repository) and where the cache is, never an exception's class name.
@@ -9,12 +10,14 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from vl2cli.engine.config import PRESETS
+from vl2cli.engine.family import read_family_config
+from vl2cli.engine.vl2.config import PRESETS
 from vl2cli.errors import CheckpointError, UsageError
 
 ALIASES = {name: preset["hub_id"] for name, preset in PRESETS.items()} | {"ocr": "deepseek-ai/DeepSeek-OCR",
                                                                           "ocr2": "deepseek-ai/DeepSeek-OCR-2"}
 HUB_PREFIX = "hf:"  # `--model hf:ORG/NAME`: the user asks for a download of a repository that is not an alias
+KNOWN_HUB_IDS = {ALIASES[kind]: kind for kind in ("ocr", "ocr2")}  # repositories whose family is known undownloaded
 
 
 def hub_repo_for(spec: str, explicit: bool = False) -> str:
@@ -96,3 +99,19 @@ def _what_happened(exc: Exception, offline: bool, revision: str | None) -> str:
 def _how_to_get(spec: str) -> str:
     return (f"on a connected machine run `vl2 models download {spec}`, then copy the folder it prints here "
             "(`cp -rL`: it holds links) and pass --model /path/to/that/folder")
+
+
+def model_kind(spec: str) -> str:
+    """Which family a --model value names ("vl2", "ocr" or "ocr2") without loading weights or touching the network:
+    an alias or hub id known to be a family's, else the config.json of the local folder (or of the hub cache's
+    snapshot) it names; a config that does not validate raises its ConfigError here. "vl2" when nothing says
+    otherwise (a hub repository not yet downloaded)."""
+    repo = ALIASES.get(spec, spec.removeprefix(HUB_PREFIX))
+    if repo in KNOWN_HUB_IDS:
+        return KNOWN_HUB_IDS[repo]
+    folder = Path(spec).expanduser()
+    if not (folder / "config.json").is_file():
+        folder = cached_model_path(spec) or folder
+    if (folder / "config.json").is_file():
+        return read_family_config(folder)[0].kind
+    return "vl2"

@@ -6,6 +6,7 @@ Follows `DeepseekV2DecoderLayer` / `DeepseekV2Model` / `DeepseekV2ForCausalLM` o
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from typing import TYPE_CHECKING
 
 import torch
@@ -20,6 +21,7 @@ from vl2cli.engine.rope import rope_cos_sin, rope_inv_freq
 if TYPE_CHECKING:
     from vl2cli.engine.cache import KVCache
     from vl2cli.engine.config import LanguageConfig
+    from vl2cli.engine.processor import Prepared
 
 
 class DecoderLayer(nn.Module):
@@ -74,11 +76,17 @@ class LanguageModel(nn.Module):
         return self.lm_head(hidden).float()
 
 
-class WithDecoder(nn.Module):
-    """What DeepSeek-VL2 and DeepSeek-OCR share around the decoder: its device and dtype, and image embeddings
-    placed at a row's image positions."""
+class WithDecoder(nn.Module, ABC):
+    """What every family's model is around the decoder: its device and dtype, its prompts' embeddings (the family's
+    image embeddings placed at each row's image positions), and the decoder itself (`language`), which the engine
+    runs."""
 
     language: LanguageModel
+
+    @abstractmethod
+    def embed_prompts(self, input_ids: torch.Tensor, image_mask: torch.Tensor, prompts: list[Prepared]) -> torch.Tensor:
+        """input_ids, image_mask [b, T] -> [b, T, hidden]: token embeddings, each prompt's images at its image
+        positions."""
 
     @property
     def device(self) -> torch.device:

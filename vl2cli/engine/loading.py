@@ -1,4 +1,5 @@
-"""Find a checkpoint (folder, hub id or alias), then stream its safetensors into a model built on `meta`.
+"""Find a checkpoint (folder, hub id or alias), tell its family (engine.family), then stream its safetensors into
+the family's model built on `meta`.
 
 Loading is strict: every model tensor must come from the checkpoint with the shape the config
 implies, every checkpoint tensor must be used or knowingly skipped, and shapes are checked
@@ -12,61 +13,28 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors import safe_open
 from torch import nn
 
-from vl2cli.engine.config import OCR2Config, OCRConfig, VL2Config, load_any_config
+from vl2cli.engine.family import get_family, read_family_config
 from vl2cli.engine.hub import resolve_model
 from vl2cli.engine.memory import GIB, need_bytes, weight_bytes
-from vl2cli.engine.model import DeepseekVL2
-from vl2cli.engine.ocr import DeepseekOCR, OCRProcessor
-from vl2cli.engine.ocr2 import DeepseekOCR2, OCR2Processor
-from vl2cli.engine.processor import Processor, VL2Tokenizer
+from vl2cli.engine.names import checkpoint_to_model_name, model_to_checkpoint_name
+from vl2cli.engine.processor import VL2Tokenizer
 from vl2cli.engine.quant import quantized_weight, resolve_quant, swap_linear_layers
 from vl2cli.errors import CheckpointError, DeviceError
 
+if TYPE_CHECKING:
+    from vl2cli.engine.config import FamilyConfig
+    from vl2cli.engine.family import Family, FamilyProcessor
+    from vl2cli.engine.language import WithDecoder
+    from vl2cli.engine.vl2.config import VL2Config
+
 log = logging.getLogger("vl2cli")
-SKIPPED_PREFIXES = ("vision.attn_pool.",)  # SigLIP's pooling head: DeepSeek-VL2 uses patch features only
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
-
-
-def checkpoint_to_model_name(name: str) -> str | None:
-    """The one place checkpoint names meet ours. None: a tensor the model knowingly does not use."""
-    if name.startswith(SKIPPED_PREFIXES):
-        return None
-    if name.startswith("language.model."):
-        return "language." + name[len("language.model."):]
-    return name
-
-
-def ocr_checkpoint_to_model_name(name: str) -> str | None:
-    """DeepSeek-OCR's layout: the encoder and projector under `model.`, the decoder's layers flat under `model.`."""
-    if name == "lm_head.weight":
-        return "language.lm_head.weight"
-    if name.startswith(("model.embed_tokens.", "model.layers.", "model.norm.")):
-        return "language." + name[len("model."):]
-    if name.startswith("model."):
-        return name[len("model."):]
-    return name
-
-
-def ocr2_checkpoint_to_model_name(name: str) -> str | None:
-    """DeepSeek-OCR 2's layout: DeepSeek-OCR's, with the Qwen2 encoder's layers and norm under
-    `model.qwen2_model.model.model.` (the reference wraps a Qwen2Model twice) and its queries under
-    `model.qwen2_model.`; here both hang off `qwen2_model.`."""
-    if name.startswith("model.qwen2_model.model.model."):
-        return "qwen2_model." + name[len("model.qwen2_model.model.model."):]
-    return ocr_checkpoint_to_model_name(name)
-
-
-def model_to_checkpoint_name(name: str) -> str:
-    """Inverse of checkpoint_to_model_name, for writing checkpoints in the official layout."""
-    if name.startswith("language.") and not name.startswith("language.lm_head."):
-        return "language.model." + name[len("language."):]
-    return name
 
 
 def shard_files(folder: Path) -> list[Path]:
@@ -139,14 +107,18 @@ def load_weights(model: nn.Module, folder: Path, device: torch.device, dtype: to
 
 @dataclass
 class LoadedModel:
-    model: Any  # DeepseekVL2, DeepseekOCR or DeepseekOCR2: the same decoder, embed_prompts and language
-    processor: Any  # Processor, OCRProcessor or OCR2Processor: tile, prepare_prompt, prepare, tokenizer
-    cfg: Any  # VL2Config, OCRConfig or OCR2Config
+    model: WithDecoder  # the family's model: its embed_prompts, and the decoder the engine runs
+    processor: FamilyProcessor  # the family's prompts: tile, prepare_prompt, prepare, tokenizer
+    cfg: FamilyConfig  # the family's config (cfg.kind names the family)
     folder: Path
     device: torch.device
     dtype: torch.dtype
     quant: str
     seconds: float  # load time, for -v
+
+    @property
+    def family(self) -> Family:
+        return get_family(self.cfg.kind)
 
 
 def pick_device(device: str | None) -> torch.device:
@@ -189,23 +161,24 @@ def _cpu_dtype_that_fits(model: nn.Module) -> torch.dtype:
 
 def preflight(cfg: VL2Config, quant: str, device: torch.device, name: str) -> None:
     """Before reading any weight: does the device hold the weights and one page? Say what fits if not."""
+    _check_fits(need_bytes(cfg, quant, 1), weight_bytes(cfg, quant), quant, device, name)
+
+
+def _check_fits(need: float, weights: float, quant: str, device: torch.device, name: str) -> None:
     if device.type != "cuda":
         return
     free, total = torch.cuda.mem_get_info(device)
-    need = need_bytes(cfg, quant, 1)
     if need > free:
-        raise DeviceError(f"{name} needs ~{need / GIB:.1f} GiB on the GPU (weights {weight_bytes(cfg, quant) / GIB:.1f} "
+        raise DeviceError(f"{name} needs ~{need / GIB:.1f} GiB on the GPU (weights {weights / GIB:.1f} "
                           f"GiB at {quant}, plus one page); {device} has {free / GIB:.1f} GiB free of "
                           f"{total / GIB:.1f}: use a smaller variant (see `vl2 models`), --quant nf4, or --device cpu")
 
 
-def build_model(cfg: VL2Config | OCRConfig | OCR2Config, dtype: torch.dtype, quant: str) -> tuple[Any, set[str]]:
-    """The model on `meta` (nothing allocated) with quantizable linears swapped (the decoder's only: vision stays
-    16-bit); returns it and the swapped names."""
+def build_model(cfg: FamilyConfig, dtype: torch.dtype, quant: str) -> tuple[WithDecoder, set[str]]:
+    """The model of the config's family on `meta` (nothing allocated) with quantizable linears swapped (the
+    decoder's only: vision stays 16-bit); returns it and the swapped names."""
     with torch.device("meta"):
-        model: DeepseekVL2 | DeepseekOCR | DeepseekOCR2 = (
-            DeepseekOCR(cfg) if isinstance(cfg, OCRConfig) else DeepseekOCR2(cfg) if isinstance(cfg, OCR2Config)
-            else DeepseekVL2(cfg))
+        model = get_family(cfg.kind).build(cfg)
     swapped = set(swap_linear_layers(model, quant, dtype))
     return model.eval().requires_grad_(False), swapped
 
@@ -215,26 +188,20 @@ def load_model(spec: str | Path = "tiny", device: str | None = None, dtype: str 
     import time
     started = time.perf_counter()
     folder = resolve_model(str(spec), revision=revision, offline=offline)
-    cfg = load_any_config(folder)
+    family, cfg = read_family_config(folder)
     dev = pick_device(device)
     torch_dtype = pick_dtype(dtype, dev)
     mode = resolve_quant(quant, dev)
-    if isinstance(cfg, VL2Config):
-        preflight(cfg, mode, dev, str(spec))
-    tokenizer = VL2Tokenizer(folder, cfg)  # type: ignore[arg-type]  # DeepSeek-OCR's tokens are handled alike
+    fits = family.gpu_bytes(cfg, mode)
+    if fits is not None:
+        _check_fits(*fits, mode, dev, str(spec))
+    tokenizer = VL2Tokenizer(folder, cfg)
     if len(tokenizer) > cfg.language.vocab_size:
         raise CheckpointError(f"{folder}: tokenizer has {len(tokenizer)} tokens but vocab_size is {cfg.language.vocab_size}")
     model, swapped = build_model(cfg, torch_dtype, mode)
     if dtype in (None, "auto") and dev.type == "cpu" and torch_dtype == torch.float32:
         torch_dtype = _cpu_dtype_that_fits(model)
-    if isinstance(cfg, OCRConfig):
-        load_weights(model, folder, dev, torch_dtype, swapped, ocr_checkpoint_to_model_name)
-        processor: Processor | OCRProcessor | OCR2Processor = OCRProcessor(tokenizer, cfg)
-    elif isinstance(cfg, OCR2Config):
-        load_weights(model, folder, dev, torch_dtype, swapped, ocr2_checkpoint_to_model_name)
-        processor = OCR2Processor(tokenizer, cfg)
-    else:
-        load_weights(model, folder, dev, torch_dtype, swapped)
-        processor = Processor(tokenizer, cfg)
+    load_weights(model, folder, dev, torch_dtype, swapped, family.checkpoint_name)
+    processor = family.processor(tokenizer, cfg)
     return LoadedModel(model, processor, cfg, folder, dev, torch_dtype, mode, time.perf_counter() - started)
 

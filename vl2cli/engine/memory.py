@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
-from vl2cli.engine.config import PRESETS, LanguageConfig, VisionConfig, VL2Config, preset_config
+from typing import TYPE_CHECKING
+
+from vl2cli.engine.vl2.config import PRESETS, VisionConfig, VL2Config, preset_config
+
+if TYPE_CHECKING:
+    from vl2cli.engine.config import FamilyConfig, LanguageConfig
 
 # NF4 with double quantization: 4-bit codes, one 8-bit absmax per 64 weights, one float32 scale per 256 absmax.
 NF4_BITS = 4 + 8 / 64 + 32 / (64 * 256)  # 4.127 bits per weight
@@ -62,7 +67,7 @@ def param_counts(cfg: VL2Config) -> dict[str, int]:
     return {"total": total, "quantizable": quantizable, "experts": experts, "active": total - inactive}
 
 
-def kv_bytes_per_token(cfg: VL2Config, dtype_bytes: int = 2) -> int:
+def kv_bytes_per_token(cfg: FamilyConfig, dtype_bytes: int = 2) -> int:
     lc = cfg.language
     per_layer = ((lc.kv_lora_rank or 0) + lc.qk_rope_head_dim) if lc.use_mla else 2 * lc.num_key_value_heads * lc.head_dim
     return per_layer * lc.num_hidden_layers * dtype_bytes
@@ -85,7 +90,7 @@ def weight_bytes(cfg: VL2Config, quant: str) -> float:
     return c["quantizable"] * bits / 8 + other * 2
 
 
-def working_bytes(cfg: VL2Config, batch: int, context: int = CONTEXT) -> float:
+def working_bytes(cfg: FamilyConfig, batch: int, context: int = CONTEXT) -> float:
     """Everything a batch of pages needs besides the weights, at its peak (the prefill of full-size pages).
 
     KV cache for the whole context, counted twice: the fixed slot cache needs it once (a row that leaves copies
@@ -113,7 +118,7 @@ def largest_batch(cfg: VL2Config, quant: str, free_bytes: float) -> int:
     return max(fitting, default=0)
 
 
-def batch_for_free(cfg: VL2Config, free_after_weights: float) -> int:
+def batch_for_free(cfg: FamilyConfig, free_after_weights: float) -> int:
     """With the weights resident: the largest batch whose working set fits what the device has free (at least 1)."""
     fitting = [b for b in range(1, MAX_AUTO_BATCH + 1) if working_bytes(cfg, b) * FRAGMENTATION <= free_after_weights]
     return max(fitting, default=1)

@@ -1,28 +1,29 @@
-"""Prompt template, tokenizer extension, dynamic tiling and the image-token layout of DeepSeek-VL2.
+"""What every family's prompts share: the checkpoint's tokenizer, extended the way the official processor does; text as
+data (UserText); messages and prepared prompts; pages cut ahead (PageViews); and what DeepSeek-OCR and DeepSeek-OCR 2
+share: their views, tile rule and raw prompts.
 
-Follows deepseek-ai/DeepSeek-VL2 `deepseek_vl2/models/processing_deepseek_vl_v2.py` (tokenizer extension,
-`select_best_resolution`, `tokenize_with_images`) and `deepseek_vl2/models/conversation.py` (the "deepseek"
-template). Text that did not come from vl2's own template is data: it is tokenized as plain text (see UserText).
-At the end, what DeepSeek-OCR and DeepSeek-OCR 2 share: their tile rule and raw prompts (`process/image_process.py`
-of each).
+Follows deepseek-ai/DeepSeek-VL2 `deepseek_vl2/models/processing_deepseek_vl_v2.py` (the tokenizer extension) and
+`process/image_process.py` of DeepSeek-OCR and DeepSeek-OCR 2 (the tile rule and raw prompts). Text that did not come
+from vl2's own template is data: it is tokenized as plain text (see UserText). Each family's own processor is in its
+package (engine/vl2/processor.py: the chat template and dynamic tiling; engine/ocr/, engine/ocr2/).
 """
 
 from __future__ import annotations
 
 import json
 import re
-from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image
 from tokenizers import AddedToken, Tokenizer
 
-from vl2cli.engine.config import VL2Config
 from vl2cli.errors import CheckpointError, UsageError
+
+if TYPE_CHECKING:
+    from vl2cli.engine.config import FamilyConfig
 
 USER, ASSISTANT = "<|User|>", "<|Assistant|>"
 
@@ -47,7 +48,7 @@ EOS_TEXT = "<｜end▁of▁sentence｜>"
 class VL2Tokenizer:
     """The checkpoint's byte-level BPE tokenizer, extended the way the official processor does."""
 
-    def __init__(self, folder: str | Path, cfg: VL2Config):
+    def __init__(self, folder: str | Path, cfg: FamilyConfig):
         folder = Path(folder)
         path = folder / "tokenizer.json"
         if not path.exists():
@@ -145,31 +146,6 @@ def _special_tokens(folder: Path) -> dict:
             special[key] = text
     return special
 
-
-def select_best_resolution(size: tuple[int, int], candidates: Sequence[tuple[int, int]]) -> tuple[int, int]:
-    """The candidate that shows the most image pixels; ties go to the least padding, then list order."""
-    width, height = size
-    best, best_effective, best_wasted = candidates[0], 0, float("inf")
-    for cw, ch in candidates:
-        scale = min(cw / width, ch / height)
-        effective = min(int(width * scale) * int(height * scale), width * height)
-        wasted = cw * ch - effective
-        if effective > best_effective or (effective == best_effective and wasted < best_wasted):
-            best, best_effective, best_wasted = (cw, ch), effective, wasted
-    return best
-
-
-@dataclass
-class Tiling:
-    """One image's tiles: the global view first, then local tiles row by row."""
-
-    pixels: np.ndarray  # [1 + tiles_wide * tiles_high, 3, S, S] float32, normalised
-    tiles_wide: int
-    tiles_high: int
-    cropping: bool = True
-    source: Image.Image | None = None  # kept so a prompt with 3+ images can re-tile without cropping
-
-
 def _lookup(mean, std) -> np.ndarray:
     """uint8 -> normalised float32 for every byte value; the same float32 ops as x / 255, - mean, / std."""
     x = np.arange(256, dtype=np.float32)[:, None] / np.float32(255.0)  # [256, 1]
@@ -185,45 +161,19 @@ def _normalise(img: Image.Image, table: np.ndarray) -> np.ndarray:
     return out
 
 
-_POOL: ThreadPoolExecutor | None = None
 
 
-def _side_pool() -> ThreadPoolExecutor:
-    global _POOL
-    if _POOL is None:
-        _POOL = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vl2-tile")
-    return _POOL
-
-
-def tile_image(image: Image.Image, cfg: VL2Config, cropping: bool = True) -> Tiling:
-    size = cfg.vision.image_size
-    image.load()  # decode now: a lazily opened file must not be decoded by two threads at once below
-    if image.mode != "RGB":
-        image = image.convert("RGB")
-    best_w, best_h = select_best_resolution(image.size, cfg.candidate_resolutions) if cropping else (size, size)
-    fill = tuple(int(m * 255) for m in cfg.image_mean)
-    table = _lookup(cfg.image_mean, cfg.image_std)
-    # The two resizes are independent and Pillow releases the GIL while resampling: run them side by side.
-    global_view = _side_pool().submit(lambda: _normalise(ImageOps.pad(image, (size, size), color=fill), table))
-    canvas = _normalise(ImageOps.pad(image, (best_w, best_h), color=fill), table)  # [3, best_h, best_w]
-    views = [global_view.result()]
-    for top in range(0, best_h, size):
-        for left in range(0, best_w, size):
-            views.append(canvas[:, top:top + size, left:left + size])
-    return Tiling(np.stack(views), best_w // size, best_h // size, cropping, image)
-
-
-def image_token_count(cfg: VL2Config, tiles_wide: int, tiles_high: int) -> int:
-    """Global view h*(w+1), one separator, then (th*h) rows of (tw*w + 1) local tokens."""
-    h = w = cfg.tokens_per_tile_side
-    return h * (w + 1) + 1 + (tiles_high * h) * (tiles_wide * w + 1)
+@dataclass
+class PageViews:
+    """A page cut ahead of the model for one family's processor (in the rendering thread): DeepSeek-VL2's Tiling,
+    DeepSeek-OCR's views."""
 
 
 @dataclass
 class Message:
     role: str  # "user" | "assistant" | "system"
     content: Content  # `<image>` in template pieces marks where each image goes
-    images: list[Image.Image | Tiling] = field(default_factory=list)
+    images: list[Image.Image | PageViews] = field(default_factory=list)
 
 
 @dataclass
@@ -235,127 +185,17 @@ class Prepared:
     image_mask: list[bool]
     pixels: np.ndarray  # [n_tiles, 3, S, S] (n_tiles may be 0)
     spatial_crop: list[list[int]]  # [tiles_wide, tiles_high] per image
-    views: Any = None  # DeepSeek-OCR: the page's views (engine.ocr.OcrViews) instead of `pixels`
+    views: OcrViews | None = None  # DeepSeek-OCR and DeepSeek-OCR 2: the page's views instead of `pixels`
 
-
-def render_prompt(messages: list[Message], system_prompt: str = "") -> str:
-    """The conversation string of the 'deepseek' template (what the model's prompt reads as text)."""
-    ret = system_prompt + "\n\n" if system_prompt else ""
-    turns = [m for m in messages if m.role != "system"]
-    for i, m in enumerate(turns):
-        role = USER if m.role == "user" else ASSISTANT
-        text = content_text(m.content).strip()
-        ret += f"{role}: {text}" + ("\n\n" if i % 2 == 0 else EOS_TEXT) if text else f"{role}:"
-    if not turns or turns[-1].role == "user":
-        ret += f"{ASSISTANT}:"
-    return ret.strip()
-
-
-def _add_text(state: dict, ids: list[int]) -> None:
-    state["ids"] += ids
-    state["mask"] += [False] * len(ids)
-
-
-def _strip(parts: list[str]) -> list[str]:
-    """The reference strips each message of surrounding white space; do so across the pieces, keeping their kinds."""
-    out = list(parts)
-    while out and not out[0].strip():
-        out.pop(0)
-    while out and not out[-1].strip():
-        out.pop()
-    if out:
-        out[0] = type(out[0])(out[0].lstrip())
-        out[-1] = type(out[-1])(out[-1].rstrip())
-    return out
-
-
-class Processor:
-    def __init__(self, tokenizer: VL2Tokenizer, cfg: VL2Config):
-        self.tokenizer = tokenizer
-        self.cfg = cfg
-
-    def _user_turn(self, content: Content, images: list[Image.Image | Tiling], cropping: bool, state: dict) -> None:
-        """Tokenise one user turn; images may come pre-tiled (the rendering thread tiles ahead)."""
-        token = self.cfg.image_token
-        parts = _strip([content] if isinstance(content, str) else list(content))
-        parts = [USER + ": ", *parts, "\n\n" + ASSISTANT + ":"]
-        # Split at the template's image marks only: a mark inside UserText is text.
-        segments: list[list[str]] = [[]]
-        for part in parts:
-            pieces = [part] if isinstance(part, UserText) else part.split(token)
-            segments[-1].append(pieces[0])
-            segments.extend([p] for p in pieces[1:])
-        if len(segments) - 1 != len(images):
-            raise UsageError(f"the prompt has {len(segments) - 1} {token} marks but {len(images)} images were given")
-        for i, segment in enumerate(segments):
-            _add_text(state, self.tokenizer.encode_content(segment))
-            if i < len(images):
-                self._add_image(images[i], cropping, state)
-
-    def _add_image(self, image: Image.Image | Tiling, cropping: bool, state: dict) -> None:
-        if isinstance(image, Tiling):
-            tiling = image if image.cropping == cropping or image.source is None else tile_image(image.source,
-                                                                                                  self.cfg, cropping)
-        else:
-            tiling = tile_image(image, self.cfg, cropping)
-        n = image_token_count(self.cfg, tiling.tiles_wide, tiling.tiles_high)
-        state["ids"] += [self.tokenizer.image_id] * n
-        state["mask"] += [True] * n
-        state["pixels"].append(tiling.pixels)
-        state["crop"].append([tiling.tiles_wide, tiling.tiles_high])
-
-    def prepare(self, messages: list[Message], system_prompt: str = "", mode: str | None = None) -> Prepared:
-        """Tokenise a conversation as the official processor does, message by message (`mode`: DeepSeek-OCR's
-        resolution mode, which DeepSeek-VL2 has no use for).
-
-        Each user turn is tokenised as `<|User|>: {text}\\n\\n<|Assistant|>:`; earlier assistant
-        turns as their text plus the end-of-sentence id. Tiling happens only with <= 2 images.
-        A system prompt (an argument or a leading system message) appears in the rendered prompt string
-        only: the official processor builds the ids from the template's own, empty, system message.
-        """
-        del mode
-        if not messages or messages[-1].role != "user":
-            raise UsageError("a conversation must end with a user message")
-        if messages[0].role == "system":
-            system_prompt = system_prompt or content_text(messages[0].content)
-            messages = messages[1:]
-        images = [img for m in messages for img in m.images]
-        cropping = len(images) <= 2
-        state: dict = {"ids": [self.tokenizer.bos_id], "mask": [False], "pixels": [], "crop": []}
-        for m in messages:
-            if m.role == "user":
-                self._user_turn(m.content, m.images, cropping, state)
-            elif m.role == "assistant":
-                if m.images or self.cfg.image_token in content_text(m.content):
-                    raise UsageError("assistant turns cannot carry images")
-                text = _strip([m.content] if isinstance(m.content, str) else list(m.content))
-                _add_text(state, [*self.tokenizer.encode_content(text), self.tokenizer.eos_id])
-            elif m.role == "system":
-                raise UsageError("a system message may only open the conversation")
-            else:
-                raise UsageError(f"unknown message role {m.role!r}")
-        size = self.cfg.vision.image_size
-        pixels = np.concatenate(state["pixels"]) if state["pixels"] else np.zeros((0, 3, size, size), np.float32)
-        return Prepared(render_prompt(messages, system_prompt.strip()), state["ids"], state["mask"], pixels,
-                        state["crop"])
-
-    def prepare_prompt(self, prompt: Content, images: list[Image.Image | Tiling], system_prompt: str = "",
-                       mode: str | None = None) -> Prepared:
-        return self.prepare([Message("user", prompt, list(images))], system_prompt, mode)
-
-    def tile(self, image: Image.Image, mode: str | None = None) -> Tiling:
-        """A page's tiles, cut ahead of the model (in the rendering thread); DeepSeek-VL2 has one way (no modes)."""
-        del mode
-        return tile_image(image, self.cfg)
 
 
 # ------------------------------------------------------------------------------- DeepSeek-OCR and DeepSeek-OCR 2
 # Both cut a page the same way (a padded global view, and 2-6 tiles resized without padding, nearest the page's
-# aspect) and prompt it raw (no chat template); only the sizes differ (engine.ocr, engine.ocr2).
+# aspect) and prompt it raw (no chat template); only the sizes differ (engine/ocr/, engine/ocr2/).
 
 
 @dataclass
-class OcrViews:
+class OcrViews(PageViews):
     global_pixels: np.ndarray  # [1, 3, B, B] float32, normalised
     local_pixels: np.ndarray | None  # [n, 3, T, T] (T = 640, or 768 for OCR 2), row by row; None: not tiled
     tiles_wide: int

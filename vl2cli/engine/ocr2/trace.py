@@ -10,13 +10,23 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from vl2cli.engine.ocr2 import Ocr2Views
-from vl2cli.engine.ocr_trace import _greedy, _pixels, _rows, _stage, _write, load_official_image
+from vl2cli.engine.ocr2.processor import Ocr2Views
 from vl2cli.engine.processor import tile_boxes
-from vl2cli.engine.trace import spans
+from vl2cli.engine.trace import (
+    greedy_ids,
+    load_official_image,
+    pixel_stats,
+    spans,
+    stage_stats,
+    token_rows,
+    write_oracle_trace,
+)
 
 if TYPE_CHECKING:
     from vl2cli.engine.loading import LoadedModel
+    from vl2cli.engine.ocr2.config import OCR2Config
+    from vl2cli.engine.ocr2.model import DeepseekOCR2
+    from vl2cli.engine.ocr2.processor import OCR2Processor
 
 FORMAT = "ocr2-vision-oracle-trace/1"
 
@@ -31,12 +41,15 @@ def _geometry(views: Ocr2Views, tile: int, side: int, fill: list[int]) -> dict[s
 
 
 @torch.inference_mode()
-def run_ocr2_trace(loaded: LoadedModel, image_path: str, prompt: str, max_new_tokens: int,
-                   prefix: str | Path) -> dict[str, Any]:
+def run_ocr2_trace(loaded: LoadedModel, model: DeepseekOCR2, processor: OCR2Processor, cfg: OCR2Config,
+                   image_path: str, prompt: str, max_new_tokens: int, prefix: str | Path) -> dict[str, Any]:
+    """`loaded` holding `model`, `processor` and `cfg` (its own DeepSeek-OCR 2 classes: engine.ocr2.family passes
+    them)."""
     image = load_official_image(image_path)
-    processor, cfg, model = loaded.processor, loaded.cfg, loaded.model
     tokenizer = processor.tokenizer
     ids, mask, views = processor.prompt_ids(prompt, image)
+    if not isinstance(views, Ocr2Views):
+        raise TypeError("DeepSeek-OCR 2's views carry their geometry")
     arrays: dict[str, np.ndarray] = {"input_ids": np.array(ids, dtype=np.int64),
                                      "images_seq_mask": np.array(mask, dtype=bool)}
     stages: dict[str, Any] = {}
@@ -50,13 +63,13 @@ def run_ocr2_trace(loaded: LoadedModel, image_path: str, prompt: str, max_new_to
         for stage, tensor in (("sam", feats.sam), ("enc_l0", feats.first_layer), ("enc", feats.encoded),
                               ("proj", feats.projected)):
             name = f"{stage}_{view}"
-            stages[name] = _stage(name, tensor, _rows(tensor), arrays)
+            stages[name] = stage_stats(name, tensor, token_rows(tensor), arrays)
     embeds = model.image_sequence(glob.projected, None if local is None else local.projected)
-    stages["image_embeds"] = _stage("image_embeds", embeds, _rows(embeds), arrays)
+    stages["image_embeds"] = stage_stats("image_embeds", embeds, token_rows(embeds), arrays)
     n_local = 0 if local is None else local.projected.shape[0] * local.projected.shape[1]
     layout = ([["local", n_local]] if n_local else []) + [["global", glob.projected.shape[1]], ["separator", 1]]
     fill = [int(m * 255) for m in cfg.image_mean]
-    generated = _greedy(loaded, ids, mask, embeds, max_new_tokens)
+    generated = greedy_ids(loaded, ids, mask, embeds, max_new_tokens)
     n_image = int(sum(mask))
     meta = {
         "format": FORMAT,
@@ -67,11 +80,11 @@ def run_ocr2_trace(loaded: LoadedModel, image_path: str, prompt: str, max_new_to
         "images_spatial_crop": [[views.tiles_wide, views.tiles_high]], "num_image_tokens": [n_image],
         "num_image_tokens_vllm": n_image, "has_local_views": local is not None,
         "geometry": _geometry(views, cfg.tile_size, cfg.global_size, fill),
-        "pixel": {"global": _pixels("global", views.global_pixels, arrays),
-                  "local": None if views.local_pixels is None else _pixels("local", views.local_pixels, arrays)},
+        "pixel": {"global": pixel_stats("global", views.global_pixels, arrays),
+                  "local": None if views.local_pixels is None else pixel_stats("local", views.local_pixels, arrays)},
         "stages": stages, "image_embeds_layout": layout, "separator_rows": [int(embeds.shape[0]) - 1],
         "generated_ids": generated, "generated_text": tokenizer.decode(generated),
         "env": {"dtype": str(loaded.dtype).removeprefix("torch."), "torch": torch.__version__},
     }
-    _write(str(prefix), meta, arrays)
+    write_oracle_trace(str(prefix), meta, arrays)
     return meta

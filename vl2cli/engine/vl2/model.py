@@ -11,12 +11,12 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from vl2cli.engine.config import VL2Config
+from vl2cli.engine.language import LanguageModel, WithDecoder
+from vl2cli.engine.vl2.config import VL2Config
+from vl2cli.engine.vl2.vision import Projector, VisionTower
 
 if TYPE_CHECKING:
     from vl2cli.engine.processor import Prepared
-from vl2cli.engine.language import LanguageModel, WithDecoder
-from vl2cli.engine.vision import Projector, VisionTower
 
 
 class DeepseekVL2(WithDecoder):

@@ -2,7 +2,7 @@
 
 Follows deepseek-ai/DeepSeek-VL2 `deepseek_vl2/models/siglip_vit.py` (commit 9bccb34; timm's VisionTransformer
 without class token, features of the last block) and `MlpProjector` ("downsample_mlp_gelu") of
-`deepseek_vl2/models/modeling_deepseek_vl_v2.py`; and the one-layer linear projector of DeepSeek-OCR and DeepSeek-OCR 2.
+`deepseek_vl2/models/modeling_deepseek_vl_v2.py`.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vl2cli.engine.config import ProjectorConfig, VisionConfig
+from vl2cli.engine.vl2.config import ProjectorConfig, VisionConfig
 
 
 class VisionAttention(nn.Module):
@@ -102,14 +102,3 @@ class Projector(nn.Module):
         # [b, c*4, 196]: per channel the 2x2 block's top-left, top-right, bottom-left, bottom-right
         x = F.unfold(x, kernel_size=self.ratio, stride=self.ratio)
         return self.layers(x.transpose(1, 2))  # [b, 196, n_embed]
-
-
-class LinearProjector(nn.Module):
-    """DeepSeek-OCR's and DeepSeek-OCR 2's projector: one linear layer (`build_linear.py`, projector_type linear)."""
-
-    def __init__(self, inputs: int, outputs: int):
-        super().__init__()
-        self.layers = nn.Linear(inputs, outputs)  # the checkpoint names it `projector.layers`
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.layers(x)
