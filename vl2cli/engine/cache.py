@@ -28,7 +28,8 @@ class KVCache:
     (and the latent part as the values) without copying the cache.
     """
 
-    def __init__(self, cfg: LanguageConfig, slots: int, context: int, device, dtype: torch.dtype):
+    def __init__(self, cfg: LanguageConfig, slots: int, context: int, device: torch.device | str,
+                 dtype: torch.dtype):
         self.slots, self.context = slots, context
         self.time_axis = 1 if cfg.use_mla else 2  # where positions run in each layer's tensors
         self.layers: list[tuple[torch.Tensor, ...]] = []

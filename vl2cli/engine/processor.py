@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -59,11 +60,8 @@ class VL2Tokenizer:
             raise CheckpointError(f"{path}: cannot read tokenizer ({exc})") from None
         special = _special_tokens(folder)
 
-        def content(v):
-            return v["content"] if isinstance(v, dict) else v
-
         # Order matters: new tokens take the next free ids in exactly this sequence.
-        pad = content(special.get("pad_token")) if special.get("pad_token") else None
+        pad = special.get("pad_token")
         if pad is None:
             pad = cfg.pad_token
             self._add([pad])
@@ -71,8 +69,7 @@ class VL2Tokenizer:
             self._add([cfg.image_token])
         self._add(list(GROUNDING_TOKENS))
         self._add([USER, ASSISTANT])
-        bos = content(special.get("bos_token")) if special.get("bos_token") else None
-        eos = content(special.get("eos_token")) if special.get("eos_token") else None
+        bos, eos = special.get("bos_token"), special.get("eos_token")
         pad_id, image_id = self.tok.token_to_id(pad), self.tok.token_to_id(cfg.image_token)
         bos_id = self.tok.token_to_id(bos) if bos else cfg.language.bos_token_id
         eos_id = self.tok.token_to_id(eos) if eos else cfg.language.eos_token_id
@@ -123,9 +120,10 @@ class VL2Tokenizer:
         return self.tok.get_vocab_size(with_added_tokens=True)
 
 
-def _special_tokens(folder: Path) -> dict:
-    """bos/eos/pad entries of special_tokens_map.json and tokenizer_config.json (a token string or {content})."""
-    special: dict = {}
+def _special_tokens(folder: Path) -> dict[str, str]:
+    """bos/eos/pad entries of special_tokens_map.json and tokenizer_config.json (a token string or {content}), each
+    as its token's text."""
+    special: dict[str, str] = {}
     for name in ("special_tokens_map.json", "tokenizer_config.json"):
         path = folder / name
         if not path.exists():
@@ -146,7 +144,7 @@ def _special_tokens(folder: Path) -> dict:
             special[key] = text
     return special
 
-def _lookup(mean, std) -> np.ndarray:
+def _lookup(mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
     """uint8 -> normalised float32 for every byte value; the same float32 ops as x / 255, - mean, / std."""
     x = np.arange(256, dtype=np.float32)[:, None] / np.float32(255.0)  # [256, 1]
     return (x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)  # [256, 3]

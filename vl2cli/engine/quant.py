@@ -9,6 +9,9 @@ Vision, projector, embeddings, the gate and lm_head stay 16-bit.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
+from types import ModuleType
+from typing import Any
 
 import torch
 from torch import nn
@@ -26,7 +29,7 @@ def resolve_quant(mode: str, device: torch.device) -> str:
     return mode
 
 
-def _bnb():
+def _bnb() -> ModuleType:
     try:
         logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
         import bitsandbytes as bnb
@@ -35,10 +38,10 @@ def _bnb():
     return bnb
 
 
-_LINEAR4 = None
+_LINEAR4: Callable[..., nn.Module] | None = None
 
 
-def _linear4bit_class():
+def _linear4bit_class() -> Callable[..., nn.Module]:
     """Linear4bit whose CPU forward dequantizes and runs a plain matmul.
 
     bitsandbytes' CPU single-row (gemv) path mis-shapes small layers; on CUDA its kernels are used as is.
@@ -47,8 +50,9 @@ def _linear4bit_class():
     if _LINEAR4 is None:
         bnb = _bnb()
         import bitsandbytes.functional as bnbf
+        base: Any = bnb.nn.Linear4bit  # bitsandbytes is imported here, only when asked for (not on every machine)
 
-        class Linear4bit(bnb.nn.Linear4bit):
+        class Linear4bit(base):
             def forward(self, x: torch.Tensor) -> torch.Tensor:
                 if x.device.type != "cpu":
                     return super().forward(x)
@@ -105,7 +109,7 @@ def linear_bytes(model: nn.Module) -> dict[str, int]:
     each distinct table is counted once, as a shared constant.
     """
     quant, total = 0, 0
-    tables: set = set()
+    tables: set[tuple[int, float]] = set()
     for name, module in model.named_modules():
         for p in module.parameters(recurse=False):
             size = p.numel() * p.element_size()
@@ -121,7 +125,8 @@ def linear_bytes(model: nn.Module) -> dict[str, int]:
     return {"quantizable_linear_bytes": quant, "model_bytes": total}
 
 
-def _state_bytes(state, tables: set) -> int:
+def _state_bytes(state: Any, tables: set[tuple[int, float]]) -> int:
+    """`state`: a bitsandbytes QuantState (absmax, code, nested state2 and offset)."""
     size = state.absmax.numel() * state.absmax.element_size()
     code = getattr(state, "code", None)
     if code is not None:

@@ -41,7 +41,8 @@ def rope_inv_freq(dim: int, base: float, scaling: dict[str, Any] | None) -> tupl
     return inv_freq, float(magnitude)
 
 
-def rope_cos_sin(inv_freq: torch.Tensor, magnitude: float, positions: torch.Tensor, dtype: torch.dtype):
+def rope_cos_sin(inv_freq: torch.Tensor, magnitude: float, positions: torch.Tensor,
+                 dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """positions [B, n] -> cos, sin [B, 1, n, dim] (halves repeated, rotate-half convention).
 
     `inv_freq` must already live on the positions' device: a per-step host-to-device copy would be a sync.

@@ -91,14 +91,16 @@ def _candidates(raw: Any, tile: int) -> tuple[tuple[int, int], ...]:
     return tuple(out)
 
 
-def _triple(processor: dict[str, Any], key: str, default: tuple[float, float, float], positive: bool):
+def _triple(processor: dict[str, Any], key: str, default: tuple[float, float, float],
+            positive: bool) -> tuple[float, float, float]:
     value = processor.get(key, default)
     ok = (isinstance(value, (list, tuple)) and len(value) == 3
           and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value))
     if not ok or (positive and min(value) <= 0):
         need = "three positive numbers" if positive else "three numbers"
         raise ConfigError(f"processor_config.{key} = {value!r}: expected {need}")
-    return tuple(float(v) for v in value)
+    first, second, third = (float(v) for v in value)
+    return first, second, third
 
 
 def _validate_vision_side(vision_raw: dict[str, Any], proj_raw: dict[str, Any], vision: VisionConfig,
