@@ -13,6 +13,7 @@ from vl2cli.errors import ConfigError, UsageError
 
 if TYPE_CHECKING:
     from vl2cli.engine.config import FamilyConfig
+    from vl2cli.engine.family import Family
     from vl2cli.engine.loading import LoadedModel
     from vl2cli.engine.ocr.model import DeepseekOCR
     from vl2cli.engine.ocr.processor import OCRProcessor
@@ -72,4 +73,4 @@ class OCRFamily:
                              max_new_tokens, prefix)
 
 
-FAMILY = OCRFamily()
+FAMILY: Family = OCRFamily()  # typed: mypy checks the class against the protocol

@@ -13,6 +13,7 @@ from vl2cli.engine.vl2.config import VL2Config, load_config
 
 if TYPE_CHECKING:
     from vl2cli.engine.config import FamilyConfig
+    from vl2cli.engine.family import Family
     from vl2cli.engine.loading import LoadedModel
     from vl2cli.engine.processor import VL2Tokenizer
     from vl2cli.engine.vl2.model import DeepseekVL2
@@ -63,4 +64,4 @@ class VL2Family:
         return run_trace(loaded, prepared, max_new_tokens, prefix, all_positions)
 
 
-FAMILY = VL2Family()
+FAMILY: Family = VL2Family()  # typed: mypy checks the class against the protocol
