@@ -61,6 +61,11 @@ def test_a_local_folder_is_told_by_its_config_which_is_validated(tmp_path):
     assert model_kind(str(_folder(tmp_path, "DeepseekOCR2ForCausalLM", 896))) == "ocr2"
     family, cfg = read_family_config(tmp_path)
     assert (family.kind, cfg.kind, family.prompts) == ("ocr2", "ocr2", "ocr")
+    _folder(tmp_path, "DeepseekOCR2ForCausalLM", 896, model_type="deepseek_ocr2")  # the family's own model_type
+    assert read_family_config(tmp_path)[0].kind == "ocr2"
+    _folder(tmp_path, "DeepseekOCR2ForCausalLM", 896, model_type="deepseek_ocr")  # model_type wins: DeepSeek-OCR's
+    with pytest.raises(ConfigError, match="DeepSeek-OCR projects 2048 channels"):
+        read_family_config(tmp_path)
     _folder(tmp_path, "DeepseekOCR2ForCausalLM", 2048)  # DeepSeek-OCR's projector width in a DeepSeek-OCR 2 config
     with pytest.raises(ConfigError, match=r"config\.json: .*DeepSeek-OCR 2 projects 896 channels"):
         model_kind(str(tmp_path))

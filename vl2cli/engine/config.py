@@ -295,10 +295,12 @@ def _validate_moe(lc: LanguageConfig, n_routed: int) -> None:
         raise _fail(lc, "n_group", "noaux_tc scores groups by their two best experts: need >= 2 experts per group")
 
 
-def linear_projector_language(raw: dict[str, Any], model: str, projector_input: int) -> LanguageConfig:
+def linear_projector_language(raw: dict[str, Any], model: str, model_type: str, projector_input: int) -> LanguageConfig:
     """The decoder of a checkpoint whose encoder sits behind a linear projector (DeepSeek-OCR and DeepSeek-OCR 2),
-    once that projector is known to map the encoder's `projector_input` channels to the decoder's width."""
-    if raw.get("model_type") not in (None, "deepseek_vl_v2"):
+    once that projector is known to map the encoder's `projector_input` channels to the decoder's width. The official
+    checkpoints say model_type `deepseek_vl_v2` (engine.family remaps it by their architectures); `model_type` is
+    the family's own name for it."""
+    if raw.get("model_type") not in (None, "deepseek_vl_v2", model_type):
         raise ConfigError(f"model_type = {raw.get('model_type')!r}: not a {model} checkpoint")
     language = pick(LanguageConfig, raw.get("language_config"), "language_config")
     validate_language(language)

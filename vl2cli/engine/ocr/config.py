@@ -38,4 +38,4 @@ class OCRConfig:
 
 
 def ocr_config_from_dict(raw: dict[str, Any]) -> OCRConfig:
-    return OCRConfig(language=linear_projector_language(raw, "DeepSeek-OCR", OCRConfig.projector_input))
+    return OCRConfig(language=linear_projector_language(raw, "DeepSeek-OCR", "deepseek_ocr", OCRConfig.projector_input))

@@ -42,4 +42,4 @@ class OCR2Config:
 
 
 def ocr2_config_from_dict(raw: dict[str, Any]) -> OCR2Config:
-    return OCR2Config(language=linear_projector_language(raw, "DeepSeek-OCR 2", OCR2Config.projector_input))
+    return OCR2Config(language=linear_projector_language(raw, "DeepSeek-OCR 2", "deepseek_ocr2", OCR2Config.projector_input))
