@@ -15,7 +15,7 @@ from __future__ import annotations
 from importlib.metadata import PackageNotFoundError, version
 from typing import TYPE_CHECKING, Any
 
-from vl2cli.errors import UsageError, Vl2Error
+from vl2cli.errors import Vl2Error
 from vl2cli.options import PageOptions, ReadOptions
 
 if TYPE_CHECKING:

@@ -11,8 +11,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from vl2cli.errors import UsageError
-
 if TYPE_CHECKING:
     from vl2cli.reader import Reader
 
