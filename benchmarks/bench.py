@@ -77,7 +77,8 @@ def bench_kv(smoke: bool) -> dict:
 
 def _cache_bytes(cfg) -> int:
     """Bytes per token of a real cache of this config (bf16, one sequence)."""
-    return KVCache(cfg.language, 1, 8, "cpu", torch.bfloat16).bytes_per_token()
+    cache = KVCache(cfg.language, 1, 8, "cpu", torch.bfloat16)  # measured on the buffers, over all layers
+    return sum(t[0].numel() * t.element_size() // cache.context for layer in cache.layers for t in layer)
 
 
 def bench_batching(smoke: bool) -> dict:
@@ -97,8 +98,7 @@ def bench_memory(smoke: bool) -> dict:
         result["variants"][name] = {"params": c["total"], "quantizable": c["quantizable"], **estimate_vram(name)}
     try:
         import bitsandbytes  # noqa: F401
-
-        from vl2cli.engine.quant import linear_bytes
+        from testkit import linear_bytes
         cfg = _tiny_width(1 if smoke else 2, moe_intermediate_size=896)
         q = linear_bytes(random_model(cfg, quant="nf4"))["quantizable_linear_bytes"]
         full = linear_bytes(random_model(cfg))["quantizable_linear_bytes"]

@@ -1,5 +1,6 @@
 """What the tests and the benchmarks both build on, kept out of the package because production never calls it:
-models with random weights at any config's real shapes, random answers a grammar admits (no model needed), PDFs with
+models with random weights at any config's real shapes, what a model holds (which linears bitsandbytes swapped in,
+the bytes they take), random answers a grammar admits (no model needed), PDFs with
 a real text layer (fpdf2) or a password (pikepdf), and the synchronous ways of driving the scheduler and the reader
 (production runs the engine loop, or streams pages through `Reader.read_stream`).
 
@@ -17,9 +18,11 @@ from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
+from torch import nn
 
 from vl2cli.engine.grammar import Grammar, GrammarError
 from vl2cli.engine.loading import build_model, place_tensor
+from vl2cli.engine.quant import is_quantizable
 from vl2cli.engine.scheduler import Request
 
 if TYPE_CHECKING:
@@ -60,6 +63,54 @@ def random_model(cfg: FamilyConfig, device: str = "cpu", dtype: torch.dtype = to
             t = torch.randn(p.shape, generator=gen, device=dev) * std
         place_tensor(model, name, t, swapped, dev, dtype)
     return model
+
+
+# ------------------------------------------------------------------ what a model holds
+
+
+def is_quantized_module(module: nn.Module) -> bool:
+    """A linear layer bitsandbytes swapped in (4-bit or 8-bit), by its class name: bitsandbytes may be absent."""
+    return type(module).__name__ in ("Linear4bit", "Linear8bitLt")
+
+
+def linear_bytes(model: nn.Module) -> dict[str, int]:
+    """Bytes held by quantizable linear layers (weights, scales, bias) and by the whole model.
+
+    bitsandbytes keeps a copy of the same constant lookup table in every layer's quant state;
+    each distinct table is counted once, as a shared constant.
+    """
+    quant, total = 0, 0
+    tables: set[tuple[int, float]] = set()
+    for name, module in model.named_modules():
+        for p in module.parameters(recurse=False):
+            size = p.numel() * p.element_size()
+            state = getattr(p, "quant_state", None)
+            if state is not None:
+                size += _state_bytes(state, tables)
+            scb = getattr(p, "SCB", None)
+            if scb is not None:
+                size += scb.numel() * scb.element_size()
+            total += size
+            if (isinstance(module, nn.Linear) or is_quantized_module(module)) and is_quantizable(name):
+                quant += size
+    return {"quantizable_linear_bytes": quant, "model_bytes": total}
+
+
+def _state_bytes(state: Any, tables: set[tuple[int, float]]) -> int:
+    """`state`: a bitsandbytes QuantState (absmax, code, nested state2 and offset)."""
+    size = state.absmax.numel() * state.absmax.element_size()
+    code = getattr(state, "code", None)
+    if code is not None:
+        key = (code.numel(), round(float(code.float().sum()), 6))
+        if key not in tables:
+            tables.add(key)
+            size += code.numel() * code.element_size()
+    nested = getattr(state, "state2", None)
+    if nested is not None:
+        size += _state_bytes(nested, tables)
+        if getattr(state, "offset", None) is not None:
+            size += state.offset.numel() * state.offset.element_size()
+    return size
 
 
 # ------------------------------------------------------------------ driving the engine and the reader

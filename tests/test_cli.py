@@ -404,10 +404,10 @@ def test_batch_ground_with_query_writes_boxes_and_jsonl(tmp_path):
 
 def test_int8_weights_run_on_cpu(loaded_tiny, page_image):
     import torch
+    from testkit import is_quantized_module
 
     from vl2cli.engine.generation import Engine
     from vl2cli.engine.loading import load_model
-    from vl2cli.engine.quant import is_quantized_module
     q8 = load_model(TINY, device="cpu", dtype="float32", quant="int8")
     assert is_quantized_module(q8.model.language.layers[1].mlp.experts[0].up_proj)
     tok = q8.processor.tokenizer

@@ -202,7 +202,7 @@ def quantized_tiny():
 
 
 def test_nf4_quantizes_every_language_linear_on_cpu(quantized_tiny, loaded_tiny, page_image):
-    from vl2cli.engine.quant import is_quantized_module, linear_bytes
+    from testkit import is_quantized_module, linear_bytes
     model = quantized_tiny.model
     for name, module in model.named_modules():
         if name.startswith("language.layers.") and (isinstance(module, torch.nn.Linear) or is_quantized_module(module)):

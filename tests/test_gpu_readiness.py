@@ -108,10 +108,11 @@ def test_auto_batch_size_reads_the_device(monkeypatch, reader):
 
 def test_nf4_bits_per_weight_match_real_bitsandbytes_tensors():
     pytest.importorskip("bitsandbytes")
+    from testkit import linear_bytes
     from torch import nn
 
     from vl2cli.engine.memory import NF4_BITS
-    from vl2cli.engine.quant import linear_bytes, quantized_weight, swap_linear_layers
+    from vl2cli.engine.quant import quantized_weight, swap_linear_layers
 
     class Holder(nn.Module):
         def __init__(self):

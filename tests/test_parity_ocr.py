@@ -61,7 +61,12 @@ def test_modes_tiles_and_token_counts(mode, size, tiles, tokens):
 
 
 def test_closest_ratio_tie_rule():
-    from vl2cli.engine.ocr.processor import closest_ratio
+    """DeepSeek-OCR's tile grid (columns, rows) for 640-pixel tiles: the shared tile_grid rule."""
+    from functools import partial
+
+    from vl2cli.engine.ocr.processor import OCR_TILE
+    from vl2cli.engine.processor import tile_grid
+    closest_ratio = partial(tile_grid, tile=OCR_TILE)
     # 2:1 images: (2, 1) and (4, 2) tie on aspect; the larger grid wins only above half its pixel area
     assert closest_ratio(1280, 640, 2, 6) == (2, 1)
     assert closest_ratio(2000, 1000, 2, 6) == (2, 1)  # 2.0 Mpx > 0.5 * 640 * 640 * 2 but (4, 2) has 8 tiles > 6
@@ -149,8 +154,9 @@ def test_no_repeat_ngram_rule():
 @pytest.mark.slow
 def test_nf4_quantizes_the_decoder_and_keeps_the_encoder_16_bit(ocr_ckpt):
     pytest.importorskip("bitsandbytes")
+    from testkit import is_quantized_module
+
     from vl2cli.engine.loading import load_model
-    from vl2cli.engine.quant import is_quantized_module
     loaded = load_model(str(ocr_ckpt), device="cpu", dtype="float32", quant="nf4")
     model = loaded.model
     assert is_quantized_module(model.language.layers[1].mlp.experts[0].up_proj)

@@ -210,8 +210,9 @@ def test_the_ngram_rule_is_on_and_other_modes_are_refused(loaded_ocr2):
 @pytest.mark.slow
 def test_nf4_quantizes_the_decoder_and_keeps_the_encoder_16_bit(ocr2_ckpt):
     pytest.importorskip("bitsandbytes")
+    from testkit import is_quantized_module
+
     from vl2cli.engine.loading import load_model
-    from vl2cli.engine.quant import is_quantized_module
     model = load_model(str(ocr2_ckpt), device="cpu", dtype="float32", quant="nf4").model
     assert is_quantized_module(model.language.layers[1].mlp.experts[0].up_proj)
     assert is_quantized_module(model.language.layers[0].self_attn.q_proj)

@@ -134,7 +134,3 @@ class KVCache:
 
     def clear(self) -> None:
         self.free(0, self.slots)
-
-    def bytes_per_token(self) -> int:
-        """Cache bytes one position of one sequence takes, over all layers (measured on the buffers)."""
-        return sum(t[0].numel() * t.element_size() // self.context for layer in self.layers for t in layer)

@@ -26,16 +26,10 @@ from vl2cli.engine.processor import (
     _normalise,
     local_tiles,
     raw_prompt_ids,
-    tile_grid,
 )
 from vl2cli.errors import UsageError
 
 OCR_TILE = 640
-
-
-def closest_ratio(width: int, height: int, min_crops: int, max_crops: int) -> tuple[int, int]:
-    """DeepSeek-OCR's tile grid (columns, rows) for 640-pixel tiles: processor.tile_grid's rule."""
-    return tile_grid(width, height, min_crops, max_crops, OCR_TILE)
 
 
 def ocr_views(image: Image.Image, mode: str, cfg: OCRConfig) -> OcrViews:
