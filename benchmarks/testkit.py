@@ -1,8 +1,8 @@
 """What the tests and the benchmarks both build on, kept out of the package because production never calls it:
 models with random weights at any config's real shapes, what a model holds (which linears bitsandbytes swapped in,
-the bytes they take), random answers a grammar admits (no model needed), PDFs with
-a real text layer (fpdf2) or a password (pikepdf), and the synchronous ways of driving the scheduler and the reader
-(production runs the engine loop, or streams pages through `Reader.read_stream`).
+the bytes they take), random answers a grammar admits (no model needed), PDFs with a real text layer (fpdf2) or a
+password (pikepdf), and the synchronous ways of driving the scheduler and the reader (production runs the engine
+loop, or streams pages through `Reader.read_stream`).
 
 It lives here rather than in tests/ because the benchmarks run as scripts from this folder (`python
 benchmarks/run.py`, `benchmarks/gpu_check.sh` on a bare GPU machine) and must not import the test suite; pytest puts
