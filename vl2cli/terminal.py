@@ -130,7 +130,8 @@ class StdoutSink:
                 typer.echo("")
             typer.echo(f"<!-- page {result.page}: {result.source} -->" if self.job.fmt != "text"
                        else f"--- page {result.page}: {result.source} ---")
-        typer.echo(self.job.task.render(result, self.job.fmt, self.job.keep_furniture))
+        # a page ends with one newline, as in the server's documents body (a table's csv ends with its own)
+        typer.echo(self.job.task.render(result, self.job.fmt, self.job.keep_furniture).rstrip("\n"))
         self.printed += 1
 
     def close(self, sources: list[Source]) -> list[str]:
