@@ -35,7 +35,7 @@ SAMPLING_TOP_P = 0.9  # nucleus sampling whenever the temperature is above 0 (as
 DEFAULT_ROTATE = "auto"  # sideways and upside-down pages are turned upright before reading (vl2cli/orient.py)
 ROTATE_CHOICES = ("auto", "off", "0", "90", "180", "270")
 
-OCR_MODE_NAMES = ("tiny", "small", "base", "large", "gundam")  # engine.config.OCR_MODES holds their sizes
+OCR_MODE_NAMES = ("tiny", "small", "base", "large", "gundam")  # engine/ocr/config.py OCR_MODES holds their sizes
 TextLayer = Literal["off", "hint", "only"]
 TEXT_LAYERS: tuple[TextLayer, ...] = ("off", "hint", "only")
 Redo = Literal["none", "failed", "all"]
