@@ -185,3 +185,10 @@ def test_the_cli_reaches_the_engine_only_through_the_library_face():
     graph = import_graph()
     for module in ("vl2cli.cli", "vl2cli.run", "vl2cli.terminal", "vl2cli.signals", "vl2cli.flags"):
         assert not [t for t in graph[module] if t.startswith("vl2cli.engine")], module
+
+
+def test_the_ocr_mode_names_are_deepseek_ocrs_modes():
+    """options.py names the modes without importing the engine; engine/ocr/config.py holds their sizes: one list."""
+    from vl2cli.engine.ocr.config import OCR_MODES
+    from vl2cli.options import OCR_MODE_NAMES
+    assert OCR_MODE_NAMES == tuple(OCR_MODES)
